@@ -1,0 +1,35 @@
+"""Meta-SGD (Li et al., 2017): MAML with a learning rate per parameter entry, meta-learned with theta.
+
+    phi_i = theta - alpha (elementwise *) grad L_support(theta)
+    (theta, alpha) <- (theta, alpha) - beta * grad_(theta, alpha)  sum_i L_query(phi_i)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx.utils import tree_map
+
+from metapeft.algorithms.base import AlgorithmConfig, MetaLearner, sgd_step
+from metapeft.config import require
+from metapeft.registry import ALGORITHMS
+
+
+@dataclass
+class MetaSGDConfig(AlgorithmConfig):
+    name: str = "metasgd"
+    init_lr: float = "${.inner_lr}"  # type: ignore[assignment]  # alpha's initial value, every entry
+
+
+@ALGORITHMS.register("metasgd", MetaSGDConfig)
+class MetaSGD(MetaLearner):
+    def __init__(self, cfg: MetaSGDConfig, loss_fn):
+        super().__init__(cfg, loss_fn)
+        require(cfg.init_lr >= 0, "algorithm.init_lr", f"must be >= 0, got {cfg.init_lr}")
+
+    def meta_parameters(self, weights: dict) -> dict:
+        return {"weights": weights, "lr": tree_map(lambda w: mx.full(w.shape, self.cfg.init_lr, dtype=w.dtype), weights)}
+
+    def inner_step(self, meta: dict, weights: dict, frozen: dict, x: mx.array, y: mx.array) -> dict:
+        grads = mx.grad(self.loss_fn)(weights, frozen, x, y)
+        return sgd_step(weights, grads, meta["lr"])

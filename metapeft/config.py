@@ -1,0 +1,95 @@
+"""Structured-config schemas for the groups every run shares, and registration of all group schemas.
+
+Group schemas of a single implementation (an algorithm, a task, ...) live next to that implementation and are
+registered by ``metapeft.registry``. A mistyped key or a wrong type fails at composition and names the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from metapeft.errors import ConfigError
+
+
+@dataclass
+class ShotsConfig:
+    name: str = MISSING
+    train: int = MISSING  # support examples per class (classification) or per task (regression)
+    eval: List[int] = field(default_factory=lambda: [1, 5, 10])
+
+
+@dataclass
+class ModeConfig:
+    name: str = MISSING
+    num_iterations: int = MISSING
+    val_interval: int = MISSING
+    num_val_tasks: int = MISSING
+    num_eval_tasks: int = MISSING
+
+
+@dataclass
+class EvaluationConfig:
+    # The reported metric is read after num_inner_steps (default: the algorithm's training budget), for the
+    # meta-learned model and the baseline alike; the adaptation curve continues to curve_steps.
+    num_inner_steps: int = "${algorithm.num_inner_steps}"  # type: ignore[assignment]
+    curve_steps: int = 10
+    chunk_size: int = 200  # evaluation tasks adapted at once (bounds memory)
+
+
+@dataclass
+class RunConfig:
+    algorithm: Any = MISSING
+    peft: Any = MISSING
+    shots: ShotsConfig = MISSING
+    mode: ModeConfig = MISSING
+    task: Any = MISSING
+    model: Any = MISSING
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    seed: int = 0
+    progress: bool = True
+    checkpoint: Optional[str] = None
+
+
+_registered = False
+
+
+def register_configs() -> None:
+    """Populate Hydra's ConfigStore with every schema. Call before composing a config."""
+    global _registered
+    if _registered:
+        return
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="shots", name="shots_schema", node=ShotsConfig)
+    cs.store(group="mode", name="mode_schema", node=ModeConfig)
+    from metapeft.registry import import_submodules
+
+    for package in ("metapeft.algorithms", "metapeft.tasks", "metapeft.models", "metapeft.peft"):
+        import_submodules(package)
+    _registered = True
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def validate_common(cfg: Any) -> None:
+    """Checks of the shared groups; each implementation checks its own keys when it is built."""
+    require(cfg.shots.train > 0, "shots.train", f"must be a positive integer, got {cfg.shots.train}")
+    require(len(cfg.shots.eval) > 0, "shots.eval", "must list at least one K to evaluate, e.g. [1, 5, 10]")
+    for k in cfg.shots.eval:
+        require(k > 0, "shots.eval", f"every K must be a positive integer, got {list(cfg.shots.eval)}")
+    require(cfg.mode.num_iterations > 0, "mode.num_iterations", f"must be > 0, got {cfg.mode.num_iterations}")
+    require(cfg.mode.val_interval > 0, "mode.val_interval", f"must be > 0, got {cfg.mode.val_interval}")
+    require(cfg.mode.num_val_tasks > 1, "mode.num_val_tasks", f"must be > 1, got {cfg.mode.num_val_tasks}")
+    require(cfg.mode.num_eval_tasks > 1, "mode.num_eval_tasks",
+            f"must be > 1 (a confidence interval needs two tasks), got {cfg.mode.num_eval_tasks}")
+    require(cfg.evaluation.num_inner_steps >= 0, "evaluation.num_inner_steps",
+            f"must be >= 0, got {cfg.evaluation.num_inner_steps}")
+    require(cfg.evaluation.curve_steps >= cfg.evaluation.num_inner_steps, "evaluation.curve_steps",
+            f"must be >= evaluation.num_inner_steps={cfg.evaluation.num_inner_steps}, got {cfg.evaluation.curve_steps}")
+    require(cfg.evaluation.chunk_size > 0, "evaluation.chunk_size", f"must be > 0, got {cfg.evaluation.chunk_size}")

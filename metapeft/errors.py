@@ -1,0 +1,19 @@
+"""Errors the runner turns into clear messages and non-zero exits."""
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """An impossible configuration value, caught before any training. Names the key and what is valid."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+class DivergedError(RuntimeError):
+    """The meta-training loss became NaN or infinite."""
+
+    def __init__(self, iteration: int, loss: float):
+        self.iteration = iteration
+        self.loss = loss
+        super().__init__(f"meta-training loss became {loss} at iteration {iteration}")

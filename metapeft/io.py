@@ -1,0 +1,64 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+
+def _replace_atomically(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    _replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(_finite_or_none(data), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_csv(path: Path, frame) -> None:
+    _replace_atomically(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def save_tree(path: Path, tree: dict, metadata: dict[str, str] | None = None) -> None:
+    """Save a parameter tree as safetensors, keyed by its flattened names ("weights.layers.0.bias")."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"checkpoint files end in .safetensors, got {path}")
+    _replace_atomically(path, lambda tmp: mx.save_safetensors(str(tmp), dict(tree_flatten(tree)), metadata or {}))
+
+
+def load_tree(path: Path) -> dict:
+    return tree_unflatten(list(mx.load(str(path)).items()))

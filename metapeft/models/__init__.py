@@ -1,0 +1,1 @@
+"""Backbones as pure functions: ``init(key) -> params`` and ``model(params, x) -> predictions``."""

@@ -1,0 +1,16 @@
+"""Means with 95% confidence intervals over evaluation tasks."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and half-width of the two-sided 95% Student-t confidence interval of the mean."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        raise ValueError(f"a confidence interval needs at least two values, got {values.size}")
+    half_width = stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size)
+    return float(values.mean()), float(half_width)

@@ -1,0 +1,47 @@
+"""What every task family provides: episode sampling, a loss to adapt with and a metric to report."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import mlx.core as mx
+import numpy as np
+from omegaconf import MISSING
+
+
+class Episodes(NamedTuple):
+    """A batch of tasks. Leading axis: task. Support (xs, ys) is adapted on, query (xq, yq) is scored."""
+
+    xs: mx.array
+    ys: mx.array
+    xq: mx.array
+    yq: mx.array
+
+    def __len__(self) -> int:  # number of tasks
+        return self.xs.shape[0]
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    num_query: int = MISSING  # query examples per class (classification) or per task (regression)
+    default_inner_lr: float = MISSING  # the inner learning rate algorithms use unless overridden
+
+
+class TaskFamily:
+    metric_name: str
+    higher_is_better: bool
+    input_shape: tuple[int, ...]  # one example, e.g. (1,) for sinusoid, (8, 8) for digits
+    output_dim: int
+
+    def loss(self, prediction: mx.array, target: mx.array) -> mx.array:
+        raise NotImplementedError
+
+    def metric(self, prediction: mx.array, target: mx.array) -> mx.array:
+        raise NotImplementedError
+
+    def validate(self, shots: Sequence[int]) -> None:
+        """Raise ConfigError if any of these K cannot be sampled from every split."""
+
+    def sample(self, split: str, num_tasks: int, shots: int, rng: np.random.Generator) -> Episodes:
+        raise NotImplementedError

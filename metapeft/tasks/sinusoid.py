@@ -1,0 +1,62 @@
+"""Sinusoid regression, the MAML protocol (Finn et al., 2017, section 5.1).
+
+Each task is y = A sin(x - phase) with A ~ U[0.1, 5.0], phase ~ U[0, pi]; inputs x ~ U[-5, 5]; loss and metric MSE.
+Splits differ only in their random streams: the task distribution is continuous.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from metapeft.config import require
+from metapeft.registry import TASKS
+from metapeft.tasks.base import Episodes, TaskConfig, TaskFamily
+
+
+@dataclass
+class SinusoidConfig(TaskConfig):
+    name: str = "sinusoid"
+    num_query: int = 10
+    default_inner_lr: float = 0.01
+    amplitude_min: float = 0.1
+    amplitude_max: float = 5.0
+    phase_min: float = 0.0
+    phase_max: float = float(np.pi)
+    x_min: float = -5.0
+    x_max: float = 5.0
+
+
+@TASKS.register("sinusoid", SinusoidConfig)
+class Sinusoid(TaskFamily):
+    metric_name = "mse"
+    higher_is_better = False
+    input_shape = (1,)
+    output_dim = 1
+
+    def __init__(self, cfg: SinusoidConfig):
+        require(cfg.num_query > 0, "task.num_query", f"must be > 0, got {cfg.num_query}")
+        require(0 <= cfg.amplitude_min <= cfg.amplitude_max, "task.amplitude_min",
+                "need 0 <= amplitude_min <= amplitude_max")
+        require(cfg.phase_min <= cfg.phase_max, "task.phase_min", "need phase_min <= phase_max")
+        require(cfg.x_min < cfg.x_max, "task.x_min", "need x_min < x_max")
+        self.cfg = cfg
+
+    def loss(self, prediction: mx.array, target: mx.array) -> mx.array:
+        return mx.mean(mx.square(prediction - target))
+
+    metric = loss
+
+    def sample_functions(self, num_tasks: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        c = self.cfg
+        return (rng.uniform(c.amplitude_min, c.amplitude_max, size=(num_tasks, 1, 1)),
+                rng.uniform(c.phase_min, c.phase_max, size=(num_tasks, 1, 1)))
+
+    def sample(self, split: str, num_tasks: int, shots: int, rng: np.random.Generator) -> Episodes:
+        amplitude, phase = self.sample_functions(num_tasks, rng)
+        x = rng.uniform(self.cfg.x_min, self.cfg.x_max, size=(num_tasks, shots + self.cfg.num_query, 1))
+        y = amplitude * np.sin(x - phase)
+        x, y = mx.array(x, dtype=mx.float32), mx.array(y, dtype=mx.float32)
+        return Episodes(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])

@@ -1,0 +1,67 @@
+"""The meta-training loop: a compiled meta-step, a progress bar, a loss history and a divergence guard."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from metapeft.algorithms.base import MetaLearner
+from metapeft.errors import DivergedError
+from metapeft.tasks.base import Episodes
+
+
+@dataclass
+class TrainLog:
+    """Filled while training runs, so a caller can save it even when training stops early."""
+
+    rows: list[dict] = field(default_factory=list)
+    step_seconds: float = 0.0  # sampling + meta-step, validation excluded
+    iterations: int = 0
+
+
+def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
+    """One outer update, compiled with the optimizer state declared as input and output."""
+    state = [optimizer.state]
+
+    def step(meta, frozen, xs, ys, xq, yq):
+        loss, grads = learner.meta_value_and_grad(meta, frozen, Episodes(xs, ys, xq, yq))
+        return loss, optimizer.apply_gradients(grads, meta)
+
+    return mx.compile(step, inputs=state, outputs=state)
+
+
+def meta_train(
+    learner: MetaLearner,
+    meta: dict,
+    frozen: dict,
+    sample_batch: Callable[[], Episodes],
+    num_iterations: int,
+    validate: Callable[[dict], float],
+    val_interval: int,
+    log: TrainLog,
+    progress: bool = True,
+) -> dict:
+    """Run ``num_iterations`` outer updates from ``meta`` and return the meta-learned parameters."""
+    optimizer = learner.make_optimizer(num_iterations)
+    optimizer.init(meta)
+    step = compiled_meta_step(learner, optimizer)
+    bar = tqdm(range(num_iterations), desc=f"meta-train {learner.cfg.name}", disable=not progress, mininterval=1.0)
+    for iteration in bar:
+        start = time.perf_counter()
+        loss, meta = step(meta, frozen, *sample_batch())
+        mx.eval(loss, meta)
+        log.step_seconds += time.perf_counter() - start
+        log.iterations = iteration + 1
+        loss = loss.item()
+        row = {"iteration": iteration, "loss": loss, "val_metric": math.nan}
+        log.rows.append(row)
+        if not math.isfinite(loss):
+            raise DivergedError(iteration, loss)
+        if iteration % val_interval == 0 or iteration == num_iterations - 1:
+            row["val_metric"] = validate(meta)
+            bar.set_postfix(loss=f"{loss:.4f}", val=f"{row['val_metric']:.4f}")
+    return meta

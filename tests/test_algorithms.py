@@ -1,0 +1,133 @@
+"""Every algorithm does what its paper says: gradients checked against finite differences and hand computation."""
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from omegaconf import OmegaConf
+
+from metapeft.algorithms.fomaml import FOMAML, FOMAMLConfig
+from metapeft.algorithms.maml import MAML, MAMLConfig
+from metapeft.algorithms.metasgd import MetaSGD, MetaSGDConfig
+from metapeft.algorithms.reptile import Reptile, ReptileConfig
+from metapeft.models.mlp import MLP, MLPConfig
+from metapeft.tasks.base import Episodes
+
+DTYPE = mx.float64  # finite differences need double precision (MLX supports it on the CPU)
+
+
+@pytest.fixture(autouse=True)
+def on_cpu():
+    with mx.stream(mx.cpu):
+        yield
+
+
+def problem(seed=0, tasks=3, shots=4, queries=5):
+    """A smooth (tanh) regression network and a batch of random regression tasks, in float64."""
+    model = MLP(OmegaConf.structured(MLPConfig(hidden_sizes=[6, 5], activation="tanh")), (2,), 1)
+    weights = tree_map(lambda a: a.astype(DTYPE), model.init(mx.random.key(seed)))
+    rng = np.random.default_rng(seed)
+    arrays = [rng.normal(size=(tasks, n, d)) for n, d in [(shots, 2), (shots, 1), (queries, 2), (queries, 1)]]
+    episodes = Episodes(*(mx.array(a, dtype=DTYPE) for a in arrays))
+
+    def loss(adapted, frozen, x, y):
+        return mx.mean(mx.square(model(adapted, x) - y))
+
+    return weights, episodes, loss
+
+
+def make(cls, schema, loss, **overrides):
+    cfg = OmegaConf.structured(schema(**{"inner_lr": 0.3, "num_inner_steps": 2, **overrides}))
+    return cls(cfg, loss)
+
+
+def flat(tree):
+    return np.concatenate([np.array(v).ravel() for _, v in tree_flatten(tree)])
+
+
+def unflat(vector, like):
+    leaves, out, i = tree_flatten(like), [], 0
+    for name, v in leaves:
+        out.append((name, mx.array(vector[i: i + v.size].reshape(v.shape), dtype=DTYPE)))
+        i += v.size
+    return tree_unflatten(out)
+
+
+def finite_difference_gradient(fn, meta, eps=1e-6):
+    theta = flat(meta)
+    grad = np.zeros_like(theta)
+    for i in range(theta.size):
+        e = np.zeros_like(theta)
+        e[i] = eps
+        grad[i] = (fn(unflat(theta + e, meta)).item() - fn(unflat(theta - e, meta)).item()) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("cls, schema", [(MAML, MAMLConfig), (MetaSGD, MetaSGDConfig)])
+def test_second_order_meta_gradient_matches_finite_differences(cls, schema):
+    weights, episodes, loss = problem()
+    learner = make(cls, schema, loss)
+    meta = learner.meta_parameters(weights)
+    _, grads = learner.meta_value_and_grad(meta, {}, episodes)
+    numeric = finite_difference_gradient(lambda m: learner.meta_loss(m, {}, episodes), meta)
+    np.testing.assert_allclose(flat(grads), numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_fomaml_drops_the_second_order_term():
+    weights, episodes, loss = problem()
+    maml, fomaml = make(MAML, MAMLConfig, loss), make(FOMAML, FOMAMLConfig, loss)
+    meta = maml.meta_parameters(weights)
+    maml_loss, maml_grads = maml.meta_value_and_grad(meta, {}, episodes)
+    fo_loss, fo_grads = fomaml.meta_value_and_grad(meta, {}, episodes)
+    assert maml_loss.item() == pytest.approx(fo_loss.item(), rel=1e-12)  # same adapted parameters, same loss
+    difference = np.linalg.norm(flat(maml_grads) - flat(fo_grads)) / np.linalg.norm(flat(maml_grads))
+    assert difference > 1e-2, "FOMAML's gradient should differ from MAML's: the Hessian term must be present"
+    # FOMAML's gradient is the mean over tasks of the query-loss gradient at the adapted parameters
+    expected = np.zeros_like(flat(weights))
+    for t in range(len(episodes)):
+        xs, ys, xq, yq = (a[t] for a in episodes)
+        phi = weights
+        for _ in range(2):
+            phi = tree_map(lambda w, g: w - 0.3 * g, phi, mx.grad(loss)(phi, {}, xs, ys))
+        expected += flat(mx.grad(loss)(phi, {}, xq, yq)) / len(episodes)
+    np.testing.assert_allclose(flat(fo_grads["weights"]), expected, rtol=1e-10)
+
+
+def test_metasgd_with_uniform_rates_adapts_like_maml():
+    weights, episodes, loss = problem()
+    maml, metasgd = make(MAML, MAMLConfig, loss), make(MetaSGD, MetaSGDConfig, loss, init_lr=0.3)
+    xs, ys = episodes.xs[0], episodes.ys[0]
+    np.testing.assert_allclose(flat(metasgd.adapt(metasgd.meta_parameters(weights), {}, xs, ys)),
+                               flat(maml.adapt(maml.meta_parameters(weights), {}, xs, ys)), rtol=1e-12)
+    # and its learning rates are meta-learned: they receive a non-zero meta-gradient
+    _, grads = metasgd.meta_value_and_grad(metasgd.meta_parameters(weights), {}, episodes)
+    assert np.abs(flat(grads["lr"])).max() > 0
+
+
+def test_reptile_moves_toward_the_mean_adapted_parameters():
+    weights, episodes, loss = problem()
+    epsilon = 0.25
+    reptile = make(Reptile, ReptileConfig, loss, outer_lr=epsilon, anneal=False, num_inner_steps=3)
+    meta = reptile.meta_parameters(weights)
+    optimizer = reptile.make_optimizer(10)
+    _, pseudo_grads = reptile.meta_value_and_grad(meta, {}, episodes)
+    updated = optimizer.apply_gradients(pseudo_grads, meta)
+    phis = []
+    for t in range(len(episodes)):
+        phi = weights
+        for _ in range(3):
+            phi = tree_map(lambda w, g: w - 0.3 * g, phi, mx.grad(loss)(phi, {}, episodes.xs[t], episodes.ys[t]))
+        phis.append(flat(phi))
+    theta = flat(weights)
+    np.testing.assert_allclose(flat(updated), theta + epsilon * (np.mean(phis, axis=0) - theta), rtol=1e-10)
+
+
+def test_reptile_anneals_its_outer_step_size():
+    _, _, loss = problem()
+    reptile = make(Reptile, ReptileConfig, loss, outer_lr=1.0, outer_lr_final=0.0, anneal=True)
+    optimizer = reptile.make_optimizer(100)
+    schedule = optimizer._schedulers["learning_rate"]
+    assert schedule(mx.array(0)).item() == pytest.approx(1.0)
+    assert schedule(mx.array(50)).item() == pytest.approx(0.5)
+    assert schedule(mx.array(100)).item() == pytest.approx(0.0)

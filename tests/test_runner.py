@@ -1,0 +1,85 @@
+"""The Hydra runner end to end: the files of a run, bad input, divergence, reproducibility."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+from metapeft.experiment import run
+from metapeft.io import load_tree
+
+TINY = ["mode.num_iterations=20", "mode.val_interval=10", "mode.num_val_tasks=5", "mode.num_eval_tasks=10",
+        "progress=false"]
+
+
+def run_cli(tmp_path, *overrides):
+    return subprocess.run([sys.executable, "runners/run.py", f"hydra.run.dir={tmp_path}", *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_a_run_writes_metrics_history_and_checkpoint(tmp_path):
+    result = run_cli(tmp_path, *TINY, "algorithm=metasgd", "task=sinusoid", "shots=10shot", "algorithm.inner_lr=0.02",
+                     "seed=3")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    assert metrics["identity"] == {
+        "algorithm": "metasgd", "peft": "none", "shots": "10shot", "mode": "quick", "task": "sinusoid", "model": "mlp",
+        "seed": 3, "overrides": [*TINY, "algorithm=metasgd", "task=sinusoid", "shots=10shot",
+                                 "algorithm.inner_lr=0.02", "seed=3"]}
+    evaluation = metrics["evaluation"]
+    assert set(evaluation["shots"]) == {"1", "5", "10"} and evaluation["metric"] == "mse"
+    for k in evaluation["shots"].values():
+        for side in ("meta_learned", "scratch"):
+            assert k[side]["num_tasks"] == 10 and len(k[side]["curve_mean"]) == 11 and k[side]["ci95"] > 0
+    assert metrics["parameters"] == {"total": 1761, "adapted": 1761, "frozen": 0, "meta_learned": 2 * 1761}
+    assert metrics["train"]["iterations"] == 20 and metrics["train"]["seconds_per_iteration"] > 0
+    assert metrics["memory"]["max_rss_mb"] > 0
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert list(history.iteration) == list(range(20)) and history.val_metric.notna().sum() == 3
+    meta = load_tree(tmp_path / "checkpoint" / "meta.safetensors")
+    assert set(meta) == {"weights", "lr"} and meta["weights"]["layers"][0]["weight"].shape == (1, 40)
+    assert yaml.safe_load((tmp_path / "checkpoint" / "config.yaml").read_text())["algorithm"]["inner_lr"] == 0.02
+    assert (tmp_path / ".hydra" / "overrides.yaml").exists()
+
+
+@pytest.mark.parametrize("override, message", [("shots.train=0", "shots.train"),
+                                               ("task.n_way=40", "task.n_way")])
+def test_bad_values_exit_nonzero_naming_the_key(tmp_path, override, message):
+    overrides = ["task=digits", override] if override.startswith("task.") else [override]
+    result = run_cli(tmp_path, *TINY, *overrides)
+    assert result.returncode == 2
+    assert message in result.stderr + result.stdout
+    assert not (tmp_path / "history.csv").exists()  # nothing trained
+    assert json.loads((tmp_path / "metrics.json").read_text())["config_key"] == message
+
+
+def test_unknown_option_exits_nonzero_listing_valid_ones(tmp_path):
+    result = run_cli(tmp_path, "algorithm=mamll")
+    assert result.returncode != 0 and "Available options" in result.stderr and "maml" in result.stderr
+
+
+def test_a_diverging_run_stops_and_keeps_its_history(tmp_path):
+    result = run_cli(tmp_path, *TINY, "algorithm.inner_lr=1e30")
+    assert result.returncode == 3
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["diverged_at_iteration"] == 0
+    assert len(pd.read_csv(tmp_path / "history.csv")) == 1
+
+
+def test_same_seed_same_metrics(compose_cfg, tmp_path):
+    cfg = compose_cfg(*TINY, "task=digits", "algorithm=fomaml")
+    first, second = run(cfg, tmp_path / "a"), run(cfg, tmp_path / "b")
+    assert first["evaluation"] == second["evaluation"]
+    assert first["train"]["final_loss"] == second["train"]["final_loss"]
+    a, b = (load_tree(tmp_path / d / "checkpoint" / "meta.safetensors") for d in "ab")
+    assert mx.array_equal(a["weights"]["layers"][0]["weight"], b["weights"]["layers"][0]["weight"]).item()
+    other = run(compose_cfg(*TINY, "task=digits", "algorithm=fomaml", "seed=1"), tmp_path / "c")
+    assert other["evaluation"] != first["evaluation"]
