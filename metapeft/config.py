@@ -40,6 +40,16 @@ class EvaluationConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Pretraining of the backbone the PEFT methods adapt (see ``metapeft.pretrain``)."""
+
+    iterations: int = 1000
+    batch_size: int = 128
+    lr: float = 0.001  # Adam
+    cache_dir: str = "${oc.env:METAPEFT_CACHE_DIR,'~/.cache/metapeft'}"
+
+
+@dataclass
 class RunConfig:
     algorithm: Any = MISSING
     peft: Any = MISSING
@@ -48,6 +58,7 @@ class RunConfig:
     task: Any = MISSING
     model: Any = MISSING
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     seed: int = 0
     progress: bool = True
     checkpoint: Optional[str] = None

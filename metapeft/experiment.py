@@ -5,7 +5,6 @@ meta-training -> evaluation -> files (``metrics.json``, ``history.csv``, ``check
 """
 from __future__ import annotations
 
-import math
 import resource
 import sys
 import time
@@ -17,7 +16,6 @@ from typing import Any, Sequence
 import mlx.core as mx
 import numpy as np
 import pandas as pd
-from mlx.utils import tree_flatten
 from omegaconf import DictConfig, OmegaConf
 
 from metapeft import io
@@ -25,9 +23,12 @@ from metapeft.algorithms.base import MetaLearner, sgd_step
 from metapeft.config import register_configs, validate_common
 from metapeft.errors import ConfigError, DivergedError
 from metapeft.evaluate import adaptation_curves, summarize
+from metapeft.peft.base import PeftMethod
+from metapeft.pretrain import pretrained_backbone
 from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS
 from metapeft.tasks.base import TaskFamily
 from metapeft.train import TrainLog, meta_train
+from metapeft.trees import count, nbytes
 
 GROUPS = ("algorithm", "peft", "shots", "mode", "task", "model")
 
@@ -37,11 +38,11 @@ class Experiment:
     cfg: DictConfig
     task: TaskFamily
     model: Any
-    peft: Any
+    peft: PeftMethod
     learner: MetaLearner
 
     def loss(self, adapted: dict, frozen: dict, x: mx.array, y: mx.array) -> mx.array:
-        return self.task.loss(self.peft(adapted, frozen, x), y)
+        return self.task.loss(self.peft(adapted, frozen, x), y) + self.peft.regularizer(adapted)
 
     def metric(self, adapted: dict, frozen: dict, x: mx.array, y: mx.array) -> mx.array:
         return self.task.metric(self.peft(adapted, frozen, x), y)
@@ -55,13 +56,10 @@ def build(cfg: DictConfig) -> Experiment:
     task.validate(sorted({cfg.shots.train, *cfg.shots.eval}))
     model = MODELS.get(cfg.model.name)(cfg.model, task.input_shape, task.output_dim)
     peft = PEFT_METHODS.get(cfg.peft.name)(cfg.peft, model)
+    peft.frozen(model.init(mx.random.key(0)))  # checks target layers and ranks against the real layer shapes
     experiment = Experiment(cfg, task, model, peft, learner=None)  # type: ignore[arg-type]
     experiment.learner = ALGORITHMS.get(cfg.algorithm.name)(cfg.algorithm, experiment.loss)
     return experiment
-
-
-def count(tree: dict) -> int:
-    return sum(v.size for _, v in tree_flatten(tree))
 
 
 def identity(cfg: DictConfig, overrides: Sequence[str]) -> dict:
@@ -72,6 +70,18 @@ def memory_mb() -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_mlx_mb": mx.get_peak_memory() / 2**20,
             "max_rss_mb": rss / 2**20 if sys.platform == "darwin" else rss / 2**10}
+
+
+def inference_ms_per_sample(exp: Experiment, weights: dict, frozen: dict, x: mx.array, repeats: int = 20) -> float:
+    forward = mx.compile(exp.peft.__call__)
+    for _ in range(3):  # warm-up, including compilation
+        mx.eval(forward(weights, frozen, x))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(forward(weights, frozen, x))
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times)) / x.shape[0]
 
 
 def evaluate_shots(exp: Experiment, meta: dict, scratch: dict, frozen: dict) -> dict:
@@ -91,7 +101,8 @@ def evaluate_shots(exp: Experiment, meta: dict, scratch: dict, frozen: dict) -> 
             "scratch": summarize(adaptation_curves(scratch, sgd, metric, episodes, curve_steps, chunk), steps),
         }
     return {"metric": exp.task.metric_name, "higher_is_better": exp.task.higher_is_better,
-            "num_inner_steps": steps, "curve_steps": curve_steps, "num_tasks": cfg.mode.num_eval_tasks, "baseline": "scratch", "shots": results}
+            "num_inner_steps": steps, "curve_steps": curve_steps, "num_tasks": cfg.mode.num_eval_tasks,
+            "baseline": "scratch", "shots": results}
 
 
 def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
@@ -121,46 +132,70 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
         io.write_json(out_dir / "metrics.json", metrics)
 
 
+def initial_state(exp: Experiment) -> tuple:
+    """Backbone, frozen tree, adapted tree to meta-learn from, scratch-baseline adapted tree, pretraining facts,
+    and sample meta-train inputs (prompt initialization, inference timing)."""
+    cfg = exp.cfg
+    k_backbone, k_adapted, k_scratch = mx.random.split(mx.random.key(cfg.seed), 3)
+    pretraining: dict = {}
+    if exp.peft.uses_pretrained_backbone:
+        backbone, pretraining = pretrained_backbone(cfg, type(exp.model), exp.task, k_backbone, cfg.progress)
+    else:
+        backbone = exp.model.init(k_backbone)
+    sample_inputs, _ = exp.task.pretraining_batch(np.random.default_rng([cfg.seed, 4]), 256)
+    frozen = exp.peft.frozen(backbone)
+    adapted = exp.peft.init_adapted(backbone, k_adapted, sample_inputs)
+    scratch = exp.peft.init_adapted(backbone, k_scratch, sample_inputs)
+    return backbone, frozen, adapted, scratch, pretraining, sample_inputs
+
+
 def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
     cfg, learner, task = exp.cfg, exp.learner, exp.task
     mx.random.seed(cfg.seed)
     mx.reset_peak_memory()
-    k_backbone, k_peft, k_scratch = mx.random.split(mx.random.key(cfg.seed), 3)
-    adapted, frozen = exp.peft.split(exp.model.init(k_backbone), k_peft)
-    scratch, _ = exp.peft.split(exp.model.init(k_scratch), k_scratch)
+    backbone, frozen, adapted, scratch, pretraining, sample_inputs = initial_state(exp)
     meta = learner.meta_parameters(adapted)
-
     train_rng = np.random.default_rng([cfg.seed, 0])
     val_episodes = task.sample("val", cfg.mode.num_val_tasks, cfg.shots.train, np.random.default_rng([cfg.seed, 1]))
 
-    def validate(meta: dict) -> float:
+    def validate(meta: dict, frozen: dict) -> float:
         step = lambda w, x, y: learner.inner_step(meta, w, frozen, x, y)
         metric = lambda w, x, y: exp.metric(w, frozen, x, y)
         curves = adaptation_curves(meta["weights"], step, metric, val_episodes, cfg.algorithm.num_inner_steps,
                                    cfg.evaluation.chunk_size)
         return float(curves[:, -1].mean())
 
-    meta = meta_train(
+    meta, frozen = meta_train(
         learner, meta, frozen,
         sample_batch=lambda: task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, train_rng),
         num_iterations=cfg.mode.num_iterations, validate=validate, val_interval=cfg.mode.val_interval,
-        log=log, progress=cfg.progress,
+        log=log, progress=cfg.progress, after_step=exp.peft.after_meta_step,
     )
-    train_seconds = log.step_seconds
     save_checkpoint(out_dir / "checkpoint", meta, frozen, cfg)
     evaluation = evaluate_shots(exp, meta, scratch, frozen)
+    backbone_body = count(backbone) - count(backbone["head"]) if exp.peft.uses_pretrained_backbone else 0
+    total = backbone_body + count(adapted)
     return {
         "evaluation": evaluation,
         "train": {
             "iterations": log.iterations,
-            "seconds_per_iteration": train_seconds / log.iterations,
-            "train_seconds": train_seconds,
+            "seconds_per_iteration": log.step_seconds / log.iterations,
+            "train_seconds": log.step_seconds,
             "final_loss": log.rows[-1]["loss"],
             "final_val_metric": log.rows[-1]["val_metric"],
         },
-        "parameters": {"total": count(adapted) + count(frozen), "adapted": count(adapted),
-                       "frozen": count(frozen), "meta_learned": count(meta)},
+        "parameters": {
+            "total": total,
+            "adapted": count(adapted),
+            "meta_learned": count(meta),
+            "reduction_ratio": total / count(adapted),
+            "adapter_bytes": nbytes(adapted),
+            "meta_learned_bytes": nbytes(meta),
+        },
+        "inference_ms_per_sample": inference_ms_per_sample(exp, meta["weights"], frozen, sample_inputs),
         "memory": memory_mb(),
+        "peft": exp.peft.report(frozen),
+        "pretraining": pretraining,
     }
 
 

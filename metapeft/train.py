@@ -19,17 +19,20 @@ class TrainLog:
     """Filled while training runs, so a caller can save it even when training stops early."""
 
     rows: list[dict] = field(default_factory=list)
-    step_seconds: float = 0.0  # sampling + meta-step, validation excluded
+    step_seconds: float = 0.0  # sampling, meta-step and after_step; validation excluded
     iterations: int = 0
 
 
 def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
-    """One outer update, compiled with the optimizer state declared as input and output."""
+    """One outer update, compiled with the optimizer state declared as input and output.
+
+    Returns the loss, the updated meta-parameters and the meta-gradient (AdaLoRA reads its importance from it).
+    """
     state = [optimizer.state]
 
     def step(meta, frozen, xs, ys, xq, yq):
         loss, grads = learner.meta_value_and_grad(meta, frozen, Episodes(xs, ys, xq, yq))
-        return loss, optimizer.apply_gradients(grads, meta)
+        return loss, optimizer.apply_gradients(grads, meta), grads
 
     return mx.compile(step, inputs=state, outputs=state)
 
@@ -40,28 +43,34 @@ def meta_train(
     frozen: dict,
     sample_batch: Callable[[], Episodes],
     num_iterations: int,
-    validate: Callable[[dict], float],
+    validate: Callable[[dict, dict], float],
     val_interval: int,
     log: TrainLog,
     progress: bool = True,
-) -> dict:
-    """Run ``num_iterations`` outer updates from ``meta`` and return the meta-learned parameters."""
+    after_step: Callable[[dict, dict, dict, int, int], dict] | None = None,
+) -> tuple[dict, dict]:
+    """Run ``num_iterations`` outer updates from ``meta``; return the meta-learned parameters and the frozen tree.
+
+    ``after_step(meta_weights, meta_grads, frozen, iteration, num_iterations) -> frozen`` runs between iterations.
+    """
     optimizer = learner.make_optimizer(num_iterations)
     optimizer.init(meta)
     step = compiled_meta_step(learner, optimizer)
     bar = tqdm(range(num_iterations), desc=f"meta-train {learner.cfg.name}", disable=not progress, mininterval=1.0)
     for iteration in bar:
         start = time.perf_counter()
-        loss, meta = step(meta, frozen, *sample_batch())
-        mx.eval(loss, meta)
-        log.step_seconds += time.perf_counter() - start
-        log.iterations = iteration + 1
+        loss, meta, grads = step(meta, frozen, *sample_batch())
+        mx.eval(loss, meta, grads)
         loss = loss.item()
         row = {"iteration": iteration, "loss": loss, "val_metric": math.nan}
         log.rows.append(row)
         if not math.isfinite(loss):
             raise DivergedError(iteration, loss)
+        if after_step is not None:
+            frozen = after_step(meta["weights"], grads["weights"], frozen, iteration, num_iterations)
+        log.step_seconds += time.perf_counter() - start
+        log.iterations = iteration + 1
         if iteration % val_interval == 0 or iteration == num_iterations - 1:
-            row["val_metric"] = validate(meta)
+            row["val_metric"] = validate(meta, frozen)
             bar.set_postfix(loss=f"{loss:.4f}", val=f"{row['val_metric']:.4f}")
-    return meta
+    return meta, frozen

@@ -39,13 +39,14 @@ def test_a_run_writes_metrics_history_and_checkpoint(tmp_path):
     for k in evaluation["shots"].values():
         for side in ("meta_learned", "scratch"):
             assert k[side]["num_tasks"] == 10 and len(k[side]["curve_mean"]) == 11 and k[side]["ci95"] > 0
-    assert metrics["parameters"] == {"total": 1761, "adapted": 1761, "frozen": 0, "meta_learned": 2 * 1761}
+    assert metrics["parameters"] == {"total": 1761, "adapted": 1761, "meta_learned": 2 * 1761, "reduction_ratio": 1.0,
+                                     "adapter_bytes": 4 * 1761, "meta_learned_bytes": 8 * 1761}
     assert metrics["train"]["iterations"] == 20 and metrics["train"]["seconds_per_iteration"] > 0
     assert metrics["memory"]["max_rss_mb"] > 0
     history = pd.read_csv(tmp_path / "history.csv")
     assert list(history.iteration) == list(range(20)) and history.val_metric.notna().sum() == 3
     meta = load_tree(tmp_path / "checkpoint" / "meta.safetensors")
-    assert set(meta) == {"weights", "lr"} and meta["weights"]["layers"][0]["weight"].shape == (1, 40)
+    assert set(meta) == {"weights", "lr"} and meta["weights"]["hidden"][0]["weight"].shape == (1, 40)
     assert yaml.safe_load((tmp_path / "checkpoint" / "config.yaml").read_text())["algorithm"]["inner_lr"] == 0.02
     assert (tmp_path / ".hydra" / "overrides.yaml").exists()
 
@@ -80,6 +81,6 @@ def test_same_seed_same_metrics(compose_cfg, tmp_path):
     assert first["evaluation"] == second["evaluation"]
     assert first["train"]["final_loss"] == second["train"]["final_loss"]
     a, b = (load_tree(tmp_path / d / "checkpoint" / "meta.safetensors") for d in "ab")
-    assert mx.array_equal(a["weights"]["layers"][0]["weight"], b["weights"]["layers"][0]["weight"]).item()
+    assert mx.array_equal(a["weights"]["hidden"][0]["weight"], b["weights"]["hidden"][0]["weight"]).item()
     other = run(compose_cfg(*TINY, "task=digits", "algorithm=fomaml", "seed=1"), tmp_path / "c")
     assert other["evaluation"] != first["evaluation"]

@@ -8,6 +8,7 @@ from typing import List
 import mlx.core as mx
 
 from metapeft.config import require
+from metapeft.models.layers import Backbone, init_linear
 from metapeft.registry import MODELS
 
 ACTIVATIONS = {"relu": lambda x: mx.maximum(x, 0), "tanh": mx.tanh}
@@ -20,18 +21,10 @@ class MLPConfig:
     activation: str = "relu"
 
 
-def linear(params: dict, x: mx.array) -> mx.array:
-    return x @ params["weight"] + params["bias"]
-
-
-def init_linear(key: mx.array, fan_in: int, fan_out: int) -> dict:
-    """Weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch's default; zero biases."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return {"weight": mx.random.uniform(-bound, bound, (fan_in, fan_out), key=key), "bias": mx.zeros((fan_out,))}
-
-
 @MODELS.register("mlp", MLPConfig)
-class MLP:
+class MLP(Backbone):
+    input_layer = ("hidden", 0)
+
     def __init__(self, cfg: MLPConfig, input_shape: tuple[int, ...], output_dim: int):
         for size in cfg.hidden_sizes:
             require(size > 0, "model.hidden_sizes", f"every size must be > 0, got {list(cfg.hidden_sizes)}")
@@ -43,11 +36,11 @@ class MLP:
 
     def init(self, key: mx.array) -> dict:
         keys = mx.random.split(key, len(self.sizes) - 1)
-        return {"layers": [init_linear(k, a, b) for k, a, b in zip(keys, self.sizes[:-1], self.sizes[1:])]}
+        layers = [init_linear(k, a, b) for k, a, b in zip(keys, self.sizes[:-1], self.sizes[1:])]
+        return {"hidden": layers[:-1], "head": layers[-1]}
 
     def __call__(self, params: dict, x: mx.array) -> mx.array:
         h = x.reshape(*x.shape[: x.ndim - len(self.input_shape)], -1)
-        *hidden, last = params["layers"]
-        for layer in hidden:
-            h = self.activation(linear(layer, h))
-        return linear(last, h)
+        for layer in params["hidden"]:
+            h = self.activation(self.linear(layer, h))
+        return self.linear(params["head"], h)

@@ -1,26 +1,28 @@
-"""No PEFT: every backbone parameter is adapted and meta-learned (the classic meta-learning setting)."""
+"""No PEFT: every parameter of a randomly initialized model is adapted and meta-learned (classic meta-learning)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import mlx.core as mx
 
+from metapeft.peft.base import PeftConfig, PeftMethod
 from metapeft.registry import PEFT_METHODS
 
 
 @dataclass
-class NoPeftConfig:
+class NoPeftConfig(PeftConfig):
     name: str = "none"
 
 
 @PEFT_METHODS.register("none", NoPeftConfig)
-class NoPeft:
-    def __init__(self, cfg: NoPeftConfig, model):
-        self.model = model
+class NoPeft(PeftMethod):
+    uses_pretrained_backbone = False
 
-    def split(self, backbone_params: dict, key: mx.array) -> tuple[dict, dict]:
-        """(adapted, frozen): here the whole model is adapted and nothing is frozen."""
-        return backbone_params, {}
+    def frozen(self, backbone: dict) -> dict:
+        return {}
+
+    def init_adapted(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
+        return self.model.init(key)
 
     def __call__(self, adapted: dict, frozen: dict, x: mx.array) -> mx.array:
         return self.model(adapted, x)

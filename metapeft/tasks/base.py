@@ -45,3 +45,9 @@ class TaskFamily:
 
     def sample(self, split: str, num_tasks: int, shots: int, rng: np.random.Generator) -> Episodes:
         raise NotImplementedError
+
+    # Pretraining of a backbone for the PEFT methods, on meta-train data only; ``loss`` is its objective.
+    pretraining_outputs: int
+
+    def pretraining_batch(self, rng: np.random.Generator, batch_size: int) -> tuple[mx.array, mx.array]:
+        raise NotImplementedError

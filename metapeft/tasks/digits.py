@@ -85,6 +85,10 @@ class Digits(TaskFamily):
         bounds = np.cumsum([0, *sizes.values()])
         self.class_names = {s: [keys[i] for i in order[lo:hi]] for s, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:])}
         self.class_images = {s: [classes[k] for k in names] for s, names in self.class_names.items()}
+        train = self.class_images["train"]
+        self.pretraining_outputs = len(train)
+        self.pretraining_images = np.concatenate(train)
+        self.pretraining_labels = np.concatenate([np.full(len(images), c, np.int32) for c, images in enumerate(train)])
 
     def validate(self, shots: Sequence[int]) -> None:
         smallest = min(len(images) for split in SPLITS for images in self.class_images[split])
@@ -112,3 +116,8 @@ class Digits(TaskFamily):
         ys, yq = labels[:, :, :shots], labels[:, :, shots:]
         flat = lambda a: mx.array(np.ascontiguousarray(a).reshape(num_tasks, -1, *a.shape[3:]))
         return Episodes(flat(xs), flat(ys), flat(xq), flat(yq))
+
+    def pretraining_batch(self, rng: np.random.Generator, batch_size: int) -> tuple[mx.array, mx.array]:
+        """Supervised classification over all meta-train classes."""
+        picks = rng.integers(0, len(self.pretraining_labels), size=batch_size)
+        return mx.array(self.pretraining_images[picks]), mx.array(self.pretraining_labels[picks])

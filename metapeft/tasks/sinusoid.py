@@ -36,6 +36,8 @@ class Sinusoid(TaskFamily):
     input_shape = (1,)
     output_dim = 1
 
+    pretraining_outputs = 32  # functions regressed at once, drawn from the meta-train distribution
+
     def __init__(self, cfg: SinusoidConfig):
         require(cfg.num_query > 0, "task.num_query", f"must be > 0, got {cfg.num_query}")
         require(0 <= cfg.amplitude_min <= cfg.amplitude_max, "task.amplitude_min",
@@ -43,6 +45,8 @@ class Sinusoid(TaskFamily):
         require(cfg.phase_min <= cfg.phase_max, "task.phase_min", "need phase_min <= phase_max")
         require(cfg.x_min < cfg.x_max, "task.x_min", "need x_min < x_max")
         self.cfg = cfg
+        amplitude, phase = self.sample_functions(self.pretraining_outputs, np.random.default_rng(12345))
+        self.pretraining_functions = amplitude[:, 0, 0], phase[:, 0, 0]
 
     def loss(self, prediction: mx.array, target: mx.array) -> mx.array:
         return mx.mean(mx.square(prediction - target))
@@ -60,3 +64,9 @@ class Sinusoid(TaskFamily):
         y = amplitude * np.sin(x - phase)
         x, y = mx.array(x, dtype=mx.float32), mx.array(y, dtype=mx.float32)
         return Episodes(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
+
+    def pretraining_batch(self, rng: np.random.Generator, batch_size: int) -> tuple[mx.array, mx.array]:
+        """Inputs x and the values of a fixed set of meta-train sinusoids at x: a multi-output regression."""
+        amplitude, phase = self.pretraining_functions
+        x = rng.uniform(self.cfg.x_min, self.cfg.x_max, size=(batch_size, 1))
+        return mx.array(x, dtype=mx.float32), mx.array(amplitude * np.sin(x - phase), dtype=mx.float32)

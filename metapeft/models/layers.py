@@ -1,0 +1,46 @@
+"""Layers shared by the backbones, as pure functions over parameter dicts."""
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+
+def affine(params: dict, x: mx.array) -> mx.array:
+    """The plain linear layer. PEFT methods that change linear layers substitute their own (see ``Backbone``)."""
+    return x @ params["weight"] + params["bias"]
+
+
+def init_linear(key: mx.array, fan_in: int, fan_out: int) -> dict:
+    """Weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch's default; zero biases."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return {"weight": mx.random.uniform(-bound, bound, (fan_in, fan_out), key=key), "bias": mx.zeros((fan_out,))}
+
+
+def layer_norm(params: dict, x: mx.array, eps: float = 1e-5) -> mx.array:
+    return mx.fast.layer_norm(x, params["scale"], params["bias"], eps)
+
+
+def init_layer_norm(size: int) -> dict:
+    return {"scale": mx.ones((size,)), "bias": mx.zeros((size,))}
+
+
+class Backbone:
+    """Base of the models: ``init(key) -> params`` and ``model(params, x) -> predictions``.
+
+    Every model keeps its task head at ``params["head"]`` and calls ``self.linear`` for each linear layer, so a PEFT
+    method can run the same model with adapted linear layers through ``with_linear`` without knowing its layout.
+    """
+
+    linear = staticmethod(affine)
+    supports_prompts = False
+    input_layer: tuple = ()  # path of the layer reading the raw input (PEFT's "all-linear" leaves it out)
+
+    def with_linear(self, linear) -> "Backbone":
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.linear = linear
+        return clone
+
+    def init(self, key: mx.array) -> dict:
+        raise NotImplementedError

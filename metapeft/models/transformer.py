@@ -1,0 +1,88 @@
+"""A small pre-norm transformer encoder over token sequences, with a task head on the mean-pooled output.
+
+A digit image is 8 row-tokens of 8 pixels; a sinusoid input is one token. Learned position embeddings; optional
+prompt vectors (prompt tuning) are prepended after embedding and carry no position. Pooling averages the outputs of
+the input tokens only, so prompts act through attention.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from metapeft.config import require
+from metapeft.models.layers import Backbone, init_layer_norm, init_linear, layer_norm
+from metapeft.registry import MODELS
+
+
+@dataclass
+class TransformerConfig:
+    name: str = "transformer"
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_ratio: int = 2  # feed-forward width = mlp_ratio * hidden_size
+
+
+@MODELS.register("transformer", TransformerConfig)
+class Transformer(Backbone):
+    supports_prompts = True
+    input_layer = ("embed",)
+
+    def __init__(self, cfg: TransformerConfig, input_shape: tuple[int, ...], output_dim: int):
+        for key in ("hidden_size", "num_layers", "num_heads", "mlp_ratio"):
+            require(getattr(cfg, key) > 0, f"model.{key}", f"must be > 0, got {getattr(cfg, key)}")
+        require(cfg.hidden_size % cfg.num_heads == 0, "model.num_heads",
+                f"must divide model.hidden_size={cfg.hidden_size}, got {cfg.num_heads}")
+        self.cfg = cfg
+        self.input_shape = tuple(input_shape)
+        self.num_tokens, self.token_dim = (1, input_shape[0]) if len(input_shape) == 1 else input_shape
+        self.output_dim = output_dim
+
+    def init(self, key: mx.array) -> dict:
+        h, f = self.cfg.hidden_size, self.cfg.mlp_ratio * self.cfg.hidden_size
+        keys = iter(mx.random.split(key, 3 + 6 * self.cfg.num_layers))
+        layers = [{
+            "attention_norm": init_layer_norm(h),
+            "attention": {name: init_linear(next(keys), h, h) for name in ("query", "key", "value", "out")},
+            "mlp_norm": init_layer_norm(h),
+            "mlp": {"fc1": init_linear(next(keys), h, f), "fc2": init_linear(next(keys), f, h)},
+        } for _ in range(self.cfg.num_layers)]
+        return {
+            "embed": init_linear(next(keys), self.token_dim, h),
+            "position": 0.02 * mx.random.normal((self.num_tokens, h), key=next(keys)),
+            "layers": layers,
+            "final_norm": init_layer_norm(h),
+            "head": init_linear(next(keys), h, self.output_dim),
+        }
+
+    def tokens(self, x: mx.array) -> mx.array:
+        """(..., *input_shape) -> (..., num_tokens, token_dim)."""
+        return x.reshape(*x.shape[: x.ndim - len(self.input_shape)], self.num_tokens, self.token_dim)
+
+    def embed(self, params: dict, x: mx.array) -> mx.array:
+        return self.linear(params["embed"], self.tokens(x)) + params["position"]
+
+    def attention(self, params: dict, h: mx.array) -> mx.array:
+        *batch, length, width = h.shape
+        heads = self.cfg.num_heads
+
+        def split_heads(t):
+            return t.reshape(*batch, length, heads, width // heads).swapaxes(-2, -3)
+
+        q, k, v = (split_heads(self.linear(params[n], h)) for n in ("query", "key", "value"))
+        scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(width // heads)
+        mixed = (mx.softmax(scores, axis=-1) @ v).swapaxes(-2, -3).reshape(*batch, length, width)
+        return self.linear(params["out"], mixed)
+
+    def __call__(self, params: dict, x: mx.array, prompt: mx.array | None = None) -> mx.array:
+        h = self.embed(params, x)
+        if prompt is not None:
+            h = mx.concatenate([mx.broadcast_to(prompt, (*h.shape[:-2], *prompt.shape)), h], axis=-2)
+        for layer in params["layers"]:
+            h = h + self.attention(layer["attention"], layer_norm(layer["attention_norm"], h))
+            mlp = layer["mlp"]
+            h = h + self.linear(mlp["fc2"], mx.maximum(self.linear(mlp["fc1"], layer_norm(layer["mlp_norm"], h)), 0))
+        pooled = mx.mean(layer_norm(params["final_norm"], h)[..., -self.num_tokens:, :], axis=-2)
+        return self.linear(params["head"], pooled)

@@ -1,0 +1,68 @@
+"""Small helpers over parameter trees (nested dicts and lists of arrays)."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+Path = tuple  # keys (str) and list indices (int) from the root
+
+
+def merge(base: Any, overlay: Any) -> Any:
+    """``base`` with ``overlay``'s entries added or replacing, recursively (lists merge index by index)."""
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        return {k: merge(base[k], overlay[k]) if k in base and k in overlay else overlay.get(k, base.get(k))
+                for k in {**base, **overlay}}
+    if isinstance(base, list) and isinstance(overlay, list):
+        return [merge(b, o) for b, o in zip(base, overlay)] + base[len(overlay):]
+    return overlay
+
+
+def set_in(tree: dict, path: Path, value: Any) -> dict:
+    """Put ``value`` at ``path`` in ``tree``, creating dicts and lists (padded with empty dicts) on the way."""
+    node = tree
+    for key, next_key in zip(path[:-1], path[1:]):
+        child = [] if isinstance(next_key, int) else {}
+        if isinstance(key, int):
+            node.extend({} for _ in range(key + 1 - len(node)))
+            if not node[key]:
+                node[key] = child
+        else:
+            node.setdefault(key, child)
+        node = node[key]
+    if isinstance(path[-1], int):
+        node.extend({} for _ in range(path[-1] + 1 - len(node)))
+    node[path[-1]] = value
+    return tree
+
+
+def get_in(tree: Any, path: Path) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def linear_layers(tree: Any, path: Path = ()) -> Iterator[tuple[Path, dict]]:
+    """Every linear layer (a dict holding a 2-D ``weight``) with its path."""
+    if isinstance(tree, dict):
+        if isinstance(tree.get("weight"), mx.array) and tree["weight"].ndim == 2:
+            yield path, tree
+            return
+        for key, child in tree.items():
+            yield from linear_layers(child, (*path, key))
+    elif isinstance(tree, list):
+        for index, child in enumerate(tree):
+            yield from linear_layers(child, (*path, index))
+
+
+def path_name(path: Path) -> str:
+    return ".".join(str(k) for k in path)
+
+
+def count(tree: Any) -> int:
+    return sum(v.size for _, v in tree_flatten(tree))
+
+
+def nbytes(tree: Any) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(tree))
