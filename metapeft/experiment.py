@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from metapeft import io
+from metapeft import blas, io
 from metapeft.algorithms.base import MetaLearner, sgd_step
 from metapeft.config import register_configs, validate_common
 from metapeft.errors import ConfigError, DivergedError
@@ -194,6 +194,7 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
         },
         "inference_ms_per_sample": inference_ms_per_sample(exp, meta["weights"], frozen, sample_inputs),
         "memory": memory_mb(),
+        "blas": blas.status(),
         "peft": exp.peft.report(frozen),
         "pretraining": pretraining,
     }

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from metapeft import blas  # noqa: E402
 from metapeft.config import register_configs  # noqa: E402
 from metapeft.errors import ConfigError, DivergedError  # noqa: E402
 from metapeft.experiment import run  # noqa: E402
@@ -27,6 +28,7 @@ register_configs()
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
+    log.info("BLAS for MLX's CPU matmuls: %s", blas.status())
     try:
         metrics = run(cfg, out_dir, overrides=hydra_cfg.overrides.task)
     except ConfigError as error:

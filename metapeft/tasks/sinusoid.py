@@ -21,6 +21,7 @@ class SinusoidConfig(TaskConfig):
     name: str = "sinusoid"
     num_query: int = 10
     default_inner_lr: float = 0.01
+    default_meta_batch_size: int = 25
     amplitude_min: float = 0.1
     amplitude_max: float = 5.0
     phase_min: float = 0.0

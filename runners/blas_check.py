@@ -1,0 +1,20 @@
+"""Which BLAS MLX's CPU matmuls use, and what a small float32 product costs with it.
+
+    python runners/blas_check.py                  # OpenBLAS where available (the default)
+    METAPEFT_BLAS=bundled python runners/blas_check.py
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metapeft import blas  # noqa: E402  (configures the BLAS before mlx is imported)
+import mlx.core as mx  # noqa: E402
+
+print(blas.status())
+a, b = mx.random.normal((250, 40)), mx.random.normal((40, 40))
+mx.eval(a @ b)
+start = time.perf_counter()
+for _ in range(1000):
+    mx.eval(a @ b)
+print(f"250x40 @ 40x40 float32: {(time.perf_counter() - start):.4f} ms per product (mean of 1000)")
