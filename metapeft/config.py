@@ -103,4 +103,7 @@ def validate_common(cfg: Any) -> None:
             f"must be >= 0, got {cfg.evaluation.num_inner_steps}")
     require(cfg.evaluation.curve_steps >= cfg.evaluation.num_inner_steps, "evaluation.curve_steps",
             f"must be >= evaluation.num_inner_steps={cfg.evaluation.num_inner_steps}, got {cfg.evaluation.curve_steps}")
+    for key in ("iterations", "batch_size"):
+        require(cfg.pretrain[key] >= 1, f"pretrain.{key}", f"must be >= 1, got {cfg.pretrain[key]}")
+    require(cfg.pretrain.lr > 0, "pretrain.lr", f"must be > 0, got {cfg.pretrain.lr}")
     require(cfg.evaluation.chunk_size > 0, "evaluation.chunk_size", f"must be > 0, got {cfg.evaluation.chunk_size}")

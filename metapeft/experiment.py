@@ -56,7 +56,7 @@ def build(cfg: DictConfig) -> Experiment:
     task.validate(sorted({cfg.shots.train, *cfg.shots.eval}))
     model = MODELS.get(cfg.model.name)(cfg.model, task.input_shape, task.output_dim)
     peft = PEFT_METHODS.get(cfg.peft.name)(cfg.peft, model)
-    peft.frozen(model.init(mx.random.key(0)))  # checks target layers and ranks against the real layer shapes
+    peft.check(model.init(mx.random.key(0)))  # target layers and ranks against the real layer shapes
     experiment = Experiment(cfg, task, model, peft, learner=None)  # type: ignore[arg-type]
     experiment.learner = ALGORITHMS.get(cfg.algorithm.name)(cfg.algorithm, experiment.loss)
     return experiment
@@ -173,8 +173,6 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
     )
     save_checkpoint(out_dir / "checkpoint", meta, frozen, cfg)
     evaluation = evaluate_shots(exp, meta, scratch, frozen)
-    backbone_body = count(backbone) - count(backbone["head"]) if exp.peft.uses_pretrained_backbone else 0
-    total = backbone_body + count(adapted)
     return {
         "evaluation": evaluation,
         "train": {
@@ -184,19 +182,26 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
             "final_loss": log.rows[-1]["loss"],
             "final_val_metric": log.rows[-1]["val_metric"],
         },
-        "parameters": {
-            "total": total,
-            "adapted": count(adapted),
-            "meta_learned": count(meta),
-            "reduction_ratio": total / count(adapted),
-            "adapter_bytes": nbytes(adapted),
-            "meta_learned_bytes": nbytes(meta),
-        },
+        "parameters": parameter_counts(exp, backbone, adapted, meta),
         "inference_ms_per_sample": inference_ms_per_sample(exp, meta["weights"], frozen, sample_inputs),
         "memory": memory_mb(),
         "blas": blas.status(),
         "peft": exp.peft.report(frozen),
         "pretraining": pretraining,
+    }
+
+
+def parameter_counts(exp: Experiment, backbone: dict, adapted: dict, meta: dict) -> dict:
+    """Total = frozen backbone (without its pretraining head) + adapted tree; meta-learned adds e.g. Meta-SGD's rates."""
+    backbone_body = count(backbone) - count(backbone["head"]) if exp.peft.uses_pretrained_backbone else 0
+    total = backbone_body + count(adapted)
+    return {
+        "total": total,
+        "adapted": count(adapted),
+        "meta_learned": count(meta),
+        "reduction_ratio": total / count(adapted),
+        "adapter_bytes": nbytes(adapted),
+        "meta_learned_bytes": nbytes(meta),
     }
 
 

@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from metapeft import io
-from metapeft.config import require
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -39,9 +38,6 @@ def cache_key(cfg: DictConfig) -> str:
 
 def pretrained_backbone(cfg: DictConfig, model_class, task, key: mx.array, progress: bool = True) -> tuple[dict, dict]:
     """The backbone's parameters (with a head sized for pretraining) and facts about where they came from."""
-    require(cfg.pretrain.iterations >= 1, "pretrain.iterations", f"must be >= 1, got {cfg.pretrain.iterations}")
-    require(cfg.pretrain.batch_size >= 1, "pretrain.batch_size", f"must be >= 1, got {cfg.pretrain.batch_size}")
-    require(cfg.pretrain.lr > 0, "pretrain.lr", f"must be > 0, got {cfg.pretrain.lr}")
     directory = Path(cfg.pretrain.cache_dir).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
     name = f"{cfg.task.name}-{cfg.model.name}-{cache_key(cfg)}"

@@ -63,6 +63,15 @@ def test_wrong_type_is_refused(compose_cfg):
         (["algorithm=reptile", "algorithm.outer_lr_final=2.0"], "algorithm.outer_lr_final"),
         (["model.hidden_sizes=[40,0]"], "model.hidden_sizes"),
         (["evaluation.curve_steps=0"], "evaluation.curve_steps"),
+        (["peft=lora", "peft.rank=0"], "peft.rank"),
+        (["peft=lora", "peft.rank=33"], "peft.rank"),  # attention projections are 32x32
+        (["peft=lora", "peft.target_modules=[qkv]"], "peft.target_modules"),
+        (["peft=adalora", "peft.target_r=9"], "peft.target_r"),  # init_r is 8
+        (["peft=adalora", "peft.tinit=0.9", "peft.tfinal=0.5"], "peft.tinit"),
+        (["peft=prompt_tuning", "peft.num_virtual_tokens=0"], "peft.num_virtual_tokens"),
+        (["peft=prompt_tuning", "peft.init=zeros"], "peft.init"),
+        (["peft=prompt_tuning", "model=mlp"], "model"),
+        (["peft=lora", "pretrain.iterations=0"], "pretrain.iterations"),
     ],
 )
 def test_impossible_values_name_their_key(compose_cfg, overrides, key):

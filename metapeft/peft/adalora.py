@@ -45,6 +45,8 @@ class AdaLoRAConfig(LowRankConfig):
 
 @PEFT_METHODS.register("adalora", AdaLoRAConfig)
 class AdaLoRA(LowRankMethod):
+    rank_key = "peft.init_r"
+
     def __init__(self, cfg: AdaLoRAConfig, model):
         require(cfg.init_r >= 1, "peft.init_r", f"must be >= 1, got {cfg.init_r}")
         require(1 <= cfg.target_r <= cfg.init_r, "peft.target_r", f"must be in 1..init_r={cfg.init_r}, got {cfg.target_r}")
@@ -68,7 +70,7 @@ class AdaLoRA(LowRankMethod):
         self.uncertainty: dict = {}
 
     def frozen(self, backbone: dict) -> dict:
-        self.paths = [p for p, _ in self.target_layers(backbone, self.cfg.init_r, "peft.init_r")]
+        self.paths = [p for p, _ in self.target_layers(backbone)]
         masks: dict = {}
         for path in self.paths:
             set_in(masks, path, {"ada_mask": mx.ones((self.cfg.init_r,))})
@@ -77,7 +79,7 @@ class AdaLoRA(LowRankMethod):
     def init_adapter(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
         adapter: dict = {}
         r = self.cfg.init_r
-        layers = self.target_layers(backbone, r, "peft.init_r")
+        layers = self.target_layers(backbone)
         for layer_key, (path, layer) in zip(mx.random.split(key, len(layers)), layers):
             fan_in, fan_out = layer["weight"].shape
             k_p, k_q = mx.random.split(layer_key)

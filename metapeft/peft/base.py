@@ -32,6 +32,9 @@ class PeftMethod:
         self.cfg = cfg
         self.model = model
 
+    def check(self, backbone: dict) -> None:
+        """Raise ConfigError if the settings do not fit this backbone's layers (called before any training)."""
+
     def frozen(self, backbone: dict) -> dict:
         return without_head(backbone)
 
@@ -69,7 +72,12 @@ class LowRankConfig(PeftConfig):
 class LowRankMethod(PeftMethod):
     """Shared by LoRA and AdaLoRA: choosing the linear layers a low-rank update is added to."""
 
-    def target_layers(self, backbone: dict, rank: int, rank_key: str) -> list[tuple[Path, dict]]:
+    rank_key: str  # the config key of the rank each targeted layer gets
+
+    def check(self, backbone: dict) -> None:
+        self.target_layers(backbone)
+
+    def target_layers(self, backbone: dict) -> list[tuple[Path, dict]]:
         """The targeted linear layers. ``all-linear``: every linear layer but the input projection and the head.
 
         A target names a path component (``query``, ``attention``, ``mlp``, ``hidden``) or a whole path
@@ -88,9 +96,10 @@ class LowRankMethod(PeftMethod):
             require(any(matches(target, p) for p, _ in layers), "peft.target_modules",
                     f"'{target}' matches no linear layer of model={type(self.model).__name__.lower()}; valid: {valid}")
         chosen = [(p, layer) for p, layer in layers if any(matches(t, p) for t in self.cfg.target_modules)]
+        rank = getattr(self.cfg, self.rank_key.split(".")[-1])
         for path, layer in chosen:
             fan_in, fan_out = layer["weight"].shape
-            require(1 <= rank <= min(fan_in, fan_out), rank_key,
+            require(1 <= rank <= min(fan_in, fan_out), self.rank_key,
                     f"must be in 1..{min(fan_in, fan_out)} for layer {path_name(path)} ({fan_in}x{fan_out}), "
                     f"got {rank}; lower it or leave that layer out of peft.target_modules")
         return chosen

@@ -26,6 +26,8 @@ class LoRAConfig(LowRankConfig):
 
 @PEFT_METHODS.register("lora", LoRAConfig)
 class LoRA(LowRankMethod):
+    rank_key = "peft.rank"
+
     def __init__(self, cfg: LoRAConfig, model):
         require(cfg.rank >= 1, "peft.rank", f"must be >= 1, got {cfg.rank}")
         super().__init__(cfg, model)
@@ -41,7 +43,7 @@ class LoRA(LowRankMethod):
 
     def init_adapter(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
         adapter: dict = {}
-        layers = self.target_layers(backbone, self.cfg.rank, "peft.rank")
+        layers = self.target_layers(backbone)
         for layer_key, (path, layer) in zip(mx.random.split(key, len(layers)), layers):
             fan_in, fan_out = layer["weight"].shape
             bound = 1.0 / math.sqrt(fan_in)

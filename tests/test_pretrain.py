@@ -1,0 +1,66 @@
+"""The pretrained-backbone cache: keyed by what determines the weights, safe under concurrent jobs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from conftest import REPO
+from metapeft.experiment import build
+from metapeft.pretrain import pretrained_backbone
+
+SMALL = ["peft=lora", "task=digits", "pretrain.iterations=30", "pretrain.batch_size=32"]
+
+
+def pretrain(compose_cfg, cache, *overrides):
+    cfg = compose_cfg(*SMALL, f"pretrain.cache_dir={cache}", *overrides)
+    exp = build(cfg)
+    return pretrained_backbone(cfg, type(exp.model), exp.task, mx.random.key(cfg.seed), progress=False)
+
+
+def same(a, b):
+    a, b = dict(tree_flatten(a)), dict(tree_flatten(b))
+    return a.keys() == b.keys() and all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+
+
+def test_pretraining_is_cached_by_what_determines_it(compose_cfg, tmp_path):
+    first, info = pretrain(compose_cfg, tmp_path)
+    again, info_again = pretrain(compose_cfg, tmp_path, "algorithm=reptile", "peft=adalora")  # irrelevant to weights
+    assert (info["cache_hit"], info_again["cache_hit"]) == (False, True) and same(first, again)
+    assert first["head"]["weight"].shape == (32, 18)  # supervised over the 18 meta-train classes
+    other, info_other = pretrain(compose_cfg, tmp_path, "seed=1")
+    assert not info_other["cache_hit"] and not same(first, other)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+WORKER = """
+import json, sys
+from metapeft.pretrain import pretrained_backbone
+from metapeft.experiment import build
+from tests.conftest import compose_config
+import mlx.core as mx
+cfg = compose_config(*sys.argv[1:])
+exp = build(cfg)
+params, info = pretrained_backbone(cfg, type(exp.model), exp.task, mx.random.key(cfg.seed), progress=False)
+print(json.dumps({"hit": info["cache_hit"], "sum": float(params["embed"]["weight"].sum().item())}))
+"""
+
+
+def test_concurrent_jobs_pretrain_once(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [*SMALL, "pretrain.iterations=200", f"pretrain.cache_dir={tmp_path}", "progress=false"]
+    jobs = [subprocess.Popen([sys.executable, "-c", WORKER, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = []
+    for job in jobs:
+        out, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["hit"] for r in results) == [False, True]  # one trained, the other waited and loaded
+    assert results[0]["sum"] == results[1]["sum"]
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1 and not list(tmp_path.glob(".*tmp*"))
