@@ -24,10 +24,18 @@ import tempfile
 from pathlib import Path
 
 _status: dict = {"backend": "bundled", "reason": "not configured yet"}
+_openblas = None
 
 
 def status() -> dict:
     return dict(_status)
+
+
+def set_threads(threads: int) -> None:
+    """Set OpenBLAS's thread count at run time (no effect on the bundled BLAS)."""
+    if _status.get("backend") == "openblas":
+        _openblas.scipy_openblas_set_num_threads(int(threads))
+        _status["threads"] = int(_openblas.scipy_openblas_get_num_threads())
 
 
 def _cache_dir() -> Path:
@@ -54,7 +62,7 @@ def _build_shim(lib_dir: str) -> Path:
 
 def configure() -> dict:
     """Load OpenBLAS for MLX if asked and possible. Call before ``mlx.core`` is imported."""
-    global _status
+    global _status, _openblas
     mode = os.environ.get("METAPEFT_BLAS", "auto")
     if mode not in ("auto", "bundled", "openblas"):
         raise ValueError(f"METAPEFT_BLAS={mode!r}: valid values are auto, bundled, openblas")
@@ -73,11 +81,9 @@ def configure() -> dict:
         lib_dir = scipy_openblas32.get_lib_dir()
         openblas = ctypes.CDLL(os.path.join(lib_dir, "libscipy_openblas.so"), mode=ctypes.RTLD_GLOBAL)
         ctypes.CDLL(str(_build_shim(lib_dir)), mode=ctypes.RTLD_GLOBAL)
-        threads = os.environ.get("METAPEFT_BLAS_THREADS")
-        if threads:
-            openblas.scipy_openblas_set_num_threads(int(threads))
-        _status = {"backend": "openblas", "version": scipy_openblas32.__version__,
-                   "threads": int(openblas.scipy_openblas_get_num_threads())}
+        _openblas = openblas
+        _status = {"backend": "openblas", "version": scipy_openblas32.__version__}
+        set_threads(int(os.environ.get("METAPEFT_BLAS_THREADS") or openblas.scipy_openblas_get_num_threads()))
     except Exception as error:  # noqa: BLE001 - any failure means: keep the bundled BLAS, and say why
         if mode == "openblas":
             raise RuntimeError(f"METAPEFT_BLAS=openblas but OpenBLAS could not be loaded: {error}") from error

@@ -61,7 +61,7 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     seed: int = 0
     progress: bool = True
-    checkpoint: Optional[str] = None
+    resume: bool = False  # in a sweep: skip jobs whose directory holds a completed result for the same overrides
 
 
 _registered = False

@@ -44,4 +44,5 @@ def summarize(curves: np.ndarray, report_step: int) -> dict:
         "inner_steps": report_step,
         "curve_mean": [m for m, _ in per_step],
         "curve_ci95": [c for _, c in per_step],
+        "per_task": [float(v) for v in curves[:, report_step]],  # lets aggregation pool tasks over seeds exactly
     }

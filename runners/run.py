@@ -1,47 +1,69 @@
 """The metapeft runner: ``python runners/run.py [group=option ...] [key=value ...]`` (add ``--multirun`` to sweep).
 
 Builds the model, meta-trains, evaluates against the scratch baseline and writes ``metrics.json``, ``history.csv``
-and ``checkpoint/`` into the Hydra run directory.
+and ``checkpoint/`` into the Hydra run directory. In a sweep, a failing job records its failure in its own
+directory and the sweep goes on; the sweep lists every failed job at the end and exits non-zero. ``resume=true``
+skips jobs whose directory already holds a completed result for the same overrides.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from metapeft import blas  # noqa: E402
+from metapeft import blas  # noqa: E402  (before mlx: see metapeft/blas.py)
 from metapeft.config import register_configs  # noqa: E402
 from metapeft.errors import ConfigError, DivergedError  # noqa: E402
 from metapeft.experiment import run  # noqa: E402
+from metapeft.sweep import completed_metrics  # noqa: E402
 
 log = logging.getLogger("metapeft")
 register_configs()
 
 
+def share_cores_with_parallel_jobs(hydra_cfg) -> None:
+    """Parallel jobs split the cores: each job's BLAS gets cores // n_jobs threads."""
+    n_jobs = hydra_cfg.launcher.get("n_jobs") if "joblib" in str(hydra_cfg.launcher.get("_target_", "")) else None
+    if n_jobs:
+        cores = os.cpu_count() or 1
+        blas.set_threads(max(1, cores // (cores if n_jobs < 0 else min(n_jobs, cores))))
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    if cfg.resume and (done := completed_metrics(out_dir, overrides)) is not None:
+        log.info("resume: %s already completed with these overrides; skipped", out_dir)
+        return done["train"]["final_val_metric"]
+    if sweeping:
+        share_cores_with_parallel_jobs(hydra_cfg)
     log.info("BLAS for MLX's CPU matmuls: %s", blas.status())
     try:
-        metrics = run(cfg, out_dir, overrides=hydra_cfg.overrides.task)
-    except ConfigError as error:
-        log.error("invalid configuration: %s", error)
-        sys.exit(2)
-    except DivergedError as error:
-        log.error("run diverged: %s; history.csv and metrics.json kept in %s", error, out_dir)
-        sys.exit(3)
+        metrics = run(cfg, out_dir, overrides=overrides)
+    except (ConfigError, DivergedError, Exception) as error:
+        kind = {ConfigError: "invalid configuration", DivergedError: "run diverged"}.get(type(error), "run failed")
+        log.error("%s: %s (recorded in %s)", kind, error, out_dir / "metrics.json")
+        if sweeping:
+            return None  # the sweep goes on; SweepReport lists every failure at the end
+        if isinstance(error, (ConfigError, DivergedError)):
+            sys.exit(2 if isinstance(error, ConfigError) else 3)
+        raise
     evaluation = metrics["evaluation"]
     for k, result in evaluation["shots"].items():
         ours, base = result["meta_learned"], result["scratch"]
-        log.info("%s-shot %s: %s %.4f ± %.4f | scratch %.4f ± %.4f", k, evaluation["metric"], cfg.algorithm.name,
-                 ours["mean"], ours["ci95"], base["mean"], base["ci95"])
+        log.info("%s-shot %s: %s+%s %.4f ± %.4f | scratch %.4f ± %.4f", k, evaluation["metric"], cfg.algorithm.name,
+                 cfg.peft.name, ours["mean"], ours["ci95"], base["mean"], base["ci95"])
     log.info("%.2f ms per meta-iteration; outputs in %s", 1e3 * metrics["train"]["seconds_per_iteration"], out_dir)
     return metrics["train"]["final_val_metric"]
 
