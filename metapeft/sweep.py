@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 log = logging.getLogger("metapeft.sweep")
 
 # Keys that do not change what a job computes: ignored when deciding whether a stored result is this job's.
-NON_IDENTIFYING_KEYS = ("resume", "progress")
+NON_IDENTIFYING_KEYS = ("resume", "progress", "pretrain.cache_dir")
 
 
 def identifying(overrides: Sequence[str]) -> list[str]:

@@ -1,0 +1,78 @@
+"""Sweeps through the real runner: parallel jobs, failure isolation, resume, and aggregation."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import REPO
+from runners.aggregate import main as aggregate
+
+TINY = ["mode.num_iterations=10", "mode.val_interval=5", "mode.num_val_tasks=4", "mode.num_eval_tasks=6",
+        "evaluation.curve_steps=5", "pretrain.iterations=20", "progress=false"]
+
+
+def sweep(sweep_dir, *overrides):
+    return subprocess.run([sys.executable, "runners/run.py", "--multirun", f"hydra.sweep.dir={sweep_dir}",
+                           f"pretrain.cache_dir={sweep_dir.parent / 'cache'}", *TINY, *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def statuses(sweep_dir):
+    return sorted(json.loads(p.read_text())["status"] for p in sweep_dir.glob("*/metrics.json"))
+
+
+def test_a_2x2_parallel_sweep_aggregates(tmp_path):
+    result = sweep(tmp_path / "sweep", "hydra/launcher=joblib", "algorithm=maml,reptile", "peft=none,lora",
+                   "task=digits")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert statuses(tmp_path / "sweep") == ["completed"] * 4
+    assert aggregate([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")]) == 0
+    table = pd.read_csv(tmp_path / "report" / "comparison.csv")
+    assert sorted(zip(table.algorithm, table.peft)) == [("maml", "lora"), ("maml", "none"), ("reptile", "lora"),
+                                                        ("reptile", "none")]
+    assert table["5-shot"].str.contains("±").all()
+    summary = pd.read_csv(tmp_path / "report" / "summary.csv")
+    assert len(summary) == 4 and {"override.mode.num_iterations", "parameters.adapted"} <= set(summary.columns)
+    for plot in ("kshot", "training_curves", "efficiency", "adaptation", "time_per_iteration"):
+        assert (tmp_path / "report" / f"digits_{plot}.png").stat().st_size > 0
+
+
+def test_failed_jobs_are_isolated_listed_and_resumable(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = sweep(sweep_dir, "algorithm=maml,fomaml", "algorithm.inner_lr=0.01,1e30")
+    assert result.returncode != 0
+    assert statuses(sweep_dir) == ["completed", "completed", "diverged", "diverged"]
+    log = result.stdout + result.stderr
+    assert log.count("DIVERGED job") == 2 and "algorithm=maml algorithm.inner_lr=1e+30" in log \
+        and "algorithm=fomaml algorithm.inner_lr=1e+30" in log
+    completed = {p: p.read_text() for p in sweep_dir.glob("*/metrics.json") if '"completed"' in p.read_text()}
+
+    again = sweep(sweep_dir, "algorithm=maml,fomaml", "algorithm.inner_lr=0.01,1e30", "resume=true")
+    assert again.returncode != 0  # the diverging jobs were rerun, and diverged again
+    assert (again.stdout + again.stderr).count("already completed with these overrides; skipped") == 2
+    assert all(p.read_text() == text for p, text in completed.items())  # completed results untouched
+
+    report = aggregate([str(sweep_dir), "--out", str(tmp_path / "report")])
+    assert report == 0
+    table = pd.read_csv(tmp_path / "report" / "comparison.csv")
+    assert set(table.status) == {"diverged: 1"}
+
+
+def test_aggregating_nothing_fails_clearly(tmp_path, capsys):
+    assert aggregate([str(tmp_path)]) == 2
+    assert "no runs found" in capsys.readouterr().err
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "metrics.json").write_text('{"accuracy": 1}')
+    assert aggregate([str(tmp_path)]) == 2
+    assert "not a metapeft metrics file" in capsys.readouterr().err
+
+
+def test_sweep_directories_carry_microseconds():
+    """Two sweeps started in the same second get different directories."""
+    text = (REPO / "conf" / "config.yaml").read_text()
+    assert "dir: multirun/${now:%Y-%m-%d}/${now:%H-%M-%S-%f}" in text
+    assert "dir: outputs/${now:%Y-%m-%d}/${now:%H-%M-%S-%f}" in text
