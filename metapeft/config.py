@@ -62,6 +62,8 @@ class RunConfig:
     seed: int = 0
     progress: bool = True
     resume: bool = False  # in a sweep: skip jobs whose directory holds a completed result for the same overrides
+    train: bool = True  # false: evaluate the meta-learned state in `checkpoint` instead of meta-training
+    checkpoint: Optional[str] = None  # a run's checkpoint/ directory
 
 
 _registered = False
@@ -106,4 +108,8 @@ def validate_common(cfg: Any) -> None:
     for key in ("iterations", "batch_size"):
         require(cfg.pretrain[key] >= 1, f"pretrain.{key}", f"must be >= 1, got {cfg.pretrain[key]}")
     require(cfg.pretrain.lr > 0, "pretrain.lr", f"must be > 0, got {cfg.pretrain.lr}")
+    require(cfg.train or cfg.checkpoint is not None, "checkpoint",
+            "train=false evaluates a saved run: give checkpoint=<run dir>/checkpoint")
+    require(not (cfg.train and cfg.checkpoint is not None), "train",
+            "continuing meta-training from a checkpoint is not supported; add train=false to evaluate it")
     require(cfg.evaluation.chunk_size > 0, "evaluation.chunk_size", f"must be > 0, got {cfg.evaluation.chunk_size}")

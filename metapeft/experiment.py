@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metapeft import blas, io
 from metapeft.algorithms.base import MetaLearner, sgd_step
+from metapeft.checkpoint import load_checkpoint, save_checkpoint
 from metapeft.config import register_configs, validate_common
 from metapeft.errors import ConfigError, DivergedError
 from metapeft.evaluate import adaptation_curves, summarize
@@ -165,23 +166,28 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
                                    cfg.evaluation.chunk_size)
         return float(curves[:, -1].mean())
 
-    meta, frozen = meta_train(
-        learner, meta, frozen,
-        sample_batch=lambda: task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, train_rng),
-        num_iterations=cfg.mode.num_iterations, validate=validate, val_interval=cfg.mode.val_interval,
-        log=log, progress=cfg.progress, after_step=exp.peft.after_meta_step,
-    )
-    save_checkpoint(out_dir / "checkpoint", meta, frozen, cfg)
-    evaluation = evaluate_shots(exp, meta, scratch, frozen)
-    return {
-        "evaluation": evaluation,
-        "train": {
+    if cfg.train:
+        meta, frozen = meta_train(
+            learner, meta, frozen,
+            sample_batch=lambda: task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, train_rng),
+            num_iterations=cfg.mode.num_iterations, validate=validate, val_interval=cfg.mode.val_interval,
+            log=log, progress=cfg.progress, after_step=exp.peft.after_meta_step,
+        )
+        save_checkpoint(out_dir / "checkpoint", meta, frozen, cfg)
+        train = {
             "iterations": log.iterations,
             "seconds_per_iteration": log.step_seconds / log.iterations,
             "train_seconds": log.step_seconds,
             "final_loss": log.rows[-1]["loss"],
             "final_val_metric": log.rows[-1]["val_metric"],
-        },
+        }
+    else:
+        meta, frozen = load_checkpoint(Path(cfg.checkpoint), meta, frozen)
+        train = {"iterations": 0, "from_checkpoint": str(cfg.checkpoint), "final_val_metric": validate(meta, frozen)}
+    evaluation = evaluate_shots(exp, meta, scratch, frozen)
+    return {
+        "evaluation": evaluation,
+        "train": train,
         "parameters": parameter_counts(exp, backbone, adapted, meta),
         "inference_ms_per_sample": inference_ms_per_sample(exp, meta["weights"], frozen, sample_inputs),
         "memory": memory_mb(),
@@ -203,10 +209,3 @@ def parameter_counts(exp: Experiment, backbone: dict, adapted: dict, meta: dict)
         "adapter_bytes": nbytes(adapted),
         "meta_learned_bytes": nbytes(meta),
     }
-
-
-def save_checkpoint(directory: Path, meta: dict, frozen: dict, cfg: DictConfig) -> None:
-    io.write_text(directory / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    io.save_tree(directory / "meta.safetensors", meta)
-    if frozen:
-        io.save_tree(directory / "frozen.safetensors", frozen)

@@ -51,7 +51,8 @@ def pretrained_backbone(cfg: DictConfig, model_class, task, key: mx.array, progr
         io.save_tree(path, params, metadata={"final_loss": str(final_loss)})
         log.info("pretrained %s on %s meta-train data (final loss %.4f) -> %s", cfg.model.name, cfg.task.name,
                  final_loss, path)
-        return params, {"cache_file": str(path), "cache_hit": False, "final_loss": final_loss}
+        # return what a later job will load, so a cache hit and a miss give the very same tree
+        return io.load_tree(path), {"cache_file": str(path), "cache_hit": False, "final_loss": final_loss}
 
 
 def train(model, task, cfg, key: mx.array, seed: int, progress: bool) -> tuple[dict, float]:
