@@ -76,8 +76,8 @@ def register_configs() -> None:
         return
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    cs.store(group="shots", name="shots_schema", node=ShotsConfig)
-    cs.store(group="mode", name="mode_schema", node=ModeConfig)
+    cs.store(group="schema/shots", name="shots", node=ShotsConfig)
+    cs.store(group="schema/mode", name="mode", node=ModeConfig)
     from metapeft.registry import import_submodules
 
     for package in ("metapeft.algorithms", "metapeft.tasks", "metapeft.models", "metapeft.peft"):

@@ -20,11 +20,14 @@ class Registry:
         self._entries: dict[str, Any] = {}
 
     def register(self, name: str, schema: type) -> Callable[[Any], Any]:
-        """Register an implementation and store ``schema`` as ``<group>/<name>_schema`` in Hydra's ConfigStore."""
+        """Register an implementation and store ``schema`` as ``schema/<group>/<name>`` in Hydra's ConfigStore.
+
+        Schemas live outside the group itself so that sweeping ``<group>='glob(*)'`` finds only real options.
+        """
 
         def decorator(obj: Any) -> Any:
             self._entries[name] = obj
-            ConfigStore.instance().store(group=self.group, name=f"{name}_schema", node=schema)
+            ConfigStore.instance().store(group=f"schema/{self.group}", name=name, node=schema)
             return obj
 
         return decorator

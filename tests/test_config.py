@@ -79,3 +79,17 @@ def test_impossible_values_name_their_key(compose_cfg, overrides, key):
         build(compose_cfg(*overrides))
     assert error.value.key == key
     assert key in str(error.value)
+
+
+def test_group_options_are_only_the_real_ones(compose_cfg):
+    """Sweeping ``algorithm='glob(*)'`` must find the four algorithms, not their schemas."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF_DIR
+
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        loader = GlobalHydra.instance().config_loader()
+        assert loader.get_group_options("algorithm") == ["fomaml", "maml", "metasgd", "reptile"]
+        assert loader.get_group_options("peft") == ["adalora", "lora", "none", "prompt_tuning"]
+        assert loader.get_group_options("shots") == ["10shot", "1shot", "5shot"]
