@@ -43,7 +43,7 @@ class Experiment:
     learner: MetaLearner
 
     def loss(self, adapted: dict, frozen: dict, x: mx.array, y: mx.array) -> mx.array:
-        return self.task.loss(self.peft(adapted, frozen, x), y) + self.peft.regularizer(adapted)
+        return self.task.loss(self.peft(adapted, frozen, x, train=True), y) + self.peft.regularizer(adapted)
 
     def metric(self, adapted: dict, frozen: dict, x: mx.array, y: mx.array) -> mx.array:
         return self.task.metric(self.peft(adapted, frozen, x), y)
@@ -184,6 +184,7 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
     else:
         meta, frozen = load_checkpoint(Path(cfg.checkpoint), meta, frozen)
         train = {"iterations": 0, "from_checkpoint": str(cfg.checkpoint), "final_val_metric": validate(meta, frozen)}
+    mx.random.seed(cfg.seed)  # evaluation draws the same dropout masks whether trained now or loaded
     evaluation = evaluate_shots(exp, meta, scratch, frozen)
     return {
         "evaluation": evaluation,

@@ -28,7 +28,7 @@ def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
 
     Returns the loss, the updated meta-parameters and the meta-gradient (AdaLoRA reads its importance from it).
     """
-    state = [optimizer.state]
+    state = [optimizer.state, mx.random.state]  # random state: LoRA's dropout
 
     def step(meta, frozen, xs, ys, xq, yq):
         loss, grads = learner.meta_value_and_grad(meta, frozen, Episodes(xs, ys, xq, yq))

@@ -116,3 +116,23 @@ def test_every_pair_lowers_the_meta_loss_and_keeps_the_backbone(compose_cfg, alg
     backbone_keys = [k for k in before if "ada_mask" not in k]
     assert all(np.array_equal(before[k], after[k]) for k in backbone_keys)  # bit-for-bit
     assert count(meta["weights"]) == count(adapted)
+
+
+def test_lora_dropout_acts_only_while_adapting(compose_cfg):
+    exp, backbone, frozen, adapted = setup(compose_cfg, "peft=lora", "peft.dropout=0.5")
+    adapted = {**tree_map(lambda a: a + 0.1, adapted)}  # B != 0, so the LoRA branch contributes
+    x = exp.task.sample("test", 1, 5, np.random.default_rng(0)).xq[0]
+    plain, _, _, _ = setup(compose_cfg, "peft=lora")
+    predicting = exp.peft(adapted, frozen, x)
+    assert mx.array_equal(predicting, plain.peft(adapted, frozen, x)).item()  # no dropout when predicting
+    first, second = exp.peft(adapted, frozen, x, train=True), exp.peft(adapted, frozen, x, train=True)
+    assert not mx.allclose(first, predicting).item() and not mx.allclose(first, second).item()
+
+
+def test_lora_dropout_runs_are_reproducible(compose_cfg, tmp_path):
+    from metapeft.experiment import run
+    overrides = ["task=digits", "peft=lora", "peft.dropout=0.3", "mode.num_iterations=10", "mode.val_interval=5",
+                 "mode.num_val_tasks=4", "mode.num_eval_tasks=6", "pretrain.iterations=10",
+                 f"pretrain.cache_dir={tmp_path / 'cache'}"]
+    first, second = run(compose_cfg(*overrides), tmp_path / "a"), run(compose_cfg(*overrides), tmp_path / "b")
+    assert first["evaluation"] == second["evaluation"]

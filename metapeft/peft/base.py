@@ -46,7 +46,8 @@ class PeftMethod:
     def init_adapter(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
         raise NotImplementedError
 
-    def __call__(self, adapted: dict, frozen: dict, x: mx.array) -> mx.array:
+    def __call__(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
+        """The adapted model's predictions; ``train`` is true while adapting (LoRA's dropout acts then)."""
         return self.model(merge(frozen, adapted), x)
 
     def regularizer(self, adapted: dict) -> mx.array | float:

@@ -1,8 +1,10 @@
 """LoRA (Hu et al., 2021): a low-rank update added to frozen linear layers.
 
-    h = x W + b + (alpha / r) * (x A) B,    A: (in, r) random,  B: (r, out) zeros
+    h = x W + b + (alpha / r) * (dropout(x) A) B,    A: (in, r) random,  B: (r, out) zeros
 
-B starts at zero, so at initialization the model equals the backbone exactly.
+B starts at zero, so at initialization the model equals the backbone exactly. Dropout acts only while adapting
+(inner loops, in meta-training and at test time), never when predicting. Under ``mx.vmap`` over the task batch
+MLX draws one dropout mask shared by the tasks of a batch; masks differ across examples, features and steps.
 """
 from __future__ import annotations
 
@@ -15,13 +17,14 @@ from metapeft.config import require
 from metapeft.models.layers import affine
 from metapeft.peft.base import LowRankConfig, LowRankMethod
 from metapeft.registry import PEFT_METHODS
-from metapeft.trees import set_in
+from metapeft.trees import merge, set_in
 
 
 @dataclass
 class LoRAConfig(LowRankConfig):
     name: str = "lora"
     rank: int = 4
+    dropout: float = 0.0  # on the LoRA branch's input, while adapting
 
 
 @PEFT_METHODS.register("lora", LoRAConfig)
@@ -30,16 +33,23 @@ class LoRA(LowRankMethod):
 
     def __init__(self, cfg: LoRAConfig, model):
         require(cfg.rank >= 1, "peft.rank", f"must be >= 1, got {cfg.rank}")
+        require(0 <= cfg.dropout < 1, "peft.dropout", f"must be in [0, 1), got {cfg.dropout}")
         super().__init__(cfg, model)
-        scale = cfg.alpha / cfg.rank
+        scale, keep = cfg.alpha / cfg.rank, 1.0 - cfg.dropout
 
-        def lora_linear(params: dict, x: mx.array) -> mx.array:
+        def lora_linear(params: dict, x: mx.array, dropout: bool = False) -> mx.array:
             out = affine(params, x)
             if "lora_a" in params:
+                if dropout:
+                    x = x * mx.random.bernoulli(keep, x.shape) / keep
                 out = out + scale * ((x @ params["lora_a"]) @ params["lora_b"])
             return out
 
         self.model = model.with_linear(lora_linear)
+        self.adapting_model = model.with_linear(lambda p, x: lora_linear(p, x, dropout=True)) if cfg.dropout else self.model
+
+    def __call__(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
+        return (self.adapting_model if train else self.model)(merge(frozen, adapted), x)
 
     def init_adapter(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
         adapter: dict = {}

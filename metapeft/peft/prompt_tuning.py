@@ -43,5 +43,5 @@ class PromptTuning(PeftMethod):
         picks = mx.random.randint(0, tokens.shape[0], (n,), key=key)
         return {"prompt": tokens[picks]}
 
-    def __call__(self, adapted: dict, frozen: dict, x: mx.array) -> mx.array:
+    def __call__(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
         return self.model(merge(frozen, {"head": adapted["head"]}), x, prompt=adapted["prompt"])
