@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from metapeft.errors import ConfigError
 
@@ -67,6 +67,10 @@ class RunConfig:
 
 
 _registered = False
+
+# ${by_mode:${mode.name},QUICK,FULL}: a value that depends on the mode, e.g. the number of search trials.
+OmegaConf.register_new_resolver("by_mode", lambda mode, quick, full: quick if mode == "quick" else full,
+                                replace=True)
 
 
 def register_configs() -> None:

@@ -54,6 +54,7 @@ class DigitsConfig(TaskConfig):
     num_query: int = 10
     default_inner_lr: float = 0.5
     default_meta_batch_size: int = 4
+    direction: str = "maximize"  # accuracy
     num_train_classes: int = 18
     num_val_classes: int = 5
     num_test_classes: int = 7

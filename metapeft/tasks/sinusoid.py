@@ -22,6 +22,7 @@ class SinusoidConfig(TaskConfig):
     num_query: int = 10
     default_inner_lr: float = 0.01
     default_meta_batch_size: int = 25
+    direction: str = "minimize"  # MSE
     amplitude_min: float = 0.1
     amplitude_max: float = 5.0
     phase_min: float = 0.0
