@@ -9,16 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
-import mlx.core as mx
 import numpy as np
 
 from metapeft.config import require
 from metapeft.registry import TASKS
-from metapeft.tasks.base import Episodes, TaskConfig, TaskFamily
-
-SPLITS = ("train", "val", "test")
+from metapeft.tasks.base import TaskConfig
+from metapeft.tasks.classification import SPLITS, ClassImagesTask
 SELF_SYMMETRIC_UNDER_HALF_TURN = {0, 1, 8}
 HALF_TURN_PARTNER = {6: 9, 9: 6}
 
@@ -62,11 +59,7 @@ class DigitsConfig(TaskConfig):
 
 
 @TASKS.register("digits", DigitsConfig)
-class Digits(TaskFamily):
-    metric_name = "accuracy"
-    higher_is_better = True
-    input_shape = (8, 8)
-
+class Digits(ClassImagesTask):
     def __init__(self, cfg: DigitsConfig):
         classes = rotated_digit_classes()
         sizes = {"train": cfg.num_train_classes, "val": cfg.num_val_classes, "test": cfg.num_test_classes}
@@ -74,52 +67,9 @@ class Digits(TaskFamily):
             require(size >= 0, f"task.num_{split}_classes", f"must be >= 0, got {size}")
         require(sum(sizes.values()) <= len(classes), "task.num_train_classes",
                 f"the three splits ask for {sum(sizes.values())} classes; digits has {len(classes)}")
-        require(cfg.n_way >= 2, "task.n_way", f"must be >= 2, got {cfg.n_way}")
-        for split, size in sizes.items():
-            require(cfg.n_way <= size, "task.n_way",
-                    f"{cfg.n_way}-way needs at least {cfg.n_way} classes, but the {split} split has {size} "
-                    f"(task.num_{split}_classes); valid: 2..{min(sizes.values())}")
-        require(cfg.num_query > 0, "task.num_query", f"must be > 0, got {cfg.num_query}")
-        self.cfg = cfg
-        self.output_dim = cfg.n_way
         keys = list(classes)
         order = np.random.default_rng(cfg.split_seed).permutation(len(keys))
         bounds = np.cumsum([0, *sizes.values()])
         self.class_names = {s: [keys[i] for i in order[lo:hi]] for s, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:])}
-        self.class_images = {s: [classes[k] for k in names] for s, names in self.class_names.items()}
-        train = self.class_images["train"]
-        self.pretraining_outputs = len(train)
-        self.pretraining_images = np.concatenate(train)
-        self.pretraining_labels = np.concatenate([np.full(len(images), c, np.int32) for c, images in enumerate(train)])
-
-    def validate(self, shots: Sequence[int]) -> None:
-        smallest = min(len(images) for split in SPLITS for images in self.class_images[split])
-        for k in shots:
-            require(k + self.cfg.num_query <= smallest, "shots",
-                    f"K={k} support + task.num_query={self.cfg.num_query} query examples per class exceed the "
-                    f"{smallest} examples of the smallest class; valid: K + num_query <= {smallest}")
-
-    def loss(self, prediction: mx.array, target: mx.array) -> mx.array:
-        log_probs = prediction - mx.logsumexp(prediction, axis=-1, keepdims=True)
-        return -mx.mean(mx.take_along_axis(log_probs, target[..., None], axis=-1))
-
-    def metric(self, prediction: mx.array, target: mx.array) -> mx.array:
-        return mx.mean(mx.argmax(prediction, axis=-1) == target)
-
-    def sample(self, split: str, num_tasks: int, shots: int, rng: np.random.Generator) -> Episodes:
-        pool = self.class_images[split]
-        n, q = self.cfg.n_way, self.cfg.num_query
-        x = np.empty((num_tasks, n, shots + q, *self.input_shape), dtype=np.float32)
-        for t in range(num_tasks):
-            for label, c in enumerate(rng.choice(len(pool), size=n, replace=False)):
-                x[t, label] = pool[c][rng.choice(len(pool[c]), size=shots + q, replace=False)]
-        labels = np.broadcast_to(np.arange(n, dtype=np.int32)[None, :, None], (num_tasks, n, shots + q))
-        xs, xq = x[:, :, :shots], x[:, :, shots:]
-        ys, yq = labels[:, :, :shots], labels[:, :, shots:]
-        flat = lambda a: mx.array(np.ascontiguousarray(a).reshape(num_tasks, -1, *a.shape[3:]))
-        return Episodes(flat(xs), flat(ys), flat(xq), flat(yq))
-
-    def pretraining_batch(self, rng: np.random.Generator, batch_size: int) -> tuple[mx.array, mx.array]:
-        """Supervised classification over all meta-train classes."""
-        picks = rng.integers(0, len(self.pretraining_labels), size=batch_size)
-        return mx.array(self.pretraining_images[picks]), mx.array(self.pretraining_labels[picks])
+        super().__init__(cfg, {s: [classes[k] for k in names] for s, names in self.class_names.items()}, (8, 8),
+                         size_keys={s: f"task.num_{s}_classes" for s in SPLITS})

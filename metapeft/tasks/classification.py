@@ -1,0 +1,71 @@
+"""Shared by the N-way K-shot classification families: episodes drawn from per-split lists of class images."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from metapeft.config import require
+from metapeft.tasks.base import Episodes, TaskFamily
+
+SPLITS = ("train", "val", "test")
+
+
+class ClassImagesTask(TaskFamily):
+    """Subclasses build ``class_images`` (split -> one array of images per class) and call ``__init__``."""
+
+    metric_name = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, cfg, class_images: dict[str, list[np.ndarray]], input_shape: tuple[int, ...],
+                 size_keys: dict[str, str] | None = None):
+        require(cfg.n_way >= 2, "task.n_way", f"must be >= 2, got {cfg.n_way}")
+        require(cfg.num_query > 0, "task.num_query", f"must be > 0, got {cfg.num_query}")
+        sizes = {split: len(class_images[split]) for split in SPLITS}
+        for split, size in sizes.items():
+            where = f" ({size_keys[split]})" if size_keys else ""
+            require(cfg.n_way <= size, "task.n_way", f"{cfg.n_way}-way needs at least {cfg.n_way} classes, but the "
+                    f"{split} split has {size}{where}; valid: 2..{min(sizes.values())}")
+        self.cfg = cfg
+        self.class_images = class_images
+        self.input_shape = input_shape
+        self.output_dim = cfg.n_way
+        train = class_images["train"]
+        self.pretraining_outputs = len(train)
+        self.pretraining_images = np.concatenate(train)
+        self.pretraining_labels = np.concatenate([np.full(len(x), c, np.int32) for c, x in enumerate(train)])
+
+    def validate(self, shots: Sequence[int]) -> None:
+        smallest = min(len(images) for split in SPLITS for images in self.class_images[split])
+        for k in shots:
+            require(k + self.cfg.num_query <= smallest, "shots",
+                    f"K={k} support + task.num_query={self.cfg.num_query} query examples per class exceed the "
+                    f"{smallest} examples of the smallest class; valid: K + num_query <= {smallest}")
+
+    def loss(self, prediction: mx.array, target: mx.array) -> mx.array:
+        log_probs = prediction - mx.logsumexp(prediction, axis=-1, keepdims=True)
+        return -mx.mean(mx.take_along_axis(log_probs, target[..., None], axis=-1))
+
+    def metric(self, prediction: mx.array, target: mx.array) -> mx.array:
+        return mx.mean(mx.argmax(prediction, axis=-1) == target)
+
+    def sample(self, split: str, num_tasks: int, shots: int, rng: np.random.Generator) -> Episodes:
+        pool = self.class_images[split]
+        n, q = self.cfg.n_way, self.cfg.num_query
+        x = np.empty((num_tasks, n, shots + q, *self.input_shape), dtype=np.float32)
+        for t in range(num_tasks):
+            for label, c in enumerate(rng.choice(len(pool), size=n, replace=False)):
+                x[t, label] = pool[c][rng.choice(len(pool[c]), size=shots + q, replace=False)]
+        labels = np.broadcast_to(np.arange(n, dtype=np.int32)[None, :, None], (num_tasks, n, shots + q))
+
+        def flat(a):  # (tasks, n_way, examples, ...) -> (tasks, n_way * examples, ...)
+            return mx.array(np.ascontiguousarray(a).reshape(num_tasks, -1, *a.shape[3:]))
+
+        return Episodes(flat(x[:, :, :shots]), flat(labels[:, :, :shots]), flat(x[:, :, shots:]),
+                        flat(labels[:, :, shots:]))
+
+    def pretraining_batch(self, rng: np.random.Generator, batch_size: int) -> tuple[mx.array, mx.array]:
+        """Supervised classification over all meta-train classes."""
+        picks = rng.integers(0, len(self.pretraining_labels), size=batch_size)
+        return mx.array(self.pretraining_images[picks]), mx.array(self.pretraining_labels[picks])
