@@ -136,3 +136,22 @@ def test_lora_dropout_runs_are_reproducible(compose_cfg, tmp_path):
                  f"pretrain.cache_dir={tmp_path / 'cache'}"]
     first, second = run(compose_cfg(*overrides), tmp_path / "a"), run(compose_cfg(*overrides), tmp_path / "b")
     assert first["evaluation"] == second["evaluation"]
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc")
+def test_adalora_importance_state_does_not_grow_a_graph(compose_cfg):
+    """Before pruning starts the masks are not read; the moving averages must still be evaluated every step."""
+    import re
+
+    def rss_mb():
+        return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+    exp, backbone, frozen, adapted = setup(compose_cfg, "peft=adalora")
+    grads = tree_map(lambda a: 0.1 * a, adapted)
+    mx.eval(adapted, grads)
+    for iteration in range(50):
+        frozen = exp.peft.after_meta_step(adapted, grads, frozen, iteration, 100_000)
+    before = rss_mb()
+    for iteration in range(50, 1550):  # all before tinit (20,000)
+        frozen = exp.peft.after_meta_step(adapted, grads, frozen, iteration, 100_000)
+    assert rss_mb() - before < 100  # a lazily growing graph took ~470 MB here

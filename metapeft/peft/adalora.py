@@ -130,6 +130,9 @@ class AdaLoRA(LowRankMethod):
                 triplet = triplet + {"ada_p": lambda s: s.mean(axis=0), "ada_lambda": lambda s: s,
                                      "ada_q": lambda s: s.mean(axis=1)}[factor](score)
             scores.append(triplet)
+        # Evaluate the moving averages now: left lazy, each step would stack another graph level on the last
+        # (found in a full-mode run: gigabytes of graph before pruning began, then one very slow evaluation).
+        mx.eval(self.smoothed, self.uncertainty)
         masks = np.stack([np.array(get_in(frozen, p)["ada_mask"]) for p in self.paths])
         budget = self.budget(iteration + 1, num_iterations)
         if masks.sum() <= budget:
