@@ -1,7 +1,7 @@
 """An optimized BLAS for MLX's CPU matrix products on Linux.
 
 The Linux ``mlx[cpu]`` wheel links the reference (netlib) BLAS it bundles, which makes small matrix products 10x
-slower than an optimized library (a 250x40 @ 40x40 float32 product: 0.24 ms against 0.02 ms with OpenBLAS on a
+slower than an optimized library (a 250x40 @ 40x40 float32 product: 0.22 ms against 0.013 ms with OpenBLAS on a
 2-core x86-64 machine, ``python runners/blas_check.py``). When ``scipy-openblas32`` (a dependency on Linux) and a C
 compiler are present, a tiny shim (``_blas_shim.c``) that forwards ``cblas_sgemm``/``cblas_dgemm`` to it is built
 once into the cache directory and loaded into the global symbol scope before MLX, so MLX's calls resolve to
