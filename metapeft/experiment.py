@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import mlx.core as mx
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from metapeft import blas, io
 from metapeft.algorithms.base import MetaLearner, sgd_step
@@ -85,20 +85,25 @@ def inference_ms_per_sample(exp: Experiment, weights: dict, frozen: dict, x: mx.
     return 1e3 * float(np.median(times)) / x.shape[0]
 
 
+def meta_learned_curves(exp: Experiment, meta: dict, frozen: dict, episodes, num_steps: int) -> np.ndarray:
+    """Query metric of the meta-learned initialization after 0..num_steps of the algorithm's own inner steps."""
+    return adaptation_curves(meta["weights"], lambda w, x, y: exp.learner.inner_step(meta, w, frozen, x, y),
+                             lambda w, x, y: exp.metric(w, frozen, x, y), episodes, num_steps,
+                             exp.cfg.evaluation.chunk_size)
+
+
 def evaluate_shots(exp: Experiment, meta: dict, scratch: dict, frozen: dict) -> dict:
     """Adapt the meta-learned and the scratch initialization on the same test episodes, for every K."""
-    cfg, learner = exp.cfg, exp.learner
+    cfg = exp.cfg
     steps, curve_steps, chunk = cfg.evaluation.num_inner_steps, cfg.evaluation.curve_steps, cfg.evaluation.chunk_size
     metric = lambda w, x, y: exp.metric(w, frozen, x, y)
-    meta_step = lambda w, x, y: learner.inner_step(meta, w, frozen, x, y)
     sgd = lambda w, x, y: sgd_step(w, mx.grad(exp.loss)(w, frozen, x, y), cfg.algorithm.inner_lr)
     results = {}
     for k in cfg.shots.eval:
         # The same episodes for every algorithm, PEFT method and baseline of this seed.
         episodes = exp.task.sample("test", cfg.mode.num_eval_tasks, k, np.random.default_rng([cfg.seed, 2, k]))
         results[str(k)] = {
-            "meta_learned": summarize(
-                adaptation_curves(meta["weights"], meta_step, metric, episodes, curve_steps, chunk), steps),
+            "meta_learned": summarize(meta_learned_curves(exp, meta, frozen, episodes, curve_steps), steps),
             "scratch": summarize(adaptation_curves(scratch, sgd, metric, episodes, curve_steps, chunk), steps),
         }
     return {"metric": exp.task.metric_name, "higher_is_better": exp.task.higher_is_better,
@@ -160,10 +165,7 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
     val_episodes = task.sample("val", cfg.mode.num_val_tasks, cfg.shots.train, np.random.default_rng([cfg.seed, 1]))
 
     def validate(meta: dict, frozen: dict) -> float:
-        step = lambda w, x, y: learner.inner_step(meta, w, frozen, x, y)
-        metric = lambda w, x, y: exp.metric(w, frozen, x, y)
-        curves = adaptation_curves(meta["weights"], step, metric, val_episodes, cfg.algorithm.num_inner_steps,
-                                   cfg.evaluation.chunk_size)
+        curves = meta_learned_curves(exp, meta, frozen, val_episodes, cfg.algorithm.num_inner_steps)
         return float(curves[:, -1].mean())
 
     if cfg.train:

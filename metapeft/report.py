@@ -188,7 +188,7 @@ def plot_all(frame: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> list[Pa
                 window = max(1, len(loss) // 50)
                 ax.plot(loss.rolling(window, min_periods=1).mean(), label=f"{run.algorithm}+{run.peft} (seed {run.seed})")
         ax.set_xlabel("meta-iteration")
-        ax.set_ylabel(f"meta-training query loss (moving average)")
+        ax.set_ylabel("meta-training query loss (moving average)")
         ax.set_yscale("log")
         ax.set_title(f"{task}: meta-training curves")
         ax.legend(fontsize=7)

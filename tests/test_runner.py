@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import mlx.core as mx
-import numpy as np
 import pandas as pd
 import pytest
 import yaml

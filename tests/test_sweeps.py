@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pandas as pd
-import pytest
 
 from conftest import REPO
 from runners.aggregate import main as aggregate

@@ -6,7 +6,6 @@ Splits differ only in their random streams: the task distribution is continuous.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
