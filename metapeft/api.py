@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 from omegaconf import OmegaConf
 
-from metapeft.checkpoint import load_checkpoint
+from metapeft.checkpoint import checkpoint_directory, load_checkpoint
 from metapeft.errors import ConfigError
 from metapeft.experiment import Experiment, build
 
@@ -38,8 +38,7 @@ class LearnedInitialization:
 
 
 def load_run(path: str | Path) -> LearnedInitialization:
-    directory = Path(path).expanduser()
-    directory = directory / "checkpoint" if (directory / "checkpoint").is_dir() else directory
+    directory = checkpoint_directory(path)
     if not (directory / "config.yaml").exists():
         raise ConfigError("checkpoint", f"{directory} holds no config.yaml: give a run directory or its checkpoint/")
     cfg = OmegaConf.load(directory / "config.yaml")

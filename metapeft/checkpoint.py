@@ -2,17 +2,60 @@
 
 A checkpoint directory holds ``meta.safetensors`` (what the outer loop learned), ``frozen.safetensors`` (the frozen
 tree: backbone, AdaLoRA's masks; absent for peft=none) and ``config.yaml`` (the resolved config of the run).
+``train=false checkpoint=PATH`` evaluates with that config (``evaluation_config``), so nothing needs repeating.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import mlx.core as mx
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlx.utils import tree_flatten, tree_unflatten
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from metapeft import io
 from metapeft.errors import ConfigError
+
+
+GROUPS = ("algorithm", "peft", "shots", "mode", "task", "model")
+
+
+def checkpoint_directory(path: str | Path) -> Path:
+    """A run's ``checkpoint/`` folder, given either it or the run directory that holds it."""
+    directory = Path(path).expanduser()
+    return directory / "checkpoint" if (directory / "checkpoint").is_dir() else directory
+
+
+def evaluation_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """The config that evaluates the saved run ``cfg.checkpoint``: the run's own resolved config, with this
+    command's single-key overrides on top (``shots.eval``, ``mode.num_eval_tasks``, ``seed``, ...). A group
+    override that differs from the run's own choice is refused: the checkpoint was trained with the other one."""
+    directory = checkpoint_directory(cfg.checkpoint)
+    if not (directory / "config.yaml").is_file():
+        raise ConfigError("checkpoint", f"{directory} holds no config.yaml: give a run directory or its checkpoint/")
+    saved = OmegaConf.load(directory / "config.yaml")
+    OmegaConf.set_struct(saved, True)
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key, value = override.key_or_group, override.value()
+        if key.startswith("hydra.") or key in ("train", "checkpoint"):
+            continue
+        if key in GROUPS:
+            if value != saved[key].name:
+                raise ConfigError(key, f"the checkpoint in {directory} was meta-trained with {key}="
+                                       f"{saved[key].name}, not {key}={value}: drop the override or give a "
+                                       f"checkpoint of a {key}={value} run")
+            continue
+        if key == "experiment" or override.is_delete():
+            raise ConfigError(key, f"'{override.input_line}' cannot change a saved run; it evaluates with "
+                                   f"the config in {directory / 'config.yaml'}")
+        try:
+            OmegaConf.update(saved, key, value, merge=True, force_add=override.is_add())
+        except OmegaConfBaseException as error:
+            raise ConfigError(key, f"the saved run's config has no key {key} ({error})") from error
+    saved.train, saved.checkpoint = False, str(directory)
+    return saved
 
 
 def save_checkpoint(directory: Path, meta: dict, frozen: dict, cfg: DictConfig) -> None:
@@ -52,7 +95,7 @@ def _check(name: str, loaded: dict[str, mx.array], expected: dict, path: Path) -
 
 def load_checkpoint(directory: Path, expected_meta: dict, expected_frozen: dict) -> tuple[dict, dict]:
     """(meta, frozen) from ``directory``, checked against trees built from the config; nothing is half-loaded."""
-    directory = Path(directory).expanduser()
+    directory = checkpoint_directory(directory)
     if not directory.is_dir():
         raise ConfigError("checkpoint", f"{directory} is not a directory (expected a run's checkpoint/ folder)")
     meta = _check("meta-learned", _load_flat(directory / "meta.safetensors"), expected_meta,

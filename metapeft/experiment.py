@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from metapeft import blas, io
 from metapeft.algorithms.base import MetaLearner, sgd_step
-from metapeft.checkpoint import load_checkpoint, save_checkpoint
+from metapeft.checkpoint import evaluation_config, load_checkpoint, save_checkpoint
 from metapeft.config import register_configs, validate_common
 from metapeft.errors import ConfigError, DivergedError
 from metapeft.evaluate import adaptation_curves, summarize
@@ -112,13 +112,18 @@ def evaluate_shots(exp: Experiment, meta: dict, scratch: dict, frozen: dict) -> 
 
 
 def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
-    """Run one experiment into ``out_dir``. Writes ``metrics.json`` whatever happens, then re-raises failures."""
+    """Run one experiment into ``out_dir``. Writes ``metrics.json`` whatever happens, then re-raises failures.
+
+    With ``train=false`` the saved run's own config is evaluated, with ``overrides`` (the command line) on top."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict = {"status": "running", "identity": identity(cfg, overrides)}
     log = TrainLog()
     started = time.perf_counter()
     try:
+        if not cfg.train and cfg.checkpoint is not None:
+            cfg = evaluation_config(cfg, overrides)
+            metrics["identity"] = identity(cfg, overrides)
         exp = build(cfg)
         metrics.update(train_and_evaluate(exp, out_dir, log))
         metrics["status"] = "completed"

@@ -10,15 +10,26 @@ TINY = ["mode.num_iterations=15", "mode.val_interval=5", "mode.num_val_tasks=4",
         "pretrain.iterations=20", "task=digits"]
 
 
+def evaluate_saved(compose_cfg, run_dir, out_dir, *overrides):
+    """As ``python runners/run.py train=false checkpoint=RUN_DIR *overrides`` does it."""
+    command_line = ["train=false", f"checkpoint={run_dir}", *overrides]
+    return run(compose_cfg(*command_line), out_dir, overrides=command_line)
+
+
 @pytest.mark.parametrize("overrides", [["algorithm=metasgd"], ["algorithm=maml", "peft=adalora", "peft.tinit=0.1"]])
 def test_evaluating_a_checkpoint_reproduces_the_run(compose_cfg, tmp_path, overrides):
     cache = f"pretrain.cache_dir={tmp_path / 'cache'}"
     trained = run(compose_cfg(*TINY, cache, *overrides), tmp_path / "run")
-    reloaded = run(compose_cfg(*TINY, cache, *overrides, "train=false",
-                               f"checkpoint={tmp_path / 'run' / 'checkpoint'}"), tmp_path / "eval")
+    # Nothing repeated: the run's own config comes from its checkpoint.
+    reloaded = evaluate_saved(compose_cfg, tmp_path / "run", tmp_path / "eval")
     assert reloaded["evaluation"] == trained["evaluation"]
     assert reloaded["train"]["final_val_metric"] == trained["train"]["final_val_metric"]
     assert reloaded["peft"] == trained["peft"]
+    assert reloaded["identity"]["algorithm"] == trained["identity"]["algorithm"]
+
+    fewer = evaluate_saved(compose_cfg, tmp_path / "run" / "checkpoint", tmp_path / "eval5", "shots.eval=[5]")
+    assert list(fewer["evaluation"]["shots"]) == ["5"]
+    assert fewer["evaluation"]["shots"]["5"] == trained["evaluation"]["shots"]["5"]
 
 
 def test_bad_checkpoints_are_refused(compose_cfg, tmp_path):
@@ -26,18 +37,24 @@ def test_bad_checkpoints_are_refused(compose_cfg, tmp_path):
     run(compose_cfg(*TINY, cache, "peft=lora"), tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoint"
 
-    with pytest.raises(ConfigError, match="does not match the config's meta-learned tree") as error:
-        run(compose_cfg(*TINY, cache, "peft=prompt_tuning", "train=false", f"checkpoint={checkpoint}"),
-            tmp_path / "other_method")
-    assert error.value.key == "checkpoint" and "missing" in str(error.value)
-    with pytest.raises(ConfigError, match=r"checkpoint \(\d+, \d+\)"):
-        run(compose_cfg(*TINY, cache, "peft=lora", "peft.rank=2", "train=false", f"checkpoint={checkpoint}"),
-            tmp_path / "other_rank")
+    with pytest.raises(ConfigError, match="meta-trained with peft=lora, not peft=prompt_tuning") as error:
+        evaluate_saved(compose_cfg, checkpoint, tmp_path / "other_method", "peft=prompt_tuning")
+    assert error.value.key == "peft"
+    with pytest.raises(ConfigError, match=r"checkpoint \(\d+, \d+\)") as error:
+        evaluate_saved(compose_cfg, checkpoint, tmp_path / "other_rank", "peft=lora", "peft.rank=2")
+    assert error.value.key == "checkpoint"
+    prompt_tuning = run(compose_cfg(*TINY, cache, "peft=prompt_tuning"), tmp_path / "prompt")
+    assert prompt_tuning["status"] == "completed"
+    (tmp_path / "prompt" / "checkpoint" / "config.yaml").write_bytes((checkpoint / "config.yaml").read_bytes())
+    with pytest.raises(ConfigError, match="does not match the config's meta-learned tree .*missing") as error:
+        evaluate_saved(compose_cfg, tmp_path / "prompt", tmp_path / "swapped")
+    assert error.value.key == "checkpoint"
 
     data = (checkpoint / "meta.safetensors").read_bytes()
     (checkpoint / "meta.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ConfigError, match="truncated or corrupt"):
-        run(compose_cfg(*TINY, cache, "peft=lora", "train=false", f"checkpoint={checkpoint}"), tmp_path / "cut")
+        evaluate_saved(compose_cfg, checkpoint, tmp_path / "cut")
+    assert (tmp_path / "cut" / "metrics.json").exists() and not (tmp_path / "cut" / "checkpoint").exists()
 
     with pytest.raises(ConfigError, match="train=false evaluates a saved run"):
         run(compose_cfg(*TINY, "train=false"), tmp_path / "nothing")
