@@ -64,6 +64,7 @@ class RunConfig:
     resume: bool = False  # in a sweep: skip jobs whose directory holds a completed result for the same overrides
     train: bool = True  # false: evaluate the meta-learned state in `checkpoint` instead of meta-training
     checkpoint: Optional[str] = None  # a run's checkpoint/ directory
+    transfer: Any = None  # a transfer study (runners/transfer.py); see metapeft.transfer
 
 
 _registered = False
@@ -82,6 +83,9 @@ def register_configs() -> None:
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="schema/shots", name="shots", node=ShotsConfig)
     cs.store(group="schema/mode", name="mode", node=ModeConfig)
+    from metapeft.transfer import TransferConfig
+
+    cs.store(group="schema/transfer", name="transfer", node=TransferConfig)
     from metapeft.registry import import_submodules
 
     for package in ("metapeft.algorithms", "metapeft.tasks", "metapeft.models", "metapeft.peft"):

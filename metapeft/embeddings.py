@@ -21,6 +21,8 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
+from metapeft import io  # noqa: E402
+
 MEASURES = ("cosine", "rbf")
 
 
@@ -70,6 +72,6 @@ def plot_similarity(matrix: np.ndarray, labels: Sequence[str], path: Path, title
     fig.colorbar(image, ax=ax, label="similarity")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    io.save_figure(fig, path)
     plt.close(fig)
     return path

@@ -92,19 +92,24 @@ def meta_learned_curves(exp: Experiment, meta: dict, frozen: dict, episodes, num
                              exp.cfg.evaluation.chunk_size)
 
 
+def scratch_curves(exp: Experiment, scratch: dict, frozen: dict, episodes, num_steps: int) -> np.ndarray:
+    """Query metric of the plain initialization after 0..num_steps SGD steps at the algorithm's inner rate."""
+    sgd = lambda w, x, y: sgd_step(w, mx.grad(exp.loss)(w, frozen, x, y), exp.cfg.algorithm.inner_lr)
+    return adaptation_curves(scratch, sgd, lambda w, x, y: exp.metric(w, frozen, x, y), episodes, num_steps,
+                             exp.cfg.evaluation.chunk_size)
+
+
 def evaluate_shots(exp: Experiment, meta: dict, scratch: dict, frozen: dict) -> dict:
     """Adapt the meta-learned and the scratch initialization on the same test episodes, for every K."""
     cfg = exp.cfg
-    steps, curve_steps, chunk = cfg.evaluation.num_inner_steps, cfg.evaluation.curve_steps, cfg.evaluation.chunk_size
-    metric = lambda w, x, y: exp.metric(w, frozen, x, y)
-    sgd = lambda w, x, y: sgd_step(w, mx.grad(exp.loss)(w, frozen, x, y), cfg.algorithm.inner_lr)
+    steps, curve_steps = cfg.evaluation.num_inner_steps, cfg.evaluation.curve_steps
     results = {}
     for k in cfg.shots.eval:
         # The same episodes for every algorithm, PEFT method and baseline of this seed.
         episodes = exp.task.sample("test", cfg.mode.num_eval_tasks, k, np.random.default_rng([cfg.seed, 2, k]))
         results[str(k)] = {
             "meta_learned": summarize(meta_learned_curves(exp, meta, frozen, episodes, curve_steps), steps),
-            "scratch": summarize(adaptation_curves(scratch, sgd, metric, episodes, curve_steps, chunk), steps),
+            "scratch": summarize(scratch_curves(exp, scratch, frozen, episodes, curve_steps), steps),
         }
     return {"metric": exp.task.metric_name, "higher_is_better": exp.task.higher_is_better,
             "num_inner_steps": steps, "curve_steps": curve_steps, "num_tasks": cfg.mode.num_eval_tasks,

@@ -52,6 +52,10 @@ def write_csv(path: Path, frame) -> None:
     _replace_atomically(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png"))
+
+
 def save_tree(path: Path, tree: dict, metadata: dict[str, str] | None = None) -> None:
     """Save a parameter tree as safetensors, keyed by its flattened names ("weights.layers.0.bias")."""
     path = Path(path)

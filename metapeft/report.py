@@ -149,7 +149,7 @@ def _labels(table: pd.DataFrame) -> list[str]:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    io.save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -11,11 +11,12 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def compose_config(*overrides: str):
-    """Compose the runner's config in-process, as ``python runners/run.py OVERRIDES`` would."""
+def compose_config(*overrides: str, config_name: str = "config"):
+    """Compose the runner's config in-process, as ``python runners/run.py OVERRIDES`` would
+    (``config_name="transfer_study"``: as ``runners/transfer.py`` would)."""
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        return compose(config_name="config", overrides=["progress=false", *overrides])
+        return compose(config_name=config_name, overrides=["progress=false", *overrides])
 
 
 @pytest.fixture

@@ -3,12 +3,14 @@
 Every digit at every quarter-turn rotation is a class, as Omniglot's rotated characters are (Santoro et al., 2016).
 Rotations that produce the same shape are one class, not two: 0, 1 and 8 turned by 180 degrees are themselves again,
 and a 6 turned by 180 degrees is a 9. Their images are pooled, which leaves 30 classes (see ``canonical_class``).
-Classes are split disjointly into meta-train / meta-validation / meta-test by a fixed split seed.
+Classes are split disjointly into meta-train / meta-validation / meta-test by a fixed split seed. ``digits`` keeps
+only the classes of some digits (by canonical digit), e.g. to meta-train on 0-4 and test transfer to 5-9.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import List
 
 import numpy as np
 
@@ -56,17 +58,21 @@ class DigitsConfig(TaskConfig):
     num_val_classes: int = 5
     num_test_classes: int = 7
     split_seed: int = 0  # fixed, so every run of every algorithm sees the same class split
+    digits: List[int] = field(default_factory=lambda: list(range(10)))  # keep the classes of these digits
 
 
 @TASKS.register("digits", DigitsConfig)
 class Digits(ClassImagesTask):
     def __init__(self, cfg: DigitsConfig):
-        classes = rotated_digit_classes()
+        require(len(cfg.digits) > 0 and set(cfg.digits) <= set(range(10)), "task.digits",
+                f"must list digits from 0..9, got {list(cfg.digits)}")
+        classes = {key: images for key, images in rotated_digit_classes().items() if key[0] in set(cfg.digits)}
         sizes = {"train": cfg.num_train_classes, "val": cfg.num_val_classes, "test": cfg.num_test_classes}
         for split, size in sizes.items():
             require(size >= 0, f"task.num_{split}_classes", f"must be >= 0, got {size}")
         require(sum(sizes.values()) <= len(classes), "task.num_train_classes",
-                f"the three splits ask for {sum(sizes.values())} classes; digits has {len(classes)}")
+                f"the three splits ask for {sum(sizes.values())} classes; digits {list(cfg.digits)} have "
+                f"{len(classes)}")
         keys = list(classes)
         order = np.random.default_rng(cfg.split_seed).permutation(len(keys))
         bounds = np.cumsum([0, *sizes.values()])
