@@ -9,6 +9,8 @@ from typing import Any, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from metapeft.launchers import missing_plugin
+
 log = logging.getLogger("metapeft.sweep")
 
 # Keys that do not change what a job computes: ignored when deciding whether a stored result is this job's.
@@ -45,7 +47,15 @@ def job_statuses(sweep_dir: Path) -> list[dict]:
 
 
 class SweepReport(Callback):
-    """At the end of a multirun: list every job that failed or diverged, and exit non-zero if there was one."""
+    """Before a multirun: refuse a launcher or sweeper whose plugin is not installed, saying what to install.
+    At its end: list every job that failed or diverged, and exit non-zero if there was one."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        for role in ("launcher", "sweeper"):
+            message = missing_plugin(str(config.hydra[role].get("_target_", "")))
+            if message:
+                log.error("hydra/%s=%s: %s", role, config.hydra.runtime.choices.get(f"hydra/{role}"), message)
+                raise SystemExit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         jobs = job_statuses(Path(config.hydra.sweep.dir))

@@ -8,8 +8,8 @@ skips jobs whose directory already holds a completed result for the same overrid
 from __future__ import annotations
 
 import logging
-import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -23,18 +23,14 @@ from metapeft import blas  # noqa: E402  (before mlx: see metapeft/blas.py)
 from metapeft.config import register_configs  # noqa: E402
 from metapeft.errors import ConfigError, DivergedError  # noqa: E402
 from metapeft.experiment import run  # noqa: E402
+from metapeft.launchers import threads_per_job  # noqa: E402
 from metapeft.sweep import completed_metrics  # noqa: E402
 
 log = logging.getLogger("metapeft")
 register_configs()
-
-
-def share_cores_with_parallel_jobs(hydra_cfg) -> None:
-    """Parallel jobs split the cores: each job's BLAS gets cores // n_jobs threads."""
-    n_jobs = hydra_cfg.launcher.get("n_jobs") if "joblib" in str(hydra_cfg.launcher.get("_target_", "")) else None
-    if n_jobs:
-        cores = os.cpu_count() or 1
-        blas.set_threads(max(1, cores // (cores if n_jobs < 0 else min(n_jobs, cores))))
+# conf/hydra/launcher/{ray,submitit_*}.yaml are complete configs that share their names with the plugins' schemas;
+# Hydra 1.3 validates them against those schemas and warns that it will stop doing so. Either way they work.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -46,8 +42,8 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.resume and (done := completed_metrics(out_dir, overrides)) is not None:
         log.info("resume: %s already completed with these overrides; skipped", out_dir)
         return done["train"]["final_val_metric"]
-    if sweeping:
-        share_cores_with_parallel_jobs(hydra_cfg)
+    if sweeping and (threads := threads_per_job(hydra_cfg.launcher)):
+        blas.set_threads(threads)  # parallel jobs share the cores
     log.info("BLAS for MLX's CPU matmuls: %s", blas.status())
     try:
         metrics = run(cfg, out_dir, overrides=overrides)
