@@ -7,9 +7,9 @@ Workloads (issue 6): (a) sinusoid, MLP 1-40-40-1, meta-batch 25, K=10 support + 
 (lr 0.01), second-order MAML, Adam; (b) the same with 5 inner steps; (c) digits 5-way 5-shot, transformer + LoRA
 rank 4, meta-batch 4, 5 inner steps, second-order MAML; (d) FOMAML and Reptile on (c). The step timed is the one
 the runner uses (``metapeft.train.compiled_meta_step``), on pre-sampled batches, after warm-up; the figure is the
-median over repeats. Peers (``runners/bench_peers.py``; ``pip install -e .[bench]``): JAX ``jit`` + ``vmap`` for
-(a) and (b), started from the same parameters and batches, its meta-loss checked against ours before timing. No
-peer exists yet for (c) and (d), nor a PyTorch one; the output says so.
+median over repeats. Peers (``runners/bench_peers.py``; ``pip install -e .[bench]``): JAX ``jit`` + ``vmap`` and
+PyTorch ``torch.func`` for every workload, started from the same parameters and batches, each one's meta-loss
+checked against ours before timing; a missing peer is reported, and the project is measured regardless.
 """
 from __future__ import annotations
 
@@ -46,20 +46,39 @@ WORKLOADS = {
 }
 
 
-def peer_timings(name: str, cfg, meta: dict, batches: list, our_first_loss: float, repeats: int, n: int) -> dict:
-    if not name.startswith(("a_", "b_")):
-        return {"jax": "no peer implementation for this workload yet"}
-    if importlib.util.find_spec("jax") is None or importlib.util.find_spec("optax") is None:
-        return {"jax": "unavailable: pip install -e '.[bench]'"}
-    from runners.bench_peers import jax_sinusoid_maml, time_steps
+def peer_spec(exp):
+    from runners.bench_peers import Spec
 
-    params = tree_map(lambda a: np.array(a), meta["weights"])
+    cfg = exp.cfg
+    spec = Spec(model=cfg.model.name, loss="mse" if cfg.task.name == "sinusoid" else "cross_entropy",
+                algorithm=cfg.algorithm.name, inner_lr=cfg.algorithm.inner_lr,
+                inner_steps=cfg.algorithm.num_inner_steps, outer_lr=cfg.algorithm.outer_lr,
+                outer_lr_final=cfg.algorithm.get("outer_lr_final", 0.0), num_iterations=10**6)
+    if cfg.model.name == "transformer":
+        spec.num_heads, spec.num_tokens, spec.token_dim = cfg.model.num_heads, exp.model.num_tokens, exp.model.token_dim
+    if cfg.peft.name == "lora":
+        spec.lora_scale = cfg.peft.alpha / cfg.peft.rank
+    return spec
+
+
+def peer_timings(exp, meta: dict, frozen: dict, batches: list, our_first_loss: float, repeats: int, n: int) -> dict:
+    """Each peer's ms per iteration, timed only if its meta-loss on the first batch equals ours."""
+    from runners.bench_peers import PEERS, time_steps
+
+    spec = peer_spec(exp)
+    to_numpy = lambda tree: tree_map(lambda a: np.array(a), tree)
     numpy_batches = [tuple(np.array(a) for a in b) for b in batches]
-    first, run_step, sync = jax_sinusoid_maml(params, numpy_batches, cfg.algorithm.inner_lr,
-                                              cfg.algorithm.num_inner_steps, cfg.algorithm.outer_lr)
-    if not np.isclose(first, our_first_loss, rtol=1e-4):
-        return {"jax": f"refused: its meta-loss {first} differs from ours {our_first_loss}"}
-    return {"jax": {"ms_per_iteration": time_steps(run_step, sync, repeats, n), "same_loss_checked": first}}
+    results = {}
+    for name, (modules, make_peer) in PEERS.items():
+        if any(importlib.util.find_spec(m) is None for m in modules):
+            results[name] = "unavailable: pip install -e '.[bench]'"
+            continue
+        first, run_step, sync = make_peer(spec, to_numpy(meta["weights"]), to_numpy(frozen), numpy_batches)
+        if not np.isclose(first, our_first_loss, rtol=1e-4):
+            results[name] = f"refused: its meta-loss {first} differs from ours {our_first_loss}"
+            continue
+        results[name] = {"ms_per_iteration": time_steps(run_step, sync, repeats, n), "same_loss_checked": first}
+    return results
 
 
 def time_workload(name: str, overrides: list[str], repeats: int, seconds: float) -> dict:
@@ -94,7 +113,7 @@ def time_workload(name: str, overrides: list[str], repeats: int, seconds: float)
             mx.eval(loss, meta, grads)
         times.append((time.perf_counter() - start) / n)
     ours = 1e3 * float(np.median(times))
-    peers = peer_timings(name, cfg, initial_meta, batches, our_first_loss, repeats, n)
+    peers = peer_timings(exp, initial_meta, frozen, batches, our_first_loss, repeats, n)
     for peer in peers.values():
         if isinstance(peer, dict):
             peer["ours_over_peer"] = ours / peer["ms_per_iteration"]
@@ -110,16 +129,20 @@ def main(argv: list[str] | None = None) -> int:
     register_configs()
     results = {name: time_workload(name, overrides, args.repeats, args.seconds)
                for name, overrides in WORKLOADS.items()}
-    io.write_json(args.out, {"blas": blas.status(), "workloads": results, "overrides": WORKLOADS,
-                             "pytorch": "no peer implementation yet"})
+    io.write_json(args.out, {"blas": blas.status(), "workloads": results, "overrides": WORKLOADS})
     print(f"BLAS: {blas.status()}")
-    print(f"{'workload':26s} {'ours ms/iter':>13s} {'JAX ms/iter':>12s} {'ours / JAX':>11s}")
+    print(f"{'workload':24s} {'ours ms':>9s} {'JAX ms':>9s} {'ours/JAX':>9s} {'torch ms':>9s} {'ours/torch':>10s}")
     for name, result in results.items():
-        jax = result["peers"]["jax"]
-        peer = (f"{jax['ms_per_iteration']:12.3f} {jax['ours_over_peer']:11.2f}" if isinstance(jax, dict)
-                else f"  {jax}")
-        print(f"{name:26s} {result['ms_per_iteration']:13.3f} {peer}")
-    print(f"PyTorch peer: no implementation yet\nwritten to {args.out}")
+        cells, notes = [], []
+        for peer_name in ("jax", "pytorch"):
+            peer = result["peers"][peer_name]
+            if isinstance(peer, dict):
+                cells.append(f"{peer['ms_per_iteration']:9.3f} {peer['ours_over_peer']:9.2f}")
+            else:
+                cells.append(f"{'-':>9s} {'-':>9s}")
+                notes.append(f"{peer_name} {peer}")
+        print(f"{name:24s} {result['ms_per_iteration']:9.3f} {cells[0]} {cells[1]} {'; '.join(notes)}")
+    print(f"written to {args.out}")
     return 0
 
 

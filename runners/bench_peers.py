@@ -1,58 +1,235 @@
 """Peer implementations of the benchmark's meta-steps, for ``runners/bench.py`` (optional: ``pip install -e .[bench]``).
 
-JAX (``jit`` + ``vmap``, optax Adam) for workloads (a) and (b): second-order MAML on the sinusoid MLP. Each peer
-starts from the project's own initial parameters and batches, and its meta-loss is checked against the project's
-before it is timed.
+The same meta-step as the project's, written once more in JAX (``jit`` + ``vmap``, optax) and in PyTorch
+(``torch.func.grad`` + ``vmap``, eager): the sinusoid MLP of workloads (a) and (b), the digits transformer with LoRA
+of (c) and (d), under second-order MAML, FOMAML or Reptile. Each peer starts from the project's own initial adapted
+and frozen trees and its batches; ``runners/bench.py`` checks that its meta-loss on the first batch equals the
+project's before timing it. The models are written once, over a small table of array operations (``Ops``), so both
+peers compute exactly the same function.
 """
 from __future__ import annotations
 
+import math
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
 
-def jax_sinusoid_maml(params: dict, batches: list, inner_lr: float, inner_steps: int, outer_lr: float):
-    """A jitted MAML meta-step; returns (first meta-loss on batches[0], step function, state)."""
+@dataclass
+class Spec:
+    """What a workload computes, read from the project's config by ``runners/bench.py``."""
+
+    model: str  # "mlp" or "transformer"
+    loss: str  # "mse" or "cross_entropy"
+    algorithm: str  # "maml", "fomaml" or "reptile"
+    inner_lr: float
+    inner_steps: int
+    outer_lr: float
+    outer_lr_final: float = 0.0  # Reptile: epsilon annealed linearly to this over num_iterations
+    num_iterations: int = 10**6
+    num_heads: int = 4
+    num_tokens: int = 1
+    token_dim: int = 1
+    lora_scale: float = 0.0
+
+
+@dataclass
+class Ops:
+    relu: Callable
+    softmax: Callable  # over the last axis
+    layer_norm: Callable  # (x, scale, bias) over the last axis, eps 1e-5
+    logsumexp: Callable  # over the last axis, keeping it
+    take_labels: Callable  # (log_probs, labels) -> log_probs at the labels
+
+
+def merge(base: Any, overlay: Any) -> Any:
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        return {k: merge(base[k], overlay[k]) if k in base and k in overlay else overlay.get(k, base.get(k))
+                for k in {**base, **overlay}}
+    if isinstance(base, list) and isinstance(overlay, list):
+        return [merge(b, o) for b, o in zip(base, overlay)] + base[len(overlay):]
+    return overlay
+
+
+def model_and_loss(spec: Spec, ops: Ops) -> Callable:
+    """loss(adapted, frozen, x, y) of the workload's model, as the project defines it."""
+
+    def linear(p, x):
+        out = x @ p["weight"] + p["bias"]
+        if "lora_a" in p:
+            out = out + spec.lora_scale * ((x @ p["lora_a"]) @ p["lora_b"])
+        return out
+
+    def mlp(p, x):
+        for layer in p["hidden"]:
+            x = ops.relu(linear(layer, x))
+        return linear(p["head"], x)
+
+    def attention(p, h):
+        *batch, length, width = h.shape
+        heads = spec.num_heads
+
+        def split_heads(t):
+            return t.reshape(*batch, length, heads, width // heads).swapaxes(-2, -3)
+
+        q, k, v = (split_heads(linear(p[n], h)) for n in ("query", "key", "value"))
+        scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(width // heads)
+        mixed = (ops.softmax(scores) @ v).swapaxes(-2, -3).reshape(*batch, length, width)
+        return linear(p["out"], mixed)
+
+    def transformer(p, x):
+        tokens = x.reshape(*x.shape[: x.ndim - (1 if spec.num_tokens == 1 else 2)], spec.num_tokens, spec.token_dim)
+        h = linear(p["embed"], tokens) + p["position"]
+        for layer in p["layers"]:
+            norm = layer["attention_norm"]
+            h = h + attention(layer["attention"], ops.layer_norm(h, norm["scale"], norm["bias"]))
+            norm, fc = layer["mlp_norm"], layer["mlp"]
+            h = h + linear(fc["fc2"], ops.relu(linear(fc["fc1"], ops.layer_norm(h, norm["scale"], norm["bias"]))))
+        final = p["final_norm"]
+        pooled = ops.layer_norm(h, final["scale"], final["bias"])[..., -spec.num_tokens:, :].mean(-2)
+        return linear(p["head"], pooled)
+
+    forward = mlp if spec.model == "mlp" else transformer
+
+    def loss(adapted, frozen, x, y):
+        prediction = forward(merge(frozen, adapted), x)
+        if spec.loss == "mse":
+            return ((prediction - y) ** 2).mean()
+        log_probs = prediction - ops.logsumexp(prediction)
+        return -ops.take_labels(log_probs, y).mean()
+
+    return loss
+
+
+def jax_peer(spec: Spec, adapted: dict, frozen: dict, batches: list):
+    """A jitted meta-step; returns (meta-loss on batches[0], step(i) -> loss, sync)."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    def mlp(p, x):
-        for layer in p["hidden"]:
-            x = jax.nn.relu(x @ layer["weight"] + layer["bias"])
-        return x @ p["head"]["weight"] + p["head"]["bias"]
+    def layer_norm(x, scale, bias):
+        mean = x.mean(-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+        return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
 
-    def loss(p, x, y):
-        return jnp.mean((mlp(p, x) - y) ** 2)
+    ops = Ops(jax.nn.relu, lambda s: jax.nn.softmax(s, axis=-1), layer_norm,
+              lambda z: jax.scipy.special.logsumexp(z, axis=-1, keepdims=True),
+              lambda lp, y: jnp.take_along_axis(lp, y[..., None], axis=-1))
+    loss = model_and_loss(spec, ops)
+    first_order = spec.algorithm in ("fomaml", "reptile")
 
-    def task_loss(p, xs, ys, xq, yq):
-        for _ in range(inner_steps):
-            grads = jax.grad(loss)(p, xs, ys)
-            p = jax.tree_util.tree_map(lambda w, g: w - inner_lr * g, p, grads)
-        return loss(p, xq, yq)
+    def adapt(w, frozen, xs, ys):
+        for _ in range(spec.inner_steps):
+            grads = jax.grad(loss)(w, frozen, xs, ys)
+            if first_order:
+                grads = jax.lax.stop_gradient(grads)
+            w = jax.tree_util.tree_map(lambda p, g: p - spec.inner_lr * g, w, grads)
+        return w
 
-    def meta_loss(p, xs, ys, xq, yq):
-        return jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq))
+    def meta_loss(w, frozen, xs, ys, xq, yq):
+        per_task = jax.vmap(lambda *t: loss(adapt(w, frozen, t[0], t[1]), frozen, t[2], t[3]))
+        return per_task(xs, ys, xq, yq).mean()
 
-    optimizer = optax.adam(outer_lr)
+    if spec.algorithm == "reptile":
+        def value_and_grad(w, frozen, xs, ys, xq, yq):
+            def one_task(xs, ys, xq, yq):
+                phi = adapt(w, frozen, xs, ys)
+                return phi, loss(phi, frozen, xq, yq)
+
+            phis, losses = jax.vmap(one_task)(xs, ys, xq, yq)
+            return losses.mean(), jax.tree_util.tree_map(lambda t, p: t - p.mean(0), w, phis)
+
+        optimizer = optax.sgd(optax.linear_schedule(spec.outer_lr, spec.outer_lr_final, spec.num_iterations))
+    else:
+        value_and_grad = jax.value_and_grad(meta_loss)
+        optimizer = optax.adam(spec.outer_lr)
 
     @jax.jit
-    def step(p, opt_state, xs, ys, xq, yq):
-        value, grads = jax.value_and_grad(meta_loss)(p, xs, ys, xq, yq)
-        updates, opt_state = optimizer.update(grads, opt_state, p)
-        return value, optax.apply_updates(p, updates), opt_state
+    def step(w, opt_state, frozen, xs, ys, xq, yq):
+        value, grads = value_and_grad(w, frozen, xs, ys, xq, yq)
+        updates, opt_state = optimizer.update(grads, opt_state, w)
+        return value, optax.apply_updates(w, updates), opt_state
 
-    p = jax.tree_util.tree_map(jnp.asarray, params)
-    jax_batches = [tuple(jnp.asarray(a) for a in b) for b in batches]
-    first = float(meta_loss(p, *jax_batches[0]))
-    state = {"p": p, "opt": optimizer.init(p)}
+    as_jax = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)
+    frozen_j, jax_batches = as_jax(frozen), [tuple(jnp.asarray(a) for a in b) for b in batches]
+    state = {"w": as_jax(adapted)}
+    state["opt"] = optimizer.init(state["w"])
+    first = float(meta_loss(state["w"], frozen_j, *jax_batches[0]))
 
     def run_step(i: int):
-        value, state["p"], state["opt"] = step(state["p"], state["opt"], *jax_batches[i % len(jax_batches)])
+        value, state["w"], state["opt"] = step(state["w"], state["opt"], frozen_j, *jax_batches[i % len(jax_batches)])
         return value
 
     return first, run_step, lambda v: v.block_until_ready()
+
+
+def torch_peer(spec: Spec, adapted: dict, frozen: dict, batches: list):
+    """An eager torch.func meta-step with torch.optim; returns (meta-loss on batches[0], step(i) -> loss, sync)."""
+    import torch
+    from torch.func import grad, grad_and_value, vmap
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    ops = Ops(torch.relu, lambda s: torch.softmax(s, dim=-1),
+              lambda x, scale, bias: torch.nn.functional.layer_norm(x, x.shape[-1:], scale, bias, 1e-5),
+              lambda z: torch.logsumexp(z, dim=-1, keepdim=True),
+              lambda lp, y: torch.take_along_dim(lp, y[..., None].long(), dim=-1))
+    loss = model_and_loss(spec, ops)
+    first_order = spec.algorithm in ("fomaml", "reptile")
+
+    def adapt(w, frozen, xs, ys):
+        for _ in range(spec.inner_steps):
+            grads = grad(loss)(w, frozen, xs, ys)
+            if first_order:
+                grads = tree_map(torch.Tensor.detach, grads)
+            w = tree_map(lambda p, g: p - spec.inner_lr * g, w, grads)
+        return w
+
+    def meta_loss(w, frozen, xs, ys, xq, yq):
+        per_task = vmap(lambda *t: loss(adapt(w, frozen, t[0], t[1]), frozen, t[2], t[3]))
+        return per_task(xs, ys, xq, yq).mean()
+
+    as_torch = lambda tree: tree_map(lambda a: torch.from_numpy(np.ascontiguousarray(a)), tree)
+    frozen_t, torch_batches = as_torch(frozen), [tuple(torch.from_numpy(np.asarray(a)) for a in b) for b in batches]
+    w = as_torch(adapted)
+    leaves = tree_flatten(w)[0]
+    if spec.algorithm == "reptile":
+        optimizer = torch.optim.SGD(leaves, lr=spec.outer_lr)
+        schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, spec.outer_lr_final / spec.outer_lr or 1e-12,
+                                                     spec.num_iterations)
+
+        def value_and_grad(xs, ys, xq, yq):
+            with torch.no_grad():
+                def one_task(xs, ys, xq, yq):
+                    phi = adapt(w, frozen_t, xs, ys)
+                    return phi, loss(phi, frozen_t, xq, yq)
+
+                phis, losses = vmap(one_task)(xs, ys, xq, yq)
+                return losses.mean(), tree_map(lambda t, p: t - p.mean(0), w, phis)
+    else:
+        optimizer, schedule = torch.optim.Adam(leaves, lr=spec.outer_lr), None
+
+        def value_and_grad(xs, ys, xq, yq):
+            grads, value = grad_and_value(meta_loss)(w, frozen_t, xs, ys, xq, yq)
+            return value, grads
+
+    with torch.no_grad():
+        first = float(meta_loss(w, frozen_t, *torch_batches[0]))
+
+    def run_step(i: int):
+        value, grads = value_and_grad(*torch_batches[i % len(torch_batches)])
+        for leaf, g in zip(leaves, tree_flatten(grads)[0]):
+            leaf.grad = g
+        optimizer.step()  # in place: ``w`` holds the same tensors
+        if schedule is not None:
+            schedule.step()
+        return value
+
+    return first, run_step, lambda v: float(v)
+
+
+PEERS = {"jax": (("jax", "optax"), jax_peer), "pytorch": (("torch",), torch_peer)}
 
 
 def time_steps(run_step: Callable[[int], object], sync: Callable, repeats: int, iterations: int) -> float:
