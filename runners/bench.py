@@ -2,6 +2,7 @@
 
     python runners/bench.py [--repeats 5] [--out outputs/benchmarks/bench.json]
     METAPEFT_BLAS=bundled python runners/bench.py        # the same with MLX's bundled reference BLAS
+    python runners/bench.py --memory 1000,10000          # memory after 1k and 10k iterations of (a) and (c)
 
 Workloads (issue 6): (a) sinusoid, MLP 1-40-40-1, meta-batch 25, K=10 support + 10 query, 1 inner SGD step
 (lr 0.01), second-order MAML, Adam; (b) the same with 5 inner steps; (c) digits 5-way 5-shot, transformer + LoRA
@@ -29,7 +30,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from metapeft.config import register_configs  # noqa: E402
 from metapeft.experiment import build  # noqa: E402
-from metapeft.train import compiled_meta_step  # noqa: E402
+from metapeft.train import TrainLog, compiled_meta_step, meta_train  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 DIGITS_LORA = ["task=digits", "peft=lora", "peft.rank=4", "shots.train=5", "algorithm.meta_batch_size=4",
@@ -81,15 +82,51 @@ def peer_timings(exp, meta: dict, frozen: dict, batches: list, our_first_loss: f
     return results
 
 
-def time_workload(name: str, overrides: list[str], repeats: int, seconds: float) -> dict:
+def setup(overrides: list[str]):
+    """The workload's experiment, initial meta-parameters and frozen tree (timing does not depend on
+    pretrained values, so the backbone is a fresh initialization)."""
     with initialize_config_dir(version_base="1.3", config_dir=CONF):
         cfg = compose(config_name="config", overrides=overrides)
     exp = build(cfg)
     key = mx.random.key(0)
-    backbone = exp.model.init(key)  # timing does not depend on pretrained values
+    backbone = exp.model.init(key)
     inputs, _ = exp.task.pretraining_batch(np.random.default_rng(0), 64)
     frozen, adapted = exp.peft.frozen(backbone), exp.peft.init_adapted(backbone, key, inputs)
-    meta = exp.learner.meta_parameters(adapted)
+    return exp, exp.learner.meta_parameters(adapted), frozen
+
+
+def memory_workload(overrides: list[str], checkpoints: list[int]) -> dict:
+    """Peak and current memory after each checkpoint's number of iterations of the runner's own training loop
+    (fresh batches every iteration, history kept, as in a run)."""
+    exp, meta, frozen = setup(overrides)
+    cfg, rng, readings = exp.cfg, np.random.default_rng(0), {}
+    mx.reset_peak_memory()
+
+    def record(weights, grads, frozen, iteration, num_iterations):
+        if iteration + 1 in checkpoints:
+            readings[str(iteration + 1)] = {"mlx_peak_mb": mx.get_peak_memory() / 2**20,
+                                            "mlx_active_mb": mx.get_active_memory() / 2**20,
+                                            "rss_mb": current_rss_mb(), "seconds": time.perf_counter() - start}
+        return frozen
+
+    start = time.perf_counter()
+    meta_train(exp.learner, meta, frozen,
+               lambda: exp.task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, rng),
+               max(checkpoints), validate=lambda meta, frozen: 0.0, val_interval=10**9, log=TrainLog(),
+               progress=False, after_step=record)
+    return readings
+
+
+def current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")  # not Linux
+
+
+def time_workload(name: str, overrides: list[str], repeats: int, seconds: float) -> dict:
+    exp, meta, frozen = setup(overrides)
+    cfg = exp.cfg
     optimizer = exp.learner.make_optimizer(10**6)
     optimizer.init(meta)
     step = compiled_meta_step(exp.learner, optimizer)
@@ -125,8 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=6.0, help="rough time budget per workload")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/bench.json"))
+    parser.add_argument("--memory", type=str, default=None, metavar="N1,N2",
+                        help="instead of timing: memory after N1 and N2 iterations of (a) and (c), e.g. 1000,10000")
     args = parser.parse_args(argv)
     register_configs()
+    if args.memory:
+        checkpoints = sorted(int(n) for n in args.memory.split(","))
+        memory = {name: memory_workload(WORKLOADS[name], checkpoints)
+                  for name in ("a_sinusoid_maml_1step", "c_digits_lora_maml")}
+        io.write_json(args.out.with_name("bench_memory.json"), {"blas": blas.status(), "memory": memory})
+        for name, readings in memory.items():
+            for n, r in readings.items():
+                print(f"{name:24s} after {n:>6s} iterations: MLX peak {r['mlx_peak_mb']:8.2f} MB, MLX active "
+                      f"{r['mlx_active_mb']:8.2f} MB, RSS {r['rss_mb']:8.1f} MB ({r['seconds']:.0f} s)")
+        print(f"written to {args.out.with_name('bench_memory.json')}")
+        return 0
     results = {name: time_workload(name, overrides, args.repeats, args.seconds)
                for name, overrides in WORKLOADS.items()}
     io.write_json(args.out, {"blas": blas.status(), "workloads": results, "overrides": WORKLOADS})
