@@ -85,6 +85,7 @@ def peer_timings(exp, meta: dict, frozen: dict, batches: list, our_first_loss: f
 def setup(overrides: list[str]):
     """The workload's experiment, initial meta-parameters and frozen tree (timing does not depend on
     pretrained values, so the backbone is a fresh initialization)."""
+    register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=CONF):
         cfg = compose(config_name="config", overrides=overrides)
     exp = build(cfg)

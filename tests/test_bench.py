@@ -1,0 +1,35 @@
+"""The benchmark's peers compute the project's own meta-loss, and the benchmark measures the project without them."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+from mlx.utils import tree_map
+
+from runners import bench
+from runners.bench_peers import PEERS
+
+
+@pytest.mark.parametrize("peer", sorted(PEERS))
+@pytest.mark.parametrize("workload", ["a_sinusoid_maml_1step", "c_digits_lora_maml", "d_digits_lora_reptile"])
+def test_each_peer_computes_our_meta_loss(peer, workload):
+    modules, make_peer = PEERS[peer]
+    for module in modules:
+        pytest.importorskip(module)
+    exp, meta, frozen = bench.setup([*bench.WORKLOADS[workload], "algorithm.meta_batch_size=2"])
+    batch = exp.task.sample("train", 2, exp.cfg.shots.train, np.random.default_rng(0))
+    ours = exp.learner.meta_loss(meta, frozen, batch).item()
+    to_numpy = lambda tree: tree_map(lambda a: np.array(a), tree)
+    theirs, step, sync = make_peer(bench.peer_spec(exp), to_numpy(meta["weights"]), to_numpy(frozen),
+                                   [tuple(np.array(a) for a in batch)])
+    assert theirs == pytest.approx(ours, rel=1e-4)
+    assert np.isfinite(sync(step(0)))
+
+
+def test_missing_peers_are_reported_and_the_project_still_measured(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    result = bench.time_workload("a_sinusoid_maml_1step", bench.WORKLOADS["a_sinusoid_maml_1step"], repeats=1,
+                                 seconds=0.2)
+    assert result["ms_per_iteration"] > 0
+    assert result["peers"] == {name: "unavailable: pip install -e '.[bench]'" for name in PEERS}
