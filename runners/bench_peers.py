@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from metapeft.trees import merge  # pure Python over dicts and lists: serves any array type
+
 
 @dataclass
 class Spec:
@@ -42,15 +44,6 @@ class Ops:
     layer_norm: Callable  # (x, scale, bias) over the last axis, eps 1e-5
     logsumexp: Callable  # over the last axis, keeping it
     take_labels: Callable  # (log_probs, labels) -> log_probs at the labels
-
-
-def merge(base: Any, overlay: Any) -> Any:
-    if isinstance(base, dict) and isinstance(overlay, dict):
-        return {k: merge(base[k], overlay[k]) if k in base and k in overlay else overlay.get(k, base.get(k))
-                for k in {**base, **overlay}}
-    if isinstance(base, list) and isinstance(overlay, list):
-        return [merge(b, o) for b, o in zip(base, overlay)] + base[len(overlay):]
-    return overlay
 
 
 def model_and_loss(spec: Spec, ops: Ops) -> Callable:
