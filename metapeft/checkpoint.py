@@ -16,17 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metapeft import io
+from metapeft.config import GROUPS
 from metapeft.errors import ConfigError
-
-
-GROUPS = ("algorithm", "peft", "shots", "mode", "task", "model")
 
 
 def checkpoint_directory(path: str | Path) -> Path:
     """A run's ``checkpoint/`` folder, given either it or the run directory that holds it."""
     directory = Path(path).expanduser()
     return directory / "checkpoint" if (directory / "checkpoint").is_dir() else directory
-
 
 def evaluation_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """The config that evaluates the saved run ``cfg.checkpoint``: the run's own resolved config, with this
@@ -57,13 +54,11 @@ def evaluation_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     saved.train, saved.checkpoint = False, str(directory)
     return saved
 
-
 def save_checkpoint(directory: Path, meta: dict, frozen: dict, cfg: DictConfig) -> None:
     io.write_text(directory / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     io.save_tree(directory / "meta.safetensors", meta)
     if frozen:
         io.save_tree(directory / "frozen.safetensors", frozen)
-
 
 def _load_flat(path: Path) -> dict[str, mx.array]:
     if not path.exists():
@@ -75,7 +70,6 @@ def _load_flat(path: Path) -> dict[str, mx.array]:
     if not isinstance(arrays, dict):
         raise ConfigError("checkpoint", f"{path} does not hold named arrays")
     return arrays
-
 
 def _check(name: str, loaded: dict[str, mx.array], expected: dict, path: Path) -> dict:
     """``loaded`` arranged as ``expected`` if every name, shape and dtype matches; else a ConfigError saying what differs."""
@@ -91,7 +85,6 @@ def _check(name: str, loaded: dict[str, mx.array], expected: dict, path: Path) -
         raise ConfigError("checkpoint", f"{path} does not match the config's {name} tree (different algorithm, "
                           f"PEFT method, backbone or task?): " + "; ".join(p for p in problems if p))
     return tree_unflatten([(k, loaded[k]) for k, _ in tree_flatten(expected)])
-
 
 def load_checkpoint(directory: Path, expected_meta: dict, expected_frozen: dict) -> tuple[dict, dict]:
     """(meta, frozen) from ``directory``, checked against trees built from the config; nothing is half-loaded."""

@@ -14,6 +14,9 @@ from omegaconf import MISSING, OmegaConf
 from metapeft.errors import ConfigError
 
 
+GROUPS = ("algorithm", "peft", "shots", "mode", "task", "model")  # the config groups every run chooses from
+
+
 @dataclass
 class ShotsConfig:
     name: str = MISSING

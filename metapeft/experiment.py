@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from metapeft import blas, io
 from metapeft.algorithms.base import MetaLearner, sgd_step
 from metapeft.checkpoint import evaluation_config, load_checkpoint, save_checkpoint
-from metapeft.config import register_configs, validate_common
+from metapeft.config import GROUPS, register_configs, validate_common
 from metapeft.errors import ConfigError, DivergedError
 from metapeft.evaluate import adaptation_curves, summarize
 from metapeft.peft.base import PeftMethod
@@ -30,8 +30,6 @@ from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS
 from metapeft.tasks.base import TaskFamily
 from metapeft.train import TrainLog, meta_train
 from metapeft.trees import count, nbytes
-
-GROUPS = ("algorithm", "peft", "shots", "mode", "task", "model")
 
 
 @dataclass

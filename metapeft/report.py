@@ -18,9 +18,9 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from metapeft import io  # noqa: E402
+from metapeft.config import GROUPS  # noqa: E402
 from metapeft.stats import mean_ci95  # noqa: E402
 
-GROUPS = ("task", "algorithm", "peft", "shots", "mode", "model")
 
 
 class ReportError(ValueError):
