@@ -88,7 +88,8 @@ def transfer_study(cfg: DictConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     regions = region_configs(cfg)
     experiments = {name: build(region) for name, region in regions.items()}  # every region checked before training
-    sign = 1.0 if next(iter(experiments.values())).task.higher_is_better else -1.0
+    task = next(iter(experiments.values())).task
+    sign = 1.0 if task.higher_is_better else -1.0
     targets = {name: exp.task.sample("test", cfg.mode.num_eval_tasks, cfg.shots.train,
                                      np.random.default_rng([cfg.seed, 3]))
                for name, exp in experiments.items()}
@@ -111,7 +112,7 @@ def transfer_study(cfg: DictConfig, out_dir: Path) -> dict:
                            "meta_learned": dict(zip(("mean", "ci95"), mean_ci95(ours))),
                            "scratch": dict(zip(("mean", "ci95"), mean_ci95(base)))})
     result = {
-        "metric": experiments[source].task.metric_name,
+        "metric": task.metric_name,
         "higher_is_better": sign > 0,
         "shots": cfg.shots.train,
         "num_tasks": cfg.mode.num_eval_tasks,
