@@ -127,3 +127,17 @@ def test_ray_cluster_grid_matches_the_basic_launcher_and_isolates_a_failure(basi
     bad = next(name for name, m in statuses.items() if m["status"] == "failed")
     assert statuses[bad]["config_key"] == "shots.train"
     assert f"FAILED job {tmp_path / 'failing' / bad}" in failing.stderr + failing.stdout
+
+
+@pytest.mark.parametrize("launcher, threads", [("ray", 1), ("submitit_local", 1), ("submitit_slurm", 2)])
+def test_launcher_configs_compose_and_set_threads_per_job(launcher, threads):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+    from metapeft.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
+    assert threads_per_job(cfg.hydra.launcher) == threads
