@@ -67,6 +67,7 @@ class RunConfig:
     resume: bool = False  # in a sweep: skip jobs whose directory holds a completed result for the same overrides
     train: bool = True  # false: evaluate the meta-learned state in `checkpoint` instead of meta-training
     checkpoint: Optional[str] = None  # a run's checkpoint/ directory
+    keep: str = "last"  # the meta-parameters a run evaluates and saves: last, or best_val (best validation metric)
     transfer: Any = None  # a transfer study (runners/transfer.py); see metapeft.transfer
 
 
@@ -123,4 +124,5 @@ def validate_common(cfg: Any) -> None:
             "train=false evaluates a saved run: give checkpoint=<run dir>/checkpoint")
     require(not (cfg.train and cfg.checkpoint is not None), "train",
             "continuing meta-training from a checkpoint is not supported; add train=false to evaluate it")
+    require(cfg.keep in ("last", "best_val"), "keep", f"must be last or best_val, got {cfg.keep}")
     require(cfg.evaluation.chunk_size > 0, "evaluation.chunk_size", f"must be > 0, got {cfg.evaluation.chunk_size}")

@@ -177,11 +177,12 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
         return float(curves[:, -1].mean())
 
     if cfg.train:
+        better = None if cfg.keep == "last" else (lambda new, old: new > old if task.higher_is_better else new < old)
         meta, frozen = meta_train(
             learner, meta, frozen,
             sample_batch=lambda: task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, train_rng),
             num_iterations=cfg.mode.num_iterations, validate=validate, val_interval=cfg.mode.val_interval,
-            log=log, progress=cfg.progress, after_step=exp.peft.after_meta_step,
+            log=log, progress=cfg.progress, after_step=exp.peft.after_meta_step, better=better,
         )
         save_checkpoint(out_dir / "checkpoint", meta, frozen, cfg)
         train = {
@@ -190,6 +191,9 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
             "train_seconds": log.step_seconds,
             "final_loss": log.rows[-1]["loss"],
             "final_val_metric": log.rows[-1]["val_metric"],
+            "kept": cfg.keep,
+            "kept_iteration": log.kept_iteration,  # the saved and evaluated meta-parameters are this iteration's
+            "kept_val_metric": log.kept_val_metric,
         }
     else:
         meta, frozen = load_checkpoint(Path(cfg.checkpoint), meta, frozen)

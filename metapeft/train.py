@@ -21,6 +21,8 @@ class TrainLog:
     rows: list[dict] = field(default_factory=list)
     step_seconds: float = 0.0  # sampling, meta-step and after_step; validation excluded
     iterations: int = 0
+    kept_iteration: int = -1  # the iteration whose meta-parameters meta_train returned
+    kept_val_metric: float = math.nan
 
 
 def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
@@ -48,8 +50,10 @@ def meta_train(
     log: TrainLog,
     progress: bool = True,
     after_step: Callable[[dict, dict, dict, int, int], dict] | None = None,
+    better: Callable[[float, float], bool] | None = None,
 ) -> tuple[dict, dict]:
-    """Run ``num_iterations`` outer updates from ``meta``; return the meta-learned parameters and the frozen tree.
+    """Run ``num_iterations`` outer updates from ``meta``; return the meta-learned parameters and the frozen tree:
+    the last ones, or, given ``better(new, old)``, those with the best validation metric (early stopping's choice).
 
     ``after_step(meta_weights, meta_grads, frozen, iteration, num_iterations) -> frozen`` runs between iterations.
     """
@@ -73,4 +77,7 @@ def meta_train(
         if iteration % val_interval == 0 or iteration == num_iterations - 1:
             row["val_metric"] = validate(meta, frozen)
             bar.set_postfix(loss=f"{loss:.4f}", val=f"{row['val_metric']:.4f}")
-    return meta, frozen
+            if better is None or log.kept_iteration < 0 or better(row["val_metric"], log.kept_val_metric):
+                kept = meta, frozen  # arrays are immutable: keeping references copies nothing
+                log.kept_iteration, log.kept_val_metric = iteration, row["val_metric"]
+    return kept

@@ -33,6 +33,12 @@ register_configs()
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
 
 
+def validation_objective(metrics: dict) -> float:
+    """What a sweeper optimizes: the validation metric of the meta-parameters the run kept (keep=last|best_val)."""
+    train = metrics["train"]
+    return train.get("kept_val_metric", train["final_val_metric"])
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
@@ -41,7 +47,7 @@ def main(cfg: DictConfig) -> float | None:
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     if cfg.resume and (done := completed_metrics(out_dir, overrides)) is not None:
         log.info("resume: %s already completed with these overrides; skipped", out_dir)
-        return done["train"]["final_val_metric"]
+        return validation_objective(done)
     if sweeping and (threads := threads_per_job(hydra_cfg.launcher)):
         blas.set_threads(threads)  # parallel jobs share the cores
     log.info("BLAS for MLX's CPU matmuls: %s", blas.status())
@@ -63,7 +69,7 @@ def main(cfg: DictConfig) -> float | None:
     if "seconds_per_iteration" in metrics["train"]:
         log.info("%.2f ms per meta-iteration", 1e3 * metrics["train"]["seconds_per_iteration"])
     log.info("outputs in %s", out_dir)
-    return metrics["train"]["final_val_metric"]
+    return validation_objective(metrics)
 
 
 if __name__ == "__main__":

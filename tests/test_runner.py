@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from metapeft.errors import ConfigError
 from metapeft.experiment import run
 from metapeft.io import load_tree
 
@@ -83,3 +84,24 @@ def test_same_seed_same_metrics(compose_cfg, tmp_path):
     assert mx.array_equal(a["weights"]["hidden"][0]["weight"], b["weights"]["hidden"][0]["weight"]).item()
     other = run(compose_cfg(*TINY, "task=digits", "algorithm=fomaml", "seed=1"), tmp_path / "c")
     assert other["evaluation"] != first["evaluation"]
+
+
+def test_keep_best_val_saves_and_evaluates_the_best_validated_parameters(compose_cfg, tmp_path):
+    short = ["mode.num_iterations=120", "mode.val_interval=10", "mode.num_eval_tasks=10"]
+    best = run(compose_cfg(*short, "keep=best_val"), tmp_path / "best")
+    history = pd.read_csv(tmp_path / "best" / "history.csv").dropna(subset=["val_metric"])
+    lowest = history.loc[history.val_metric.idxmin()]  # sinusoid: MSE, lower is better
+    assert best["train"]["kept_iteration"] == int(lowest.iteration)
+    assert best["train"]["kept_val_metric"] == pytest.approx(lowest.val_metric)
+    # The checkpoint holds the kept parameters: re-validating it gives the kept metric, not the last one.
+    reloaded = run(compose_cfg("train=false", f"checkpoint={tmp_path / 'best'}"), tmp_path / "reloaded",
+                   overrides=["train=false", f"checkpoint={tmp_path / 'best'}"])
+    assert reloaded["train"]["final_val_metric"] == pytest.approx(best["train"]["kept_val_metric"], rel=1e-6)
+    last = run(compose_cfg(*short), tmp_path / "last")
+    assert last["train"]["kept_iteration"] == 119 and last["train"]["kept_val_metric"] == last["train"]["final_val_metric"]
+
+
+def test_keep_must_be_last_or_best_val(compose_cfg, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        run(compose_cfg("keep=best"), tmp_path)
+    assert error.value.key == "keep"
