@@ -66,7 +66,8 @@ class Digits(ClassImagesTask):
     def __init__(self, cfg: DigitsConfig):
         require(len(cfg.digits) > 0 and set(cfg.digits) <= set(range(10)), "task.digits",
                 f"must list digits from 0..9, got {list(cfg.digits)}")
-        classes = {key: images for key, images in rotated_digit_classes().items() if key[0] in set(cfg.digits)}
+        kept_digits = set(cfg.digits)
+        classes = {key: images for key, images in rotated_digit_classes().items() if key[0] in kept_digits}
         sizes = {"train": cfg.num_train_classes, "val": cfg.num_val_classes, "test": cfg.num_test_classes}
         for split, size in sizes.items():
             require(size >= 0, f"task.num_{split}_classes", f"must be >= 0, got {size}")
