@@ -68,6 +68,7 @@ class RunConfig:
     train: bool = True  # false: evaluate the meta-learned state in `checkpoint` instead of meta-training
     checkpoint: Optional[str] = None  # a run's checkpoint/ directory
     keep: str = "last"  # the meta-parameters a run evaluates and saves: last, or best_val (best validation metric)
+    patience: Optional[int] = None  # with keep=best_val: stop after this many validations without improvement
     transfer: Any = None  # a transfer study (runners/transfer.py); see metapeft.transfer
 
 
@@ -125,4 +126,8 @@ def validate_common(cfg: Any) -> None:
     require(not (cfg.train and cfg.checkpoint is not None), "train",
             "continuing meta-training from a checkpoint is not supported; add train=false to evaluate it")
     require(cfg.keep in ("last", "best_val"), "keep", f"must be last or best_val, got {cfg.keep}")
+    if cfg.patience is not None:
+        require(cfg.patience >= 1, "patience", f"must be >= 1 validations (or null: never stop early), got {cfg.patience}")
+        require(cfg.keep == "best_val", "patience",
+                "early stopping keeps the best validated parameters: add keep=best_val")
     require(cfg.evaluation.chunk_size > 0, "evaluation.chunk_size", f"must be > 0, got {cfg.evaluation.chunk_size}")

@@ -183,6 +183,7 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
             sample_batch=lambda: task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, train_rng),
             num_iterations=cfg.mode.num_iterations, validate=validate, val_interval=cfg.mode.val_interval,
             log=log, progress=cfg.progress, after_step=exp.peft.after_meta_step, better=better,
+            patience=cfg.patience,
         )
         save_checkpoint(out_dir / "checkpoint", meta, frozen, cfg)
         train = {
@@ -194,6 +195,7 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
             "kept": cfg.keep,
             "kept_iteration": log.kept_iteration,  # the saved and evaluated meta-parameters are this iteration's
             "kept_val_metric": log.kept_val_metric,
+            "stopped_early": log.stopped_early,  # patience ran out; iterations says when
         }
     else:
         meta, frozen = load_checkpoint(Path(cfg.checkpoint), meta, frozen)

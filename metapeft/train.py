@@ -23,6 +23,7 @@ class TrainLog:
     iterations: int = 0
     kept_iteration: int = -1  # the iteration whose meta-parameters meta_train returned
     kept_val_metric: float = math.nan
+    stopped_early: bool = False  # patience ran out before num_iterations
 
 
 def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
@@ -51,15 +52,18 @@ def meta_train(
     progress: bool = True,
     after_step: Callable[[dict, dict, dict, int, int], dict] | None = None,
     better: Callable[[float, float], bool] | None = None,
+    patience: int | None = None,
 ) -> tuple[dict, dict]:
     """Run ``num_iterations`` outer updates from ``meta``; return the meta-learned parameters and the frozen tree:
     the last ones, or, given ``better(new, old)``, those with the best validation metric (early stopping's choice).
+    Given ``patience`` too, training stops once that many validations in a row have not been better.
 
     ``after_step(meta_weights, meta_grads, frozen, iteration, num_iterations) -> frozen`` runs between iterations.
     """
     optimizer = learner.make_optimizer(num_iterations)
     optimizer.init(meta)
     step = compiled_meta_step(learner, optimizer)
+    validations_since_kept = 0
     bar = tqdm(range(num_iterations), desc=f"meta-train {learner.cfg.name}", disable=not progress, mininterval=1.0)
     for iteration in bar:
         start = time.perf_counter()
@@ -80,4 +84,10 @@ def meta_train(
             if better is None or log.kept_iteration < 0 or better(row["val_metric"], log.kept_val_metric):
                 kept = meta, frozen  # arrays are immutable: keeping references copies nothing
                 log.kept_iteration, log.kept_val_metric = iteration, row["val_metric"]
+                validations_since_kept = 0
+            else:
+                validations_since_kept += 1
+            if patience is not None and validations_since_kept >= patience:
+                log.stopped_early = iteration < num_iterations - 1
+                break
     return kept

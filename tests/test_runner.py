@@ -101,6 +101,28 @@ def test_keep_best_val_saves_and_evaluates_the_best_validated_parameters(compose
     assert last["train"]["kept_iteration"] == 119 and last["train"]["kept_val_metric"] == last["train"]["final_val_metric"]
 
 
+def test_patience_stops_training_after_that_many_validations_without_improvement(compose_cfg, tmp_path):
+    # An Adam step of 1e-20 is below float32 resolution: the meta-parameters never move, so no later validation
+    # is (strictly) better than the first.
+    stalled = ["mode.num_iterations=1000", "mode.val_interval=10", "mode.num_eval_tasks=10", "algorithm.outer_lr=1e-20",
+               "keep=best_val"]
+    metrics = run(compose_cfg(*stalled, "patience=3"), tmp_path / "stalled")
+    assert metrics["train"]["stopped_early"] and metrics["train"]["kept_iteration"] == 0
+    assert metrics["train"]["iterations"] == 31  # validations at 0 (kept), 10, 20, 30: three without improvement
+    assert len(pd.read_csv(tmp_path / "stalled" / "history.csv")) == 31
+    # A run that keeps improving is not stopped: the validation MSE falls at every check of a short sinusoid run.
+    learning = run(compose_cfg("mode.num_iterations=40", "mode.val_interval=10", "mode.num_eval_tasks=10",
+                               "keep=best_val", "patience=1", "algorithm.outer_lr=0.01"), tmp_path / "learning")
+    assert learning["train"]["iterations"] == 40 and not learning["train"]["stopped_early"]
+
+
+def test_patience_needs_keep_best_val_and_a_positive_count(compose_cfg, tmp_path):
+    for overrides in (["patience=5"], ["keep=best_val", "patience=0"]):
+        with pytest.raises(ConfigError) as error:
+            run(compose_cfg(*overrides), tmp_path)
+        assert error.value.key == "patience"
+
+
 def test_keep_must_be_last_or_best_val(compose_cfg, tmp_path):
     with pytest.raises(ConfigError) as error:
         run(compose_cfg("keep=best"), tmp_path)
