@@ -183,7 +183,7 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
             sample_batch=lambda: task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, train_rng),
             num_iterations=cfg.mode.num_iterations, validate=validate, val_interval=cfg.mode.val_interval,
             log=log, progress=cfg.progress, after_step=exp.peft.after_meta_step, better=better,
-            patience=cfg.patience,
+            patience=cfg.patience, keep_from=exp.peft.first_keepable_iteration(cfg.mode.num_iterations),
         )
         save_checkpoint(out_dir / "checkpoint", meta, frozen, cfg)
         train = {

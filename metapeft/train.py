@@ -53,10 +53,12 @@ def meta_train(
     after_step: Callable[[dict, dict, dict, int, int], dict] | None = None,
     better: Callable[[float, float], bool] | None = None,
     patience: int | None = None,
+    keep_from: int = 0,
 ) -> tuple[dict, dict]:
     """Run ``num_iterations`` outer updates from ``meta``; return the meta-learned parameters and the frozen tree:
     the last ones, or, given ``better(new, old)``, those with the best validation metric (early stopping's choice).
-    Given ``patience`` too, training stops once that many validations in a row have not been better.
+    Given ``patience`` too, training stops once that many validations in a row have not been better. Validations
+    before iteration ``keep_from`` are recorded but neither kept nor counted.
 
     ``after_step(meta_weights, meta_grads, frozen, iteration, num_iterations) -> frozen`` runs between iterations.
     """
@@ -81,6 +83,8 @@ def meta_train(
         if iteration % val_interval == 0 or iteration == num_iterations - 1:
             row["val_metric"] = validate(meta, frozen)
             bar.set_postfix(loss=f"{loss:.4f}", val=f"{row['val_metric']:.4f}")
+            if iteration < keep_from:
+                continue
             if better is None or log.kept_iteration < 0 or better(row["val_metric"], log.kept_val_metric):
                 kept = meta, frozen  # arrays are immutable: keeping references copies nothing
                 log.kept_iteration, log.kept_val_metric = iteration, row["val_metric"]

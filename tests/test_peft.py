@@ -155,3 +155,17 @@ def test_adalora_importance_state_does_not_grow_a_graph(compose_cfg):
     for iteration in range(50, 1550):  # all before tinit (20,000)
         frozen = exp.peft.after_meta_step(adapted, grads, frozen, iteration, 100_000)
     assert rss_mb() - before < 100  # a lazily growing graph took ~470 MB here
+
+
+def test_adalora_keep_best_val_keeps_only_parameters_pruned_to_the_final_budget(compose_cfg, tmp_path):
+    """Early validations of a still unpruned model may score best; keep=best_val must not return that model."""
+    from metapeft.experiment import run
+    overrides = ["task=digits", "peft=adalora", "peft.tinit=0.1", "peft.tfinal=0.5", "mode.num_iterations=20",
+                 "mode.val_interval=2", "mode.num_val_tasks=4", "mode.num_eval_tasks=6", "pretrain.iterations=10",
+                 f"pretrain.cache_dir={tmp_path / 'cache'}", "keep=best_val", "patience=2"]
+    assert build(compose_cfg(*overrides)).peft.first_keepable_iteration(20) == 9
+    assert build(compose_cfg("task=digits", "peft=lora")).peft.first_keepable_iteration(20) == 0
+    metrics = run(compose_cfg(*overrides), tmp_path / "run")
+    assert metrics["train"]["kept_iteration"] >= 9  # the budget reaches target_r after iteration 9's pruning
+    assert metrics["peft"]["final_total_rank"] == 12 * 4
+    assert metrics["train"]["iterations"] >= 9 + 2 * 2 + 1  # patience counts only validations from iteration 9 on

@@ -6,14 +6,16 @@ import subprocess
 import sys
 
 import mlx.core as mx
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from conftest import REPO
 from metapeft.errors import ConfigError
-from metapeft.experiment import run
+from metapeft.experiment import build, run
 from metapeft.io import load_tree
+from metapeft.train import TrainLog, meta_train
 
 TINY = ["mode.num_iterations=20", "mode.val_interval=10", "mode.num_val_tasks=5", "mode.num_eval_tasks=10",
         "progress=false"]
@@ -114,6 +116,19 @@ def test_patience_stops_training_after_that_many_validations_without_improvement
     learning = run(compose_cfg("mode.num_iterations=40", "mode.val_interval=10", "mode.num_eval_tasks=10",
                                "keep=best_val", "patience=1", "algorithm.outer_lr=0.01"), tmp_path / "learning")
     assert learning["train"]["iterations"] == 40 and not learning["train"]["stopped_early"]
+
+
+def test_validations_before_keep_from_are_recorded_but_neither_kept_nor_counted(compose_cfg):
+    exp = build(compose_cfg())
+    meta = exp.learner.meta_parameters(exp.model.init(mx.random.key(0)))
+    episodes = exp.task.sample("train", 2, 5, np.random.default_rng(0))
+    log = TrainLog()
+    # The validation metric (MSE, lower is better) worsens with every check, so the earliest check is the best.
+    meta_train(exp.learner, meta, {}, lambda: episodes, num_iterations=100, validate=lambda m, f: float(len(log.rows)),
+               val_interval=5, log=log, progress=False, better=lambda new, old: new < old, patience=3, keep_from=22)
+    assert log.kept_iteration == 25  # the first check at or after keep_from, though checks 0..20 scored better
+    assert log.iterations == 41 and log.stopped_early  # checks 30, 35, 40 without improvement; 0..20 not counted
+    assert pd.DataFrame(log.rows).val_metric.notna().sum() == 9  # every check recorded
 
 
 def test_patience_needs_keep_best_val_and_a_positive_count(compose_cfg, tmp_path):

@@ -145,6 +145,11 @@ class AdaLoRA(LowRankMethod):
             set_in(updates, path, {"ada_mask": mx.array(mask)})
         return merge(frozen, updates)
 
+    def first_keepable_iteration(self, num_iterations: int) -> int:
+        # After this iteration's pruning the budget is target_r per layer: an earlier, larger model is not AdaLoRA's
+        # result, however well it validates.
+        return max(0, round(self.cfg.tfinal * num_iterations) - 1)
+
     def report(self, frozen: dict) -> dict:
         ranks = {path_name(p): int(np.array(get_in(frozen, p)["ada_mask"]).sum()) for p in self.paths}
         return {"final_rank_per_layer": ranks, "final_total_rank": sum(ranks.values()),

@@ -59,6 +59,10 @@ class PeftMethod:
         """Between meta-iterations, a method may update its non-adapted state (AdaLoRA: the rank masks)."""
         return frozen
 
+    def first_keepable_iteration(self, num_iterations: int) -> int:
+        """The first meta-iteration whose state ``keep=best_val`` may keep (AdaLoRA: once its budget is final)."""
+        return 0
+
     def report(self, frozen: dict) -> dict:
         """Method-specific facts for ``metrics.json``."""
         return {}
