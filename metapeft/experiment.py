@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from metapeft import blas, io
+from metapeft import affinity, blas, io
 from metapeft.algorithms.base import MetaLearner, sgd_step
 from metapeft.checkpoint import evaluation_config, load_checkpoint, save_checkpoint
 from metapeft.config import GROUPS, register_configs, validate_common
@@ -209,6 +209,7 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
         "inference_ms_per_sample": inference_ms_per_sample(exp, meta["weights"], frozen, sample_inputs),
         "memory": memory_mb(),
         "blas": blas.status(),
+        "cpu_affinity": affinity.status(),
         "peft": exp.peft.report(frozen),
         "pretraining": pretraining,
     }

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, and runners.bench_peers
 
-from metapeft import blas, io  # noqa: E402  (before mlx)
+from metapeft import affinity, blas, io  # noqa: E402  (before mlx)
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402
 import numpy as np  # noqa: E402
@@ -144,18 +144,20 @@ def time_workload(name: str, overrides: list[str], repeats: int, seconds: float)
         mx.eval(loss, meta, grads)
         n += 1
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(n):
-            loss, meta, grads = step(meta, frozen, *batches[i % 8])
-            mx.eval(loss, meta, grads)
-        times.append((time.perf_counter() - start) / n)
+    with affinity.colocated() as placement:  # as in the runner; released before the peers start their thread pools
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in range(n):
+                loss, meta, grads = step(meta, frozen, *batches[i % 8])
+                mx.eval(loss, meta, grads)
+            times.append((time.perf_counter() - start) / n)
     ours = 1e3 * float(np.median(times))
     peers = peer_timings(exp, initial_meta, frozen, batches, our_first_loss, repeats, n)
     for peer in peers.values():
         if isinstance(peer, dict):
             peer["ours_over_peer"] = ours / peer["ms_per_iteration"]
-    return {"ms_per_iteration": ours, "iterations_per_repeat": n, "repeats": repeats, "peers": peers}
+    return {"ms_per_iteration": ours, "iterations_per_repeat": n, "repeats": repeats, "cpu_affinity": placement,
+            "peers": peers}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {name: time_workload(name, overrides, args.repeats, args.seconds)
                for name, overrides in WORKLOADS.items()}
     io.write_json(args.out, {"blas": blas.status(), "workloads": results, "overrides": WORKLOADS})
-    print(f"BLAS: {blas.status()}")
+    print(f"BLAS: {blas.status()}; MLX thread placement while timing ours: "
+          f"{next(iter(results.values()))['cpu_affinity']}")
     print(f"{'workload':24s} {'ours ms':>9s} {'JAX ms':>9s} {'ours/JAX':>9s} {'torch ms':>9s} {'ours/torch':>10s}")
     for name, result in results.items():
         cells, notes = [], []

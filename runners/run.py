@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from metapeft import blas  # noqa: E402  (before mlx: see metapeft/blas.py)
+from metapeft import affinity, blas  # noqa: E402  (before mlx: see metapeft/blas.py)
 from metapeft.config import register_configs  # noqa: E402
 from metapeft.errors import ConfigError, DivergedError  # noqa: E402
 from metapeft.experiment import run  # noqa: E402
@@ -48,9 +48,11 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.resume and (done := completed_metrics(out_dir, overrides)) is not None:
         log.info("resume: %s already completed with these overrides; skipped", out_dir)
         return validation_objective(done)
-    if sweeping and (threads := threads_per_job(hydra_cfg.launcher)):
+    side_by_side = sweeping and (threads := threads_per_job(hydra_cfg.launcher)) is not None
+    if side_by_side:
         blas.set_threads(threads)  # parallel jobs share the cores
-    log.info("BLAS for MLX's CPU matmuls: %s", blas.status())
+    affinity.colocate(enabled=not side_by_side)  # side by side, two jobs could pin themselves to one core
+    log.info("BLAS for MLX's CPU matmuls: %s; MLX thread placement: %s", blas.status(), affinity.status())
     try:
         metrics = run(cfg, out_dir, overrides=overrides)
     except Exception as error:  # noqa: BLE001 - recorded in metrics.json by run(); reported here

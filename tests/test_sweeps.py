@@ -29,6 +29,8 @@ def test_a_2x2_parallel_sweep_aggregates(tmp_path):
                    "task=digits")
     assert result.returncode == 0, result.stderr[-3000:]
     assert statuses(tmp_path / "sweep") == ["completed"] * 4
+    for metrics in (tmp_path / "sweep").glob("*/metrics.json"):  # side by side, jobs do not pin threads to a core
+        assert json.loads(metrics.read_text())["cpu_affinity"] == {"colocated": False, "reason": "parallel sweep job"}
     assert aggregate([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")]) == 0
     table = pd.read_csv(tmp_path / "report" / "comparison.csv")
     assert sorted(zip(table.algorithm, table.peft)) == [("maml", "lora"), ("maml", "none"), ("reptile", "lora"),
