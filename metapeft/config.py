@@ -127,7 +127,8 @@ def validate_common(cfg: Any) -> None:
             "continuing meta-training from a checkpoint is not supported; add train=false to evaluate it")
     require(cfg.keep in ("last", "best_val"), "keep", f"must be last or best_val, got {cfg.keep}")
     if cfg.patience is not None:
-        require(cfg.patience >= 1, "patience", f"must be >= 1 validations (or null: never stop early), got {cfg.patience}")
+        require(cfg.patience >= 1, "patience",
+                f"must be >= 1 validations (or null: never stop early), got {cfg.patience}")
         require(cfg.keep == "best_val", "patience",
                 "early stopping keeps the best validated parameters: add keep=best_val")
     require(cfg.evaluation.chunk_size > 0, "evaluation.chunk_size", f"must be > 0, got {cfg.evaluation.chunk_size}")
