@@ -15,10 +15,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from omegaconf import OmegaConf
 
-from metapeft.checkpoint import checkpoint_directory, load_checkpoint
-from metapeft.errors import ConfigError
+from metapeft.checkpoint import load_checkpoint, saved_config
 from metapeft.experiment import Experiment, build
 
 
@@ -38,10 +36,7 @@ class LearnedInitialization:
 
 
 def load_run(path: str | Path) -> LearnedInitialization:
-    directory = checkpoint_directory(path)
-    if not (directory / "config.yaml").exists():
-        raise ConfigError("checkpoint", f"{directory} holds no config.yaml: give a run directory or its checkpoint/")
-    cfg = OmegaConf.load(directory / "config.yaml")
+    directory, cfg = saved_config(path)
     experiment = build(cfg)
     key = mx.random.key(0)
     backbone = experiment.model.init(key)  # only the shapes matter: the values come from the checkpoint

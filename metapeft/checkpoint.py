@@ -25,14 +25,20 @@ def checkpoint_directory(path: str | Path) -> Path:
     directory = Path(path).expanduser()
     return directory / "checkpoint" if (directory / "checkpoint").is_dir() else directory
 
+
+def saved_config(path: str | Path) -> tuple[Path, DictConfig]:
+    """The checkpoint folder of a saved run (given it or its run directory) and the run's resolved config."""
+    directory = checkpoint_directory(path)
+    if not (directory / "config.yaml").is_file():
+        raise ConfigError("checkpoint", f"{directory} holds no config.yaml: give a run directory or its checkpoint/")
+    return directory, OmegaConf.load(directory / "config.yaml")
+
+
 def evaluation_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """The config that evaluates the saved run ``cfg.checkpoint``: the run's own resolved config, with this
     command's single-key overrides on top (``shots.eval``, ``mode.num_eval_tasks``, ``seed``, ...). A group
     override that differs from the run's own choice is refused: the checkpoint was trained with the other one."""
-    directory = checkpoint_directory(cfg.checkpoint)
-    if not (directory / "config.yaml").is_file():
-        raise ConfigError("checkpoint", f"{directory} holds no config.yaml: give a run directory or its checkpoint/")
-    saved = OmegaConf.load(directory / "config.yaml")
+    directory, saved = saved_config(cfg.checkpoint)
     OmegaConf.set_struct(saved, True)
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key, value = override.key_or_group, override.value()
@@ -54,11 +60,13 @@ def evaluation_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     saved.train, saved.checkpoint = False, str(directory)
     return saved
 
+
 def save_checkpoint(directory: Path, meta: dict, frozen: dict, cfg: DictConfig) -> None:
     io.write_text(directory / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     io.save_tree(directory / "meta.safetensors", meta)
     if frozen:
         io.save_tree(directory / "frozen.safetensors", frozen)
+
 
 def _load_flat(path: Path) -> dict[str, mx.array]:
     if not path.exists():
@@ -70,6 +78,7 @@ def _load_flat(path: Path) -> dict[str, mx.array]:
     if not isinstance(arrays, dict):
         raise ConfigError("checkpoint", f"{path} does not hold named arrays")
     return arrays
+
 
 def _check(name: str, loaded: dict[str, mx.array], expected: dict, path: Path) -> dict:
     """``loaded`` arranged as ``expected`` if every name, shape and dtype matches; else a ConfigError saying what differs."""
@@ -85,6 +94,7 @@ def _check(name: str, loaded: dict[str, mx.array], expected: dict, path: Path) -
         raise ConfigError("checkpoint", f"{path} does not match the config's {name} tree (different algorithm, "
                           f"PEFT method, backbone or task?): " + "; ".join(p for p in problems if p))
     return tree_unflatten([(k, loaded[k]) for k, _ in tree_flatten(expected)])
+
 
 def load_checkpoint(directory: Path, expected_meta: dict, expected_frozen: dict) -> tuple[dict, dict]:
     """(meta, frozen) from ``directory``, checked against trees built from the config; nothing is half-loaded."""

@@ -22,7 +22,6 @@ from metapeft.config import GROUPS  # noqa: E402
 from metapeft.stats import mean_ci95  # noqa: E402
 
 
-
 class ReportError(ValueError):
     pass
 

@@ -14,3 +14,8 @@ def mean_ci95(values) -> tuple[float, float]:
         raise ValueError(f"a confidence interval needs at least two values, got {values.size}")
     half_width = stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size)
     return float(values.mean()), float(half_width)
+
+
+def mean_ci95_record(values) -> dict[str, float]:
+    """``mean_ci95`` as ``{"mean": ..., "ci95": ...}``, the shape the result files use."""
+    return dict(zip(("mean", "ci95"), mean_ci95(values)))

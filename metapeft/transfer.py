@@ -33,7 +33,7 @@ from metapeft.config import require  # noqa: E402
 from metapeft.embeddings import MEASURES, fisher_embedding, similarity_matrix, statistics_embedding  # noqa: E402
 from metapeft.errors import ConfigError  # noqa: E402
 from metapeft.experiment import build, initial_state, meta_learned_curves, run, scratch_curves  # noqa: E402
-from metapeft.stats import mean_ci95  # noqa: E402
+from metapeft.stats import mean_ci95, mean_ci95_record  # noqa: E402
 from metapeft.tasks.base import Episodes  # noqa: E402
 from metapeft.tasks.classification import ClassImagesTask  # noqa: E402
 
@@ -109,8 +109,8 @@ def transfer_study(cfg: DictConfig, out_dir: Path) -> dict:
             base = per_task_metric(scratch_curves(learned.experiment, scratch, frozen_init, episodes, steps), cfg)
             gain, gain_ci = mean_ci95(sign * (ours - base))
             matrix.append({"source": source, "target": target, "gain": gain, "gain_ci95": gain_ci,
-                           "meta_learned": dict(zip(("mean", "ci95"), mean_ci95(ours))),
-                           "scratch": dict(zip(("mean", "ci95"), mean_ci95(base)))})
+                           "meta_learned": mean_ci95_record(ours),
+                           "scratch": mean_ci95_record(base)})
     result = {
         "metric": task.metric_name,
         "higher_is_better": sign > 0,
@@ -151,9 +151,9 @@ def guided_choice(cfg: DictConfig, experiments: dict, sources: dict[str, Learned
     return {
         "embedding": study.embedding,
         "similarity": study.similarity,
-        "guided": dict(zip(("mean", "ci95"), mean_ci95(guided))),
-        "fixed": {name: dict(zip(("mean", "ci95"), mean_ci95(values))) for name, values in fixed.items()},
-        "gain_over_fixed": {name: dict(zip(("mean", "ci95"), mean_ci95(sign * (guided - values))))
+        "guided": mean_ci95_record(guided),
+        "fixed": {name: mean_ci95_record(values) for name, values in fixed.items()},
+        "gain_over_fixed": {name: mean_ci95_record(sign * (guided - values))
                             for name, values in fixed.items()},
         "chosen_own_region": float(np.mean([c == t for c, t in zip(chosen, truth)])),
         "choices": {target: {name: int(sum(c == name for c, t in zip(chosen, truth) if t == target))

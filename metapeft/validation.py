@@ -34,16 +34,22 @@ class Suite:
     compose: Compose
     out_dir: Path
     common: tuple[str, ...] = ()  # overrides every run of the suite gets, e.g. mode=full seed=1 algorithm=reptile
-    _runs: dict = field(default_factory=dict)
+    _shared: dict = field(default_factory=dict)  # made on first use: task -> (metrics, run); the embeddings
 
     def overrides(self, *extra: str) -> list[str]:
         return [*self.common, "progress=false", *extra]
 
     def run(self, task: str) -> tuple[dict, LearnedInitialization]:
-        if task not in self._runs:
+        if task not in self._shared:
             metrics = run(self.compose(*self.overrides(f"task={task}")), self.out_dir / task)
-            self._runs[task] = metrics, load_run(self.out_dir / task)
-        return self._runs[task]
+            self._shared[task] = metrics, load_run(self.out_dir / task)
+        return self._shared[task]
+
+    def sinusoid_embeddings(self) -> tuple[list[str], list[np.ndarray], int]:
+        """Computed once: the embeddings and the similarity checks both read them."""
+        if "sinusoid_embeddings" not in self._shared:
+            self._shared["sinusoid_embeddings"] = sinusoid_embeddings(self)
+        return self._shared["sinusoid_embeddings"]
 
 
 def check_convergence(suite: Suite) -> tuple[bool, dict]:
@@ -103,7 +109,7 @@ def sinusoid_embeddings(suite: Suite) -> tuple[list[str], list[np.ndarray], int]
 def check_task_embeddings(suite: Suite) -> tuple[bool, dict]:
     """Embeddings are produced, finite, one entry per adapted parameter, and discriminative: nearby sinusoids are
     more similar than distant ones; digit tasks sharing their classes more than tasks of other classes."""
-    _, embeddings, num_adapted = sinusoid_embeddings(suite)
+    _, embeddings, num_adapted = suite.sinusoid_embeddings()
     similarity = similarity_matrix(embeddings)
     sinusoid_ok = all(similarity[i, i + 1] > max(similarity[i, j] for j in range(6) if j // 2 != i // 2)
                       for i in (0, 2, 4))
@@ -131,12 +137,12 @@ def check_task_embeddings(suite: Suite) -> tuple[bool, dict]:
 def check_task_similarity(suite: Suite) -> tuple[bool, dict]:
     """Both similarity measures give symmetric matrices with unit diagonal that rank nearby tasks above distant
     ones on average; the heatmaps are written."""
-    labels, embeddings, _ = sinusoid_embeddings(suite)
+    labels, embeddings, _ = suite.sinusoid_embeddings()
+    pair = np.array([[i // 2 == j // 2 for j in range(6)] for i in range(6)]) & ~np.eye(6, dtype=bool)
+    far = ~pair & ~np.eye(6, dtype=bool)
     measured = {}
     for measure in MEASURES:
         s = similarity_matrix(embeddings, measure)
-        pair = np.array([[i // 2 == j // 2 for j in range(6)] for i in range(6)]) & ~np.eye(6, dtype=bool)
-        far = ~pair & ~np.eye(6, dtype=bool)
         plot_similarity(s, labels, suite.out_dir / f"similarity_{measure}.png", f"sinusoid tasks, {measure}")
         measured[measure] = {"symmetric": bool(np.allclose(s, s.T)), "unit_diagonal": bool(np.allclose(np.diag(s), 1)),
                              "nearby_mean": float(s[pair].mean()), "distant_mean": float(s[far].mean()),

@@ -31,6 +31,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from metapeft.config import register_configs  # noqa: E402
 from metapeft.experiment import build  # noqa: E402
 from metapeft.train import TrainLog, compiled_meta_step, meta_train  # noqa: E402
+from runners.bench_peers import PEERS, Spec, time_steps  # noqa: E402  (JAX and PyTorch load only when used)
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 DIGITS_LORA = ["task=digits", "peft=lora", "peft.rank=4", "shots.train=5", "algorithm.meta_batch_size=4",
@@ -48,8 +49,6 @@ WORKLOADS = {
 
 
 def peer_spec(exp):
-    from runners.bench_peers import Spec
-
     cfg = exp.cfg
     spec = Spec(model=cfg.model.name, loss="mse" if cfg.task.name == "sinusoid" else "cross_entropy",
                 algorithm=cfg.algorithm.name, inner_lr=cfg.algorithm.inner_lr,
@@ -64,8 +63,6 @@ def peer_spec(exp):
 
 def peer_timings(exp, meta: dict, frozen: dict, batches: list, our_first_loss: float, repeats: int, n: int) -> dict:
     """Each peer's ms per iteration, timed only if its meta-loss on the first batch equals ours."""
-    from runners.bench_peers import PEERS, time_steps
-
     spec = peer_spec(exp)
     to_numpy = lambda tree: tree_map(lambda a: np.array(a), tree)
     numpy_batches = [tuple(np.array(a) for a in b) for b in batches]
@@ -134,24 +131,20 @@ def time_workload(name: str, overrides: list[str], repeats: int, seconds: float)
     rng = np.random.default_rng(0)
     batches = [exp.task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, rng) for _ in range(8)]
     our_first_loss = exp.learner.meta_loss(meta, frozen, batches[0]).item()
-    initial_meta = meta
-    for i in range(10):  # warm-up, compilation included
-        loss, meta, grads = step(meta, frozen, *batches[i % 8])
-        mx.eval(loss, meta, grads)
+    initial_meta, state = meta, {"meta": meta}
+
+    def run_step(i: int) -> mx.array:
+        loss, state["meta"], grads = step(state["meta"], frozen, *batches[i % 8])
+        mx.eval(loss, state["meta"], grads)  # MLX is lazy: every step is evaluated, as in the runner's loop
+        return loss
+
+    run_step(0)  # compilation
     start, n = time.perf_counter(), 0
     while time.perf_counter() - start < seconds / (repeats + 1):  # pick an iteration count per repeat
-        loss, meta, grads = step(meta, frozen, *batches[n % 8])
-        mx.eval(loss, meta, grads)
+        run_step(n)
         n += 1
-    times = []
     with affinity.colocated() as placement:  # as in the runner; released before the peers start their thread pools
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for i in range(n):
-                loss, meta, grads = step(meta, frozen, *batches[i % 8])
-                mx.eval(loss, meta, grads)
-            times.append((time.perf_counter() - start) / n)
-    ours = 1e3 * float(np.median(times))
+        ours = time_steps(run_step, lambda loss: None, repeats, n)
     peers = peer_timings(exp, initial_meta, frozen, batches, our_first_loss, repeats, n)
     for peer in peers.values():
         if isinstance(peer, dict):

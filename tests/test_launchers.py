@@ -3,19 +3,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import shutil
 import socket
 import subprocess
-import os
-import secrets
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from conftest import CONF_DIR, REPO
+from metapeft.config import register_configs
 from metapeft.launchers import missing_plugin, threads_per_job
 from metapeft.sweep import SweepReport
 from runners.aggregate import main as aggregate
@@ -131,11 +133,6 @@ def test_ray_cluster_grid_matches_the_basic_launcher_and_isolates_a_failure(basi
 
 @pytest.mark.parametrize("launcher, threads", [("ray", 1), ("submitit_local", 1), ("submitit_slurm", 2)])
 def test_launcher_configs_compose_and_set_threads_per_job(launcher, threads):
-    from hydra import compose, initialize_config_dir
-
-    from conftest import CONF_DIR
-    from metapeft.config import register_configs
-
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)

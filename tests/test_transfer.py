@@ -8,7 +8,8 @@ import pytest
 
 from conftest import compose_config
 from metapeft.errors import ConfigError
-from metapeft.transfer import transfer_study
+from metapeft.experiment import build
+from metapeft.transfer import region_configs, transfer_study
 
 SHORT = ["mode.num_iterations=300", "mode.num_eval_tasks=40"]
 
@@ -35,9 +36,6 @@ def test_sinusoid_amplitude_transfer(tmp_path):
 
 def test_digit_regions_hold_only_their_digits():
     cfg = study_config("transfer=digits_by_digit")
-    from metapeft.transfer import region_configs
-    from metapeft.experiment import build
-
     tasks = {name: build(region).task for name, region in region_configs(cfg).items()}
     names = {name: {digit for split in task.class_names.values() for digit, _ in split} for name, task in tasks.items()}
     assert names == {"digits_0_4": {0, 1, 2, 3, 4}, "digits_5_9": {5, 6, 7, 8, 9}}
