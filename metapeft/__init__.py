@@ -1,5 +1,5 @@
-"""metapeft: meta-learning parameter-efficient adapters for few-shot learning, on MLX."""
-from metapeft import affinity, blas
+"""metapeft: meta-learning parameter-efficient adapters for few-shot learning, on MLX.
 
-blas.configure()  # before any module imports mlx.core: see metapeft/blas.py
-affinity.record_mlx_threads()  # starts MLX's CPU stream thread and notes which it is: see metapeft/affinity.py
+Importing metapeft or any of its modules loads no MLX and starts nothing: MLX is loaded, after the BLAS it should
+use, at its first use (``metapeft.backend``).
+"""

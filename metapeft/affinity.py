@@ -28,19 +28,23 @@ def _thread_ids() -> set[int]:
     return {int(t) for t in os.listdir("/proc/self/task")}
 
 
-def record_mlx_threads() -> None:
-    """Start MLX's CPU stream thread and remember its id. Call once, before other libraries start threads."""
+def record_mlx_threads(mx) -> None:
+    """Start MLX's CPU stream thread and remember its id (``metapeft.backend.load`` calls this, once, with
+    ``mlx.core`` just imported and before MLX has run anything)."""
     global _mlx_threads
     if not sys.platform.startswith("linux"):
         return
     try:
         before = _thread_ids()
-        import mlx.core as mx
-
         mx.eval(mx.add(mx.array(1.0, dtype=mx.float32), 1.0, stream=mx.cpu))  # the CPU stream's thread starts here
         _mlx_threads = _thread_ids() - before
     except OSError:  # no /proc: colocate() will say the thread was not identified
         _mlx_threads = set()
+
+
+def mlx_threads() -> set[int]:
+    """The ids of MLX's stream threads, as recorded when MLX was loaded (empty if not identified)."""
+    return set(_mlx_threads)
 
 
 def status() -> dict:
@@ -48,13 +52,15 @@ def status() -> dict:
 
 
 def colocate(enabled: bool = True) -> dict:
-    """Pin the calling (main) thread and MLX's CPU stream thread to the core the calling thread runs on now."""
+    """Pin the calling (main) thread and MLX's CPU stream thread to the core the calling thread runs on now.
+    Needs MLX loaded (``metapeft.backend.load()``), which identifies the stream thread."""
     global _status
     if not enabled or os.environ.get("METAPEFT_COLOCATE", "auto") == "off":
         _status = {"colocated": False, "reason": "off" if enabled else "parallel sweep job"}
         return status()
     if not _mlx_threads:
-        _status = {"colocated": False, "reason": f"MLX's stream thread not identified on {sys.platform}"}
+        _status = {"colocated": False, "reason": f"MLX's stream thread not identified on {sys.platform} (was MLX "
+                                                 "loaded through metapeft.backend before it ran anything?)"}
         return status()
     try:
         core = ctypes.CDLL(None).sched_getcpu()

@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
+from metapeft.backend import mx
+from metapeft.build import Experiment, build
 from metapeft.checkpoint import load_checkpoint, saved_config
-from metapeft.experiment import Experiment, build
 
 
 @dataclass

@@ -7,7 +7,7 @@ compiler are present, a tiny shim (``_blas_shim.c``) that forwards ``cblas_sgemm
 once into the cache directory and loaded into the global symbol scope before MLX, so MLX's calls resolve to
 OpenBLAS. Everything else stays MLX's own.
 
-Control with environment variables, read when ``metapeft`` is first imported (so import it before ``mlx``):
+Control with environment variables, read at metapeft's first use of MLX (``metapeft.backend.load``):
 ``METAPEFT_BLAS=auto`` (default: OpenBLAS where available, else the bundled BLAS), ``bundled`` (off) or
 ``openblas`` (required: fail if unavailable); ``METAPEFT_BLAS_THREADS=N`` sets OpenBLAS's thread count (parallel
 sweep jobs set 1 so they do not oversubscribe cores). ``status()`` says what is in use; runs record it.

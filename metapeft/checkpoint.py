@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import mlx.core as mx
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlx.utils import tree_flatten, tree_unflatten
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metapeft import io
+from metapeft.backend import mx
 from metapeft.config import GROUPS
 from metapeft.errors import ConfigError
 
@@ -81,10 +81,12 @@ def _load_flat(path: Path) -> dict[str, mx.array]:
 
 
 def _check(name: str, loaded: dict[str, mx.array], expected: dict, path: Path) -> dict:
-    """``loaded`` arranged as ``expected`` if every name, shape and dtype matches; else a ConfigError saying what differs."""
+    """``loaded`` arranged as ``expected`` if every name, shape and dtype matches; else a ConfigError saying what
+    differs."""
     want = dict(tree_flatten(expected))
     missing, extra = sorted(want.keys() - loaded.keys()), sorted(loaded.keys() - want.keys())
-    shapes = [f"{k}: checkpoint {tuple(loaded[k].shape)} {loaded[k].dtype}, config {tuple(want[k].shape)} {want[k].dtype}"
+    shapes = [f"{k}: checkpoint {tuple(loaded[k].shape)} {loaded[k].dtype}, "
+              f"config {tuple(want[k].shape)} {want[k].dtype}"
               for k in sorted(want.keys() & loaded.keys())
               if loaded[k].shape != want[k].shape or loaded[k].dtype != want[k].dtype]
     if missing or extra or shapes:

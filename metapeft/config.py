@@ -6,13 +6,14 @@ registered by ``metapeft.registry``. A mistyped key or a wrong type fails at com
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from metapeft.errors import ConfigError
-
+from metapeft.errors import require
+from metapeft.registry import TASKS, import_submodules
 
 GROUPS = ("algorithm", "peft", "shots", "mode", "task", "model")  # the config groups every run chooses from
 
@@ -52,6 +53,19 @@ class PretrainConfig:
     cache_dir: str = "${oc.env:METAPEFT_CACHE_DIR,'~/.cache/metapeft'}"
 
 
+class Keep(StrEnum):
+    """The meta-parameters a run evaluates and saves."""
+
+    last = "last"
+    best_val = "best_val"  # those with the best validation metric seen (early stopping's choice)
+
+
+# Keys that do not change what a job computes: ignored when deciding whether a stored result is this job's
+# (``metapeft.sweep``), and left out of a sweep job's directory name together with ``experiment`` (whose own
+# settings a name could not show anyway).
+NON_IDENTIFYING_KEYS = ("resume", "progress", "pretrain.cache_dir")
+
+
 @dataclass
 class RunConfig:
     algorithm: Any = MISSING
@@ -63,44 +77,35 @@ class RunConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     seed: int = 0
-    progress: bool = True
+    progress: bool = True  # tqdm progress bars
     resume: bool = False  # in a sweep: skip jobs whose directory holds a completed result for the same overrides
-    train: bool = True  # false: evaluate the meta-learned state in `checkpoint` instead of meta-training
-    checkpoint: Optional[str] = None  # a run's checkpoint/ directory
-    keep: str = "last"  # the meta-parameters a run evaluates and saves: last, or best_val (best validation metric)
+    train: bool = True  # false (with checkpoint=<run dir>): evaluate a saved run instead of meta-training
+    checkpoint: Optional[str] = None  # a run directory or its checkpoint/ folder
+    keep: Keep = Keep.last
     patience: Optional[int] = None  # with keep=best_val: stop after this many validations without improvement
-    transfer: Any = None  # a transfer study (runners/transfer.py); see metapeft.transfer
+    transfer: Any = None  # a transfer study (runners/transfer.py, which registers its schema)
 
 
-_registered = False
-
-# ${by_mode:${mode.name},QUICK,FULL}: a value that depends on the mode, e.g. the number of search trials.
-OmegaConf.register_new_resolver("by_mode", lambda mode, quick, full: quick if mode == "quick" else full,
-                                replace=True)
+def optimization_direction(task_name: str) -> str:
+    """How a sweeper treats a task's validation metric, from the task family itself (not restated in YAML)."""
+    return "maximize" if TASKS.get(task_name).higher_is_better else "minimize"
 
 
 def register_configs() -> None:
-    """Populate Hydra's ConfigStore with every schema. Call before composing a config."""
-    global _registered
-    if _registered:
-        return
+    """Populate Hydra's ConfigStore with every schema and register the resolvers the YAML files use. Call before
+    composing a config; importing the implementations loads no MLX (``metapeft.backend``)."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="schema/shots", name="shots", node=ShotsConfig)
     cs.store(group="schema/mode", name="mode", node=ModeConfig)
-    from metapeft.transfer import TransferConfig
-
-    cs.store(group="schema/transfer", name="transfer", node=TransferConfig)
-    from metapeft.registry import import_submodules
-
     for package in ("metapeft.algorithms", "metapeft.tasks", "metapeft.models", "metapeft.peft"):
         import_submodules(package)
-    _registered = True
-
-
-def require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(key, message)
+    # ${by_mode:${mode.name},QUICK,FULL}: a value that depends on the mode, e.g. the number of search trials.
+    OmegaConf.register_new_resolver("by_mode", lambda mode, quick, full: quick if mode == "quick" else full,
+                                    replace=True)
+    OmegaConf.register_new_resolver("direction", optimization_direction, replace=True)
+    OmegaConf.register_new_resolver("job_dirname_excluded_keys", lambda: [*NON_IDENTIFYING_KEYS, "experiment"],
+                                    replace=True)
 
 
 def validate_common(cfg: Any) -> None:
@@ -125,10 +130,9 @@ def validate_common(cfg: Any) -> None:
             "train=false evaluates a saved run: give checkpoint=<run dir>/checkpoint")
     require(not (cfg.train and cfg.checkpoint is not None), "train",
             "continuing meta-training from a checkpoint is not supported; add train=false to evaluate it")
-    require(cfg.keep in ("last", "best_val"), "keep", f"must be last or best_val, got {cfg.keep}")
     if cfg.patience is not None:
         require(cfg.patience >= 1, "patience",
                 f"must be >= 1 validations (or null: never stop early), got {cfg.patience}")
-        require(cfg.keep == "best_val", "patience",
+        require(cfg.keep == Keep.best_val, "patience",
                 "early stopping keeps the best validated parameters: add keep=best_val")
     require(cfg.evaluation.chunk_size > 0, "evaluation.chunk_size", f"must be > 0, got {cfg.evaluation.chunk_size}")

@@ -13,15 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from mlx.utils import tree_flatten
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-
-from metapeft import io  # noqa: E402
+from metapeft import io
+from metapeft.backend import mx
 
 MEASURES = ("cosine", "rbf")
 
@@ -31,7 +28,8 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / norm if norm > 0 else v
 
 
-def fisher_embedding(exp, meta: dict, frozen: dict, xs: mx.array, ys: mx.array, num_steps: int | None = None) -> np.ndarray:
+def fisher_embedding(exp, meta: dict, frozen: dict, xs: mx.array, ys: mx.array,
+                     num_steps: int | None = None) -> np.ndarray:
     """Diagonal empirical Fisher of the adapted parameters on one task's support set (xs, ys)."""
     weights = exp.learner.adapt(meta, frozen, xs, ys, num_steps)
 
@@ -65,7 +63,8 @@ def similarity_matrix(embeddings: Sequence[np.ndarray], measure: str = "cosine")
 
 
 def plot_similarity(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(labels), 1.0 + 0.4 * len(labels)))
+    fig = Figure(figsize=(1.2 + 0.45 * len(labels), 1.0 + 0.4 * len(labels)))
+    ax = fig.subplots()
     image = ax.imshow(matrix, cmap="viridis")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
@@ -73,5 +72,4 @@ def plot_similarity(matrix: np.ndarray, labels: Sequence[str], path: Path, title
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     io.save_figure(fig, path)
-    plt.close(fig)
     return path

@@ -10,6 +10,12 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
 
 
+def require(condition: bool, key: str, message: str) -> None:
+    """Raise ``ConfigError(key, message)`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(key, message)
+
+
 class DivergedError(RuntimeError):
     """The meta-training loss became NaN or infinite."""
 

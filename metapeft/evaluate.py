@@ -1,16 +1,18 @@
-"""Few-shot evaluation: adaptation curves over evaluation tasks, summarized as mean and 95% CI."""
+"""Few-shot evaluation: adaptation curves over evaluation tasks, summarized as mean and 95% CI, for the
+meta-learned initialization and the baseline, on the very same episodes."""
 from __future__ import annotations
 
 from typing import Callable
 
-import mlx.core as mx
 import numpy as np
 
+from metapeft.backend import mx
+from metapeft.build import Experiment
 from metapeft.stats import mean_ci95
 from metapeft.tasks.base import Episodes
 
-StepFn = Callable[[dict, mx.array, mx.array], dict]  # (weights, x_support, y_support) -> weights
-MetricFn = Callable[[dict, mx.array, mx.array], mx.array]  # (weights, x_query, y_query) -> scalar
+StepFn = Callable[[dict, "mx.array", "mx.array"], dict]  # (weights, x_support, y_support) -> weights
+MetricFn = Callable[[dict, "mx.array", "mx.array"], "mx.array"]  # (weights, x_query, y_query) -> scalar
 
 
 def adaptation_curves(start: dict, step: StepFn, metric: MetricFn, episodes: Episodes, num_steps: int,
@@ -46,3 +48,33 @@ def summarize(curves: np.ndarray, report_step: int) -> dict:
         "curve_ci95": [c for _, c in per_step],
         "per_task": [float(v) for v in curves[:, report_step]],  # lets aggregation pool tasks over seeds exactly
     }
+
+
+def learner_curves(exp: Experiment, meta: dict, frozen: dict, episodes: Episodes, num_steps: int) -> np.ndarray:
+    """Query metric after 0..num_steps of the algorithm's own inner steps from the meta-parameters ``meta``."""
+    return adaptation_curves(meta["weights"], lambda w, x, y: exp.learner.inner_step(meta, w, frozen, x, y),
+                             lambda w, x, y: exp.metric(w, frozen, x, y), episodes, num_steps,
+                             exp.cfg.evaluation.chunk_size)
+
+
+def plain_init_curves(exp: Experiment, plain: dict, frozen: dict, episodes: Episodes, num_steps: int) -> np.ndarray:
+    """The baseline: the same model and method from its plain (not meta-learned) initialization, adapted by the
+    algorithm's own update rule with nothing meta-learned in it (Meta-SGD: every rate at its initial value)."""
+    return learner_curves(exp, exp.learner.meta_parameters(plain), frozen, episodes, num_steps)
+
+
+def evaluate_shots(exp: Experiment, meta: dict, plain: dict, frozen: dict) -> dict:
+    """Adapt the meta-learned and the plain initialization on the same test episodes, for every K."""
+    cfg = exp.cfg
+    steps, curve_steps = cfg.evaluation.num_inner_steps, cfg.evaluation.curve_steps
+    results = {}
+    for k in cfg.shots.eval:
+        # The same episodes for every algorithm, PEFT method and baseline of this seed.
+        episodes = exp.task.sample("test", cfg.mode.num_eval_tasks, k, np.random.default_rng([cfg.seed, 2, k]))
+        results[str(k)] = {
+            "meta_learned": summarize(learner_curves(exp, meta, frozen, episodes, curve_steps), steps),
+            "scratch": summarize(plain_init_curves(exp, plain, frozen, episodes, curve_steps), steps),
+        }
+    return {"metric": exp.task.metric_name, "higher_is_better": exp.task.higher_is_better,
+            "num_inner_steps": steps, "curve_steps": curve_steps, "num_tasks": cfg.mode.num_eval_tasks,
+            "baseline": "scratch", "shots": results}

@@ -8,8 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
+
+from metapeft.backend import mx
 
 
 def _replace_atomically(path: Path, write) -> None:

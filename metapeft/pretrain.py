@@ -13,13 +13,12 @@ import json
 import logging
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.optimizers as optim
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from metapeft import io
+from metapeft.backend import mx, optim
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1

@@ -18,6 +18,7 @@ class Registry:
     def __init__(self, group: str):
         self.group = group
         self._entries: dict[str, Any] = {}
+        self._schemas: dict[str, type] = {}
 
     def register(self, name: str, schema: type) -> Callable[[Any], Any]:
         """Register an implementation and store ``schema`` as ``schema/<group>/<name>`` in Hydra's ConfigStore.
@@ -27,6 +28,7 @@ class Registry:
 
         def decorator(obj: Any) -> Any:
             self._entries[name] = obj
+            self._schemas[name] = schema
             ConfigStore.instance().store(group=f"schema/{self.group}", name=name, node=schema)
             return obj
 
@@ -36,6 +38,10 @@ class Registry:
         if name not in self._entries:
             raise ConfigError(f"{self.group}.name", f"unknown {self.group} '{name}'; valid: {sorted(self._entries)}")
         return self._entries[name]
+
+    def schema(self, name: str) -> type:
+        self.get(name)  # an unknown name is refused the same way
+        return self._schemas[name]
 
     def names(self) -> list[str]:
         return sorted(self._entries)

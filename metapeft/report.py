@@ -9,17 +9,14 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-
-from metapeft import io  # noqa: E402
-from metapeft.config import GROUPS  # noqa: E402
-from metapeft.stats import mean_ci95  # noqa: E402
+from metapeft import io
+from metapeft.config import GROUPS
+from metapeft.stats import mean_ci95
 
 
 class ReportError(ValueError):
@@ -113,7 +110,8 @@ def comparison(frame: pd.DataFrame) -> pd.DataFrame:
         done = runs[runs.status == "completed"]
         row = {"task": task, "algorithm": algorithm, "peft": peft, "runs": len(runs), "completed": len(done)}
         bad = runs[runs.status != "completed"]
-        row["status"] = "completed" if bad.empty else ", ".join(f"{s}: {n}" for s, n in bad.status.value_counts().items())
+        counts = bad.status.value_counts().items()
+        row["status"] = "completed" if bad.empty else ", ".join(f"{s}: {n}" for s, n in counts)
         if not done.empty:
             row["metric"] = done.metric.iloc[0]
             for k in eval_shots(done):
@@ -149,7 +147,6 @@ def _labels(table: pd.DataFrame) -> list[str]:
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     io.save_figure(fig, path)
-    plt.close(fig)
     return path
 
 
@@ -164,7 +161,8 @@ def plot_all(frame: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> list[Pa
         labels = _labels(task_table)
         x = np.arange(len(labels))
 
-        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4))
+        fig = Figure(figsize=(max(6, 0.9 * len(labels) + 2), 4))
+        ax = fig.subplots()
         width = 0.8 / (len(shots) + 1)
         for i, k in enumerate(shots):
             ax.bar(x + i * width, task_table[f"_{k}-shot mean"], width, yerr=task_table[f"_{k}-shot ci95"],
@@ -179,13 +177,15 @@ def plot_all(frame: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> list[Pa
         ax.legend(fontsize=8)
         plots.append(_save(fig, out_dir / f"{task}_kshot.png"))
 
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         for _, run in runs.iterrows():
             history = Path(run.job_dir) / "history.csv"
             if history.exists():
                 loss = pd.read_csv(history)["loss"]
                 window = max(1, len(loss) // 50)
-                ax.plot(loss.rolling(window, min_periods=1).mean(), label=f"{run.algorithm}+{run.peft} (seed {run.seed})")
+                ax.plot(loss.rolling(window, min_periods=1).mean(),
+                        label=f"{run.algorithm}+{run.peft} (seed {run.seed})")
         ax.set_xlabel("meta-iteration")
         ax.set_ylabel("meta-training query loss (moving average)")
         ax.set_yscale("log")
@@ -193,7 +193,8 @@ def plot_all(frame: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> list[Pa
         ax.legend(fontsize=7)
         plots.append(_save(fig, out_dir / f"{task}_training_curves.png"))
 
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         k = shots[len(shots) // 2]
         ax.errorbar(task_table["adapted params"], task_table[f"_{k}-shot mean"], yerr=task_table[f"_{k}-shot ci95"],
                     fmt="o", capsize=3)
@@ -205,7 +206,8 @@ def plot_all(frame: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> list[Pa
         ax.set_title(f"{task}: parameter efficiency")
         plots.append(_save(fig, out_dir / f"{task}_efficiency.png"))
 
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         for _, run in runs.iterrows():
             curve = run[f"_{k}shot.meta_learned.curve"]
             ax.plot(range(len(curve)), curve, marker=".", label=f"{run.algorithm}+{run.peft} (seed {run.seed})")
@@ -215,7 +217,8 @@ def plot_all(frame: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> list[Pa
         ax.legend(fontsize=7)
         plots.append(_save(fig, out_dir / f"{task}_adaptation.png"))
 
-        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels) + 2), 4))
+        fig = Figure(figsize=(max(6, 0.6 * len(labels) + 2), 4))
+        ax = fig.subplots()
         ax.bar(labels, 1e3 * task_table["s/iteration"])
         ax.set_ylabel("milliseconds per meta-iteration")
         ax.set_title(f"{task}: meta-training time per iteration")

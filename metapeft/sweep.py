@@ -9,12 +9,10 @@ from typing import Any, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from metapeft.config import NON_IDENTIFYING_KEYS
 from metapeft.launchers import missing_plugin
 
 log = logging.getLogger("metapeft.sweep")
-
-# Keys that do not change what a job computes: ignored when deciding whether a stored result is this job's.
-NON_IDENTIFYING_KEYS = ("resume", "progress", "pretrain.cache_dir")
 
 
 def identifying(overrides: Sequence[str]) -> list[str]:

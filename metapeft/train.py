@@ -4,12 +4,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
-import mlx.core as mx
 from tqdm import tqdm
 
 from metapeft.algorithms.base import MetaLearner
+from metapeft.backend import mx
 from metapeft.errors import DivergedError
 from metapeft.tasks.base import Episodes
 
@@ -50,7 +50,8 @@ def meta_train(
     val_interval: int,
     log: TrainLog,
     progress: bool = True,
-    after_step: Callable[[dict, dict, dict, int, int], dict] | None = None,
+    after_step: Callable[[dict, dict, dict, Any, int, int], tuple[dict, Any]] | None = None,
+    after_step_state: Any = None,
     better: Callable[[float, float], bool] | None = None,
     patience: int | None = None,
     keep_from: int = 0,
@@ -60,7 +61,8 @@ def meta_train(
     Given ``patience`` too, training stops once that many validations in a row have not been better. Validations
     before iteration ``keep_from`` are recorded but neither kept nor counted.
 
-    ``after_step(meta_weights, meta_grads, frozen, iteration, num_iterations) -> frozen`` runs between iterations.
+    ``after_step(meta_weights, meta_grads, frozen, state, iteration, num_iterations) -> (frozen, state)`` runs
+    between iterations, its state (``after_step_state`` at first) passed from one call to the next.
     """
     optimizer = learner.make_optimizer(num_iterations)
     optimizer.init(meta)
@@ -77,7 +79,8 @@ def meta_train(
         if not math.isfinite(loss):
             raise DivergedError(iteration, loss)
         if after_step is not None:
-            frozen = after_step(meta["weights"], grads["weights"], frozen, iteration, num_iterations)
+            frozen, after_step_state = after_step(meta["weights"], grads["weights"], frozen, after_step_state,
+                                                  iteration, num_iterations)
         log.step_seconds += time.perf_counter() - start
         log.iterations = iteration + 1
         if iteration % val_interval == 0 or iteration == num_iterations - 1:

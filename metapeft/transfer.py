@@ -15,39 +15,52 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Dict
 
-import matplotlib
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from matplotlib.figure import Figure
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-
-from metapeft import io  # noqa: E402
-from metapeft.api import LearnedInitialization, load_run  # noqa: E402
-from metapeft.config import require  # noqa: E402
-from metapeft.embeddings import MEASURES, fisher_embedding, similarity_matrix, statistics_embedding  # noqa: E402
-from metapeft.errors import ConfigError  # noqa: E402
-from metapeft.experiment import build, initial_state, meta_learned_curves, run, scratch_curves  # noqa: E402
-from metapeft.stats import mean_ci95, mean_ci95_record  # noqa: E402
-from metapeft.tasks.base import Episodes  # noqa: E402
-from metapeft.tasks.classification import ClassImagesTask  # noqa: E402
+from metapeft import io
+from metapeft.api import LearnedInitialization, load_run
+from metapeft.backend import mx
+from metapeft.build import build, initial_state
+from metapeft.embeddings import fisher_embedding, similarity_matrix, statistics_embedding
+from metapeft.errors import ConfigError, require
+from metapeft.evaluate import learner_curves, plain_init_curves
+from metapeft.experiment import run
+from metapeft.stats import mean_ci95, mean_ci95_record
+from metapeft.tasks.base import Episodes
+from metapeft.tasks.classification import ClassImagesTask
 
 log = logging.getLogger("metapeft")
-EMBEDDINGS = ("statistics", "fisher")
+
+
+class Embedding(StrEnum):
+    statistics = "statistics"  # input and label moments of the support set
+    fisher = "fisher"  # Task2Vec's, with the first source as the common probe network
+
+
+class Similarity(StrEnum):
+    cosine = "cosine"
+    rbf = "rbf"
 
 
 @dataclass
 class TransferConfig:
     name: str = MISSING
     regions: Dict[str, Any] = MISSING  # region name -> task keys that define it
-    embedding: str = "statistics"  # or "fisher": Task2Vec's, with the first source as the common probe network
-    similarity: str = "cosine"  # or "rbf"
+    embedding: Embedding = Embedding.statistics
+    similarity: Similarity = Similarity.cosine
     num_embedding_tasks: int = 20  # meta-train tasks that represent a source in the library
+
+
+# conf/transfer/*.yaml select this schema; runners/transfer.py imports this module before composing.
+ConfigStore.instance().store(group="schema/transfer", name="transfer", node=TransferConfig)
 
 
 def region_configs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -56,8 +69,6 @@ def region_configs(cfg: DictConfig) -> dict[str, DictConfig]:
             "choose a transfer study, e.g. transfer=sinusoid_amplitude (options: conf/transfer/)")
     study = cfg.transfer
     require(len(study.regions) >= 2, "transfer.regions", f"needs at least two regions, got {list(study.regions)}")
-    require(study.embedding in EMBEDDINGS, "transfer.embedding", f"valid: {list(EMBEDDINGS)}, got {study.embedding}")
-    require(study.similarity in MEASURES, "transfer.similarity", f"valid: {list(MEASURES)}, got {study.similarity}")
     require(study.num_embedding_tasks >= 1, "transfer.num_embedding_tasks", f"must be >= 1, got "
             f"{study.num_embedding_tasks}")
     configs = {}
@@ -78,7 +89,7 @@ def per_task_metric(curves: np.ndarray, cfg: DictConfig) -> np.ndarray:
 
 
 def embed(study: DictConfig, probe: LearnedInitialization, xs: mx.array, ys: mx.array) -> np.ndarray:
-    if study.embedding == "fisher":
+    if study.embedding == Embedding.fisher:
         return fisher_embedding(probe.experiment, probe.meta, probe.frozen, xs, ys)
     task = probe.experiment.task
     return statistics_embedding(xs, ys, task.output_dim if isinstance(task, ClassImagesTask) else None)
@@ -101,12 +112,13 @@ def transfer_study(cfg: DictConfig, out_dir: Path) -> dict:
         log.info("transfer: meta-training the %s source", source)
         run(region, out_dir / "sources" / source)
         learned = sources[source] = load_run(out_dir / "sources" / source)
-        _, frozen_init, _, scratch, _, _ = initial_state(learned.experiment)
+        start = initial_state(learned.experiment)
         steps = cfg.evaluation.curve_steps
         for target, episodes in targets.items():
             ours = scores[source, target] = per_task_metric(
-                meta_learned_curves(learned.experiment, learned.meta, learned.frozen, episodes, steps), cfg)
-            base = per_task_metric(scratch_curves(learned.experiment, scratch, frozen_init, episodes, steps), cfg)
+                learner_curves(learned.experiment, learned.meta, learned.frozen, episodes, steps), cfg)
+            base = per_task_metric(
+                plain_init_curves(learned.experiment, start.plain, start.frozen, episodes, steps), cfg)
             gain, gain_ci = mean_ci95(sign * (ours - base))
             matrix.append({"source": source, "target": target, "gain": gain, "gain_ci95": gain_ci,
                            "meta_learned": mean_ci95_record(ours),
@@ -165,7 +177,8 @@ def plot_transfer(result: dict, names: list[str], path: Path) -> None:
     cells = {(c["source"], c["target"]): c for c in result["matrix"]}
     gains = np.array([[cells[s, t]["gain"] for t in names] for s in names])
     limit = max(np.abs(gains).max(), 1e-12)
-    fig, ax = plt.subplots(figsize=(2.5 + 1.2 * len(names), 1.8 + 0.9 * len(names)))
+    fig = Figure(figsize=(2.5 + 1.2 * len(names), 1.8 + 0.9 * len(names)))
+    ax = fig.subplots()
     image = ax.imshow(gains, cmap="RdBu", vmin=-limit, vmax=limit)
     for i, s in enumerate(names):
         for j, t in enumerate(names):
@@ -180,4 +193,3 @@ def plot_transfer(result: dict, names: list[str], path: Path) -> None:
     ax.set_title(f"{result['shots']}-shot transfer, {result['num_tasks']} tasks per target", fontsize=9)
     fig.tight_layout()
     io.save_figure(fig, path)
-    plt.close(fig)

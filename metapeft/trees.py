@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import mlx.core as mx
 from mlx.utils import tree_flatten
+
+from metapeft.backend import mx
 
 Path = tuple  # keys (str) and list indices (int) from the root
 
@@ -66,3 +67,14 @@ def count(tree: Any) -> int:
 
 def nbytes(tree: Any) -> int:
     return sum(v.nbytes for _, v in tree_flatten(tree))
+
+
+def paths_holding(tree: Any, key: str, path: Path = ()) -> list[Path]:
+    """The paths of the dicts in ``tree`` that hold ``key`` (e.g. every layer carrying an AdaLoRA mask)."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return [path]
+        return [p for k, child in tree.items() for p in paths_holding(child, key, (*path, k))]
+    if isinstance(tree, list):
+        return [p for i, child in enumerate(tree) for p in paths_holding(child, key, (*path, i))]
+    return []

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import mlx.core as mx
 import numpy as np
 import pandas as pd
 
 from metapeft.api import LearnedInitialization, load_run
+from metapeft.backend import mx
+from metapeft.build import build
 from metapeft.embeddings import MEASURES, fisher_embedding, plot_similarity, similarity_matrix, statistics_embedding
-from metapeft.experiment import build, run
+from metapeft.experiment import run
 from metapeft.registry import PEFT_METHODS
 from metapeft.tasks.digits import rotated_digit_classes
 from metapeft.transfer import transfer_study
@@ -59,7 +60,8 @@ def check_convergence(suite: Suite) -> tuple[bool, dict]:
         suite.run(task)
         loss = pd.read_csv(suite.out_dir / task / "history.csv")["loss"].to_numpy()
         tenth = max(1, len(loss) // 10)
-        measured[task] = {"first_tenth_loss": float(loss[:tenth].mean()), "last_tenth_loss": float(loss[-tenth:].mean())}
+        measured[task] = {"first_tenth_loss": float(loss[:tenth].mean()),
+                          "last_tenth_loss": float(loss[-tenth:].mean())}
     return all(m["last_tenth_loss"] < m["first_tenth_loss"] for m in measured.values()), measured
 
 

@@ -12,9 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from metapeft.report import ReportError, public, write_report  # noqa: E402
+from metapeft.report import ReportError, public, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(public(result["table"]).to_markdown(index=False, floatfmt=".4g"))
-    print(f"\n{result['completed']} of {result['runs']} runs completed; report in {args.out or args.sweep_dirs[0] / 'report'}")
+    out = args.out or args.sweep_dirs[0] / "report"
+    print(f"\n{result['completed']} of {result['runs']} runs completed; report in {out}")
     return 0
 
 

@@ -20,17 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, and runners.bench_peers
+import numpy as np
+from hydra import compose, initialize_config_dir
+from mlx.utils import tree_map
 
-from metapeft import affinity, blas, io  # noqa: E402  (before mlx)
-import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_map  # noqa: E402
-import numpy as np  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+from metapeft import affinity, blas, io
+from metapeft.backend import mx
+from metapeft.build import build
+from metapeft.config import register_configs
+from metapeft.train import TrainLog, compiled_meta_step, meta_train
 
-from metapeft.config import register_configs  # noqa: E402
-from metapeft.experiment import build  # noqa: E402
-from metapeft.train import TrainLog, compiled_meta_step, meta_train  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runners.bench_peers, run as a script
 from runners.bench_peers import PEERS, Spec, time_steps  # noqa: E402  (JAX and PyTorch load only when used)
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -100,12 +100,12 @@ def memory_workload(overrides: list[str], checkpoints: list[int]) -> dict:
     cfg, rng, readings = exp.cfg, np.random.default_rng(0), {}
     mx.reset_peak_memory()
 
-    def record(weights, grads, frozen, iteration, num_iterations):
+    def record(weights, grads, frozen, state, iteration, num_iterations):
         if iteration + 1 in checkpoints:
             readings[str(iteration + 1)] = {"mlx_peak_mb": mx.get_peak_memory() / 2**20,
                                             "mlx_active_mb": mx.get_active_memory() / 2**20,
                                             "rss_mb": current_rss_mb(), "seconds": time.perf_counter() - start}
-        return frozen
+        return frozen, state
 
     start = time.perf_counter()
     meta_train(exp.learner, meta, frozen,

@@ -3,13 +3,10 @@
     python runners/blas_check.py                  # OpenBLAS where available (the default)
     METAPEFT_BLAS=bundled python runners/blas_check.py
 """
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metapeft import blas  # noqa: E402  (configures the BLAS before mlx is imported)
-import mlx.core as mx  # noqa: E402
+from metapeft import blas
+from metapeft.backend import mx  # loads the BLAS chosen by METAPEFT_BLAS, then MLX
 
 print(blas.status())
 a, b = mx.random.normal((250, 40)), mx.random.normal((40, 40))

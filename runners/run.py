@@ -17,14 +17,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from metapeft import affinity, blas  # noqa: E402  (before mlx: see metapeft/blas.py)
-from metapeft.config import register_configs  # noqa: E402
-from metapeft.errors import ConfigError, DivergedError  # noqa: E402
-from metapeft.experiment import run  # noqa: E402
-from metapeft.launchers import threads_per_job  # noqa: E402
-from metapeft.sweep import completed_metrics  # noqa: E402
+from metapeft import affinity, backend, blas
+from metapeft.config import register_configs
+from metapeft.errors import ConfigError, DivergedError
+from metapeft.experiment import run
+from metapeft.launchers import threads_per_job
+from metapeft.sweep import completed_metrics
 
 log = logging.getLogger("metapeft")
 register_configs()
@@ -48,6 +46,7 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.resume and (done := completed_metrics(out_dir, overrides)) is not None:
         log.info("resume: %s already completed with these overrides; skipped", out_dir)
         return validation_objective(done)
+    backend.load()  # the BLAS, then MLX (--help and --cfg never get here: they load neither)
     side_by_side = sweeping and (threads := threads_per_job(hydra_cfg.launcher)) is not None
     if side_by_side:
         blas.set_threads(threads)  # parallel jobs share the cores

@@ -15,12 +15,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from metapeft import affinity  # noqa: E402  (importing metapeft selects the BLAS before mlx is imported)
-from metapeft.config import register_configs  # noqa: E402
-from metapeft.errors import ConfigError  # noqa: E402
-from metapeft.transfer import transfer_study  # noqa: E402
+from metapeft import affinity, backend
+from metapeft.config import register_configs
+from metapeft.errors import ConfigError
+from metapeft.transfer import transfer_study  # registers the transfer schema
 
 log = logging.getLogger("metapeft")
 register_configs()
@@ -47,6 +45,7 @@ def table(result: dict) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="transfer_study")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    backend.load()
     affinity.colocate()  # one process, runs one after another: as a single run of runners/run.py
     try:
         result = transfer_study(cfg, out_dir)

@@ -18,11 +18,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_original_cwd
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from metapeft import affinity, io  # noqa: E402
-from metapeft.config import register_configs  # noqa: E402
-from metapeft.validation import Suite, validate  # noqa: E402
+from metapeft import affinity, backend, io
+from metapeft.config import register_configs
+from metapeft.validation import Suite, validate
 
 log = logging.getLogger("metapeft")
 register_configs()
@@ -35,6 +33,7 @@ def compose_config(*overrides: str, config_name: str = "config") -> DictConfig:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     runs = Path(HydraConfig.get().runtime.output_dir)
+    backend.load()
     affinity.colocate()  # one process, runs one after another: as a single run of runners/run.py
     suite = Suite(compose_config, runs, common=tuple(HydraConfig.get().overrides.task))
     results = validate(suite, lambda name, result: log.info("%-22s %s%s", name, result["status"],

@@ -1,22 +1,12 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 
-from metapeft.config import register_configs
+from helpers import compose_config
+from metapeft import backend
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-REPO = Path(__file__).resolve().parents[1]
-
-
-def compose_config(*overrides: str, config_name: str = "config"):
-    """Compose the runner's config in-process, as ``python runners/run.py OVERRIDES`` would
-    (``config_name="transfer_study"``: as ``runners/transfer.py`` would)."""
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        return compose(config_name=config_name, overrides=["progress=false", *overrides])
+# Load the BLAS and MLX as the runners do, before any test module imports mlx.core itself.
+backend.load()
 
 
 @pytest.fixture

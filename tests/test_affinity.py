@@ -18,8 +18,8 @@ def cpu_ticks(thread: int) -> int:
 
 
 def test_the_recorded_thread_is_the_one_that_runs_mlx_work():
-    assert len(affinity._mlx_threads) == 1
-    (thread,) = affinity._mlx_threads
+    assert len(affinity.mlx_threads()) == 1
+    (thread,) = affinity.mlx_threads()
     before = cpu_ticks(thread)
     x = mx.random.normal((1000, 1000))
     for _ in range(40):  # elementwise work: MLX's own kernels, on its stream thread
@@ -29,7 +29,7 @@ def test_the_recorded_thread_is_the_one_that_runs_mlx_work():
 
 
 def test_colocate_pins_the_main_and_stream_threads_to_one_core_and_release_gives_them_back():
-    (thread,) = affinity._mlx_threads
+    (thread,) = affinity.mlx_threads()
     main_before, stream_before = os.sched_getaffinity(0), os.sched_getaffinity(thread)
     with affinity.colocated() as placement:
         assert placement["colocated"], placement

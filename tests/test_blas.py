@@ -9,17 +9,17 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from metapeft import blas
 
 SCRIPT = """
 import json
-from metapeft import blas
-import mlx.core as mx
-from mlx.utils import tree_flatten
-from tests.conftest import compose_config
-from metapeft.experiment import build
 import numpy as np
+from mlx.utils import tree_flatten
+from metapeft import blas
+from metapeft.backend import mx
+from metapeft.build import build
+from tests.helpers import compose_config
 exp = build(compose_config("task=digits", "algorithm.num_inner_steps=2"))
 weights = exp.peft.init_adapted({}, mx.random.key(0), None)
 meta = exp.learner.meta_parameters(weights)
@@ -47,5 +47,6 @@ def test_openblas_gives_the_bundled_blas_results():
 
 def test_unknown_blas_setting_is_refused():
     env = {**os.environ, "METAPEFT_BLAS": "fastest", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", "import metapeft"], env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", "from metapeft import backend; backend.load()"], env=env,
+                            capture_output=True, text=True)
     assert result.returncode != 0 and "valid values are auto, bundled, openblas" in result.stderr

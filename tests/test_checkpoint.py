@@ -6,8 +6,7 @@ import pytest
 from metapeft.errors import ConfigError
 from metapeft.experiment import run
 
-TINY = ["mode.num_iterations=15", "mode.val_interval=5", "mode.num_val_tasks=4", "mode.num_eval_tasks=8",
-        "pretrain.iterations=20", "task=digits"]
+TINY = ["mode=tiny", "pretrain.iterations=20", "task=digits"]
 
 
 def evaluate_saved(compose_cfg, run_dir, out_dir, *overrides):
@@ -16,7 +15,8 @@ def evaluate_saved(compose_cfg, run_dir, out_dir, *overrides):
     return run(compose_cfg(*command_line), out_dir, overrides=command_line)
 
 
-@pytest.mark.parametrize("overrides", [["algorithm=metasgd"], ["algorithm=maml", "peft=adalora", "peft.tinit=0.1"]])
+@pytest.mark.parametrize("overrides", [["algorithm=metasgd"],
+                                       ["algorithm=fomaml", "peft=adalora", "peft.prune_start=0.1"]])
 def test_evaluating_a_checkpoint_reproduces_the_run(compose_cfg, tmp_path, overrides):
     cache = f"pretrain.cache_dir={tmp_path / 'cache'}"
     trained = run(compose_cfg(*TINY, cache, *overrides), tmp_path / "run")

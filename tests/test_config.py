@@ -1,12 +1,17 @@
 """Config composition, and bad input caught before any training, naming the key."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
+from helpers import CONF_DIR
+from metapeft.build import build
 from metapeft.errors import ConfigError
-from metapeft.experiment import build
 
 
 def test_defaults_compose(compose_cfg):
@@ -67,9 +72,8 @@ def test_wrong_type_is_refused(compose_cfg):
         (["peft=lora", "peft.rank=33"], "peft.rank"),  # attention projections are 32x32
         (["peft=lora", "peft.target_modules=[qkv]"], "peft.target_modules"),
         (["peft=adalora", "peft.target_r=9"], "peft.target_r"),  # init_r is 8
-        (["peft=adalora", "peft.tinit=0.9", "peft.tfinal=0.5"], "peft.tinit"),
+        (["peft=adalora", "peft.prune_start=0.9", "peft.prune_end=0.5"], "peft.prune_start"),
         (["peft=prompt_tuning", "peft.num_virtual_tokens=0"], "peft.num_virtual_tokens"),
-        (["peft=prompt_tuning", "peft.init=zeros"], "peft.init"),
         (["peft=prompt_tuning", "model=mlp"], "model"),
         (["peft=lora", "pretrain.iterations=0"], "pretrain.iterations"),
     ],
@@ -81,15 +85,45 @@ def test_impossible_values_name_their_key(compose_cfg, overrides, key):
     assert key in str(error.value)
 
 
-def test_group_options_are_only_the_real_ones(compose_cfg):
-    """Sweeping ``algorithm='glob(*)'`` must find the four algorithms, not their schemas."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from conftest import CONF_DIR
-
+def test_group_options_are_the_real_ones_not_their_schemas(compose_cfg):
+    """Sweeping ``algorithm='glob(*)'`` must find the algorithms, not their schemas (which live under schema/)."""
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         loader = GlobalHydra.instance().config_loader()
-        assert loader.get_group_options("algorithm") == ["fomaml", "maml", "metasgd", "reptile"]
-        assert loader.get_group_options("peft") == ["adalora", "lora", "none", "prompt_tuning"]
-        assert loader.get_group_options("shots") == ["10shot", "1shot", "5shot"]
+        assert {"fomaml", "maml", "metasgd", "reptile"} <= set(loader.get_group_options("algorithm"))
+        assert {"adalora", "lora", "none", "prompt_tuning"} <= set(loader.get_group_options("peft"))
+        assert {"10shot", "1shot", "5shot"} <= set(loader.get_group_options("shots"))
+        assert "shots" in loader.get_group_options("schema/shots")  # the schema exists, but elsewhere
+        assert "shots" not in loader.get_group_options("shots")
+
+
+@pytest.mark.parametrize("overrides, key", [(["keep=best"], "keep"), (["model.activation=gelu"], "activation"),
+                                            (["peft=prompt_tuning", "peft.init=zeros"], "init")])
+def test_string_choices_are_enums_checked_at_composition(compose_cfg, overrides, key):
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_cfg(*overrides)
+    assert key in f"{error.value} {error.value.__cause__}"
+
+
+def test_the_optimization_direction_comes_from_the_task_and_cannot_be_contradicted(compose_cfg):
+    for task, direction in (("digits", "maximize"), ("sinusoid", "minimize")):
+        cfg = compose_cfg("experiment=hpo_lora", f"task={task}", return_hydra_config=True)
+        assert cfg.hydra.sweeper.direction == direction
+    with pytest.raises(ConfigCompositionException, match="direction"):
+        compose_cfg("task=digits", "task.direction=minimize")
+
+
+def test_every_group_yaml_states_only_what_its_schema_does_not(compose_cfg):
+    """One place for each default: a group option's YAML sets no key to the value its dataclass already gives."""
+    from omegaconf import OmegaConf
+
+    from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS
+
+    for group, registry in (("algorithm", ALGORITHMS), ("task", TASKS), ("model", MODELS), ("peft", PEFT_METHODS)):
+        for name in registry.names():
+            path = Path(CONF_DIR) / group / f"{name}.yaml"
+            if not path.exists():
+                continue
+            stated = {k: v for k, v in OmegaConf.load(path).items() if k != "defaults"}
+            schema = OmegaConf.structured(registry.schema(name))
+            same = [k for k, v in stated.items() if k in schema and schema[k] == v]
+            assert not same, f"{path}: {same} restate the defaults of {registry.schema(name).__name__}"

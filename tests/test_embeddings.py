@@ -13,7 +13,7 @@ from metapeft.tasks.digits import rotated_digit_classes
 
 @pytest.fixture(scope="module")
 def sinusoid_run(tmp_path_factory):
-    from conftest import compose_config
+    from helpers import compose_config
     out = tmp_path_factory.mktemp("sinusoid")
     run(compose_config("task=sinusoid", "mode.num_iterations=300", "mode.num_eval_tasks=10"), out)
     return load_run(out)

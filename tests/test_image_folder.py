@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from metapeft.build import build
 from metapeft.errors import ConfigError
-from metapeft.experiment import build, run
+from metapeft.experiment import run
 
 TINY = ["mode.num_iterations=10", "mode.val_interval=5", "mode.num_val_tasks=4", "mode.num_eval_tasks=6",
         "shots.train=1", "shots.eval=[1,2]", "task.num_query=4", "task.image_size=12"]

@@ -16,7 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, REPO
+from helpers import CONF_DIR, REPO
 from metapeft.config import register_configs
 from metapeft.launchers import missing_plugin, threads_per_job
 from metapeft.sweep import SweepReport
@@ -45,6 +45,7 @@ def basic_grid(tmp_path_factory):
     return results(sweep_dir)
 
 
+@pytest.mark.slow  # a second sweep through submitit's local executor
 def test_submitit_local_grid_matches_the_basic_launcher(basic_grid, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     completed = sweep(tmp_path / "sweep", "hydra/launcher=submitit_local", *GRID)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from metapeft.experiment import build, parameter_counts
+from metapeft.build import build, parameter_counts
+from metapeft.experiment import run
 from metapeft.train import TrainLog, meta_train
-from metapeft.trees import count, get_in, merge
+from metapeft.trees import count, get_in, merge, paths_holding
 
 
 def setup(compose_cfg, *overrides, seed=0):
@@ -75,17 +76,19 @@ def test_parameter_counts_match_hand_computation(compose_cfg):
 
 
 def test_adalora_rank_budget_follows_its_cubic_schedule(compose_cfg):
-    exp, backbone, frozen, adapted = setup(compose_cfg, "peft=adalora", "peft.tinit=0.2", "peft.tfinal=0.7")
+    exp, backbone, frozen, adapted = setup(compose_cfg, "peft=adalora", "peft.prune_start=0.2", "peft.prune_end=0.7")
     peft, layers, iterations = exp.peft, 12, 50
-    assert len(peft.paths) == layers
-    assert peft.budget(10, iterations) == layers * 8 and peft.budget(35, iterations) == layers * 4
-    assert peft.budget(20, iterations) == layers * 4 + int(layers * 4 * (1 - 10 / 25) ** 3)
+    paths = paths_holding(frozen, "ada_mask")
+    assert len(paths) == layers
+    assert peft.budget(10, iterations, layers) == layers * 8 and peft.budget(35, iterations, layers) == layers * 4
+    assert peft.budget(20, iterations, layers) == layers * 4 + int(layers * 4 * (1 - 10 / 25) ** 3)
     rng = np.random.default_rng(0)
+    state = peft.init_meta_state(adapted)
     for iteration in range(iterations):
         noise = tree_map(lambda a: mx.array(rng.normal(size=a.shape), dtype=a.dtype), adapted)
-        frozen = peft.after_meta_step(adapted, noise, frozen, iteration, iterations)
-        active = sum(int(np.array(get_in(frozen, p)["ada_mask"]).sum()) for p in peft.paths)
-        assert active == peft.budget(iteration + 1, iterations), iteration
+        frozen, state = peft.after_meta_step(adapted, noise, frozen, state, iteration, iterations)
+        active = sum(int(np.array(get_in(frozen, p)["ada_mask"]).sum()) for p in paths)
+        assert active == peft.budget(iteration + 1, iterations, layers), iteration
     report = peft.report(frozen)
     assert report["final_total_rank"] == layers * 4 and len(report["final_rank_per_layer"]) == layers
 
@@ -103,13 +106,14 @@ def test_every_pair_lowers_the_meta_loss_and_keeps_the_backbone(compose_cfg, alg
     # inner_lr 0.1: at digits' default 0.5, FOMAML's first-order gradient is too biased to descend reliably
     exp, backbone, frozen, adapted = setup(compose_cfg, f"algorithm={algorithm}", f"peft={method}",
                                            "algorithm.meta_batch_size=2", "algorithm.inner_lr=0.1",
-                                           "peft.tinit=0.1" if method == "adalora" else "seed=0")
+                                           "peft.prune_start=0.1" if method == "adalora" else "seed=0")
     before = snapshot(frozen)
     episodes = exp.task.sample("train", 2, 2, np.random.default_rng(0))  # one fixed batch: the loss must fall
     log = TrainLog()
     meta, frozen_after = meta_train(exp.learner, exp.learner.meta_parameters(adapted), frozen, lambda: episodes,
                                     num_iterations=15, validate=lambda m, f: 0.0, val_interval=100, log=log,
-                                    progress=False, after_step=exp.peft.after_meta_step)
+                                    progress=False, after_step=exp.peft.after_meta_step,
+                                    after_step_state=exp.peft.init_meta_state(adapted))
     losses = [row["loss"] for row in log.rows]
     assert losses[-1] < losses[0], losses
     after = snapshot(frozen_after)
@@ -130,9 +134,7 @@ def test_lora_dropout_acts_only_while_adapting(compose_cfg):
 
 
 def test_lora_dropout_runs_are_reproducible(compose_cfg, tmp_path):
-    from metapeft.experiment import run
-    overrides = ["task=digits", "peft=lora", "peft.dropout=0.3", "mode.num_iterations=10", "mode.val_interval=5",
-                 "mode.num_val_tasks=4", "mode.num_eval_tasks=6", "pretrain.iterations=10",
+    overrides = ["task=digits", "peft=lora", "peft.dropout=0.3", "mode=tiny", "pretrain.iterations=10",
                  f"pretrain.cache_dir={tmp_path / 'cache'}"]
     first, second = run(compose_cfg(*overrides), tmp_path / "a"), run(compose_cfg(*overrides), tmp_path / "b")
     assert first["evaluation"] == second["evaluation"]
@@ -149,18 +151,18 @@ def test_adalora_importance_state_does_not_grow_a_graph(compose_cfg):
     exp, backbone, frozen, adapted = setup(compose_cfg, "peft=adalora")
     grads = tree_map(lambda a: 0.1 * a, adapted)
     mx.eval(adapted, grads)
+    state = exp.peft.init_meta_state(adapted)
     for iteration in range(50):
-        frozen = exp.peft.after_meta_step(adapted, grads, frozen, iteration, 100_000)
+        frozen, state = exp.peft.after_meta_step(adapted, grads, frozen, state, iteration, 100_000)
     before = rss_mb()
-    for iteration in range(50, 1550):  # all before tinit (20,000)
-        frozen = exp.peft.after_meta_step(adapted, grads, frozen, iteration, 100_000)
+    for iteration in range(50, 1550):  # all before pruning starts (20,000)
+        frozen, state = exp.peft.after_meta_step(adapted, grads, frozen, state, iteration, 100_000)
     assert rss_mb() - before < 100  # a lazily growing graph took ~470 MB here
 
 
 def test_adalora_keep_best_val_keeps_only_parameters_pruned_to_the_final_budget(compose_cfg, tmp_path):
     """Early validations of a still unpruned model may score best; keep=best_val must not return that model."""
-    from metapeft.experiment import run
-    overrides = ["task=digits", "peft=adalora", "peft.tinit=0.1", "peft.tfinal=0.5", "mode.num_iterations=20",
+    overrides = ["task=digits", "peft=adalora", "peft.prune_start=0.1", "peft.prune_end=0.5", "mode.num_iterations=20",
                  "mode.val_interval=2", "mode.num_val_tasks=4", "mode.num_eval_tasks=6", "pretrain.iterations=10",
                  f"pretrain.cache_dir={tmp_path / 'cache'}", "keep=best_val", "patience=2"]
     assert build(compose_cfg(*overrides)).peft.first_keepable_iteration(20) == 9
@@ -169,3 +171,21 @@ def test_adalora_keep_best_val_keeps_only_parameters_pruned_to_the_final_budget(
     assert metrics["train"]["kept_iteration"] >= 9  # the budget reaches target_r after iteration 9's pruning
     assert metrics["peft"]["final_total_rank"] == 12 * 4
     assert metrics["train"]["iterations"] >= 9 + 2 * 2 + 1  # patience counts only validations from iteration 9 on
+
+
+def test_adalora_pruning_is_a_function_of_its_inputs(compose_cfg):
+    """State is data: the same (weights, gradients, frozen tree, state) give the same masks and state, however
+    often and in whatever order the method is called, and the method object keeps nothing between calls."""
+    exp, _, frozen, adapted = setup(compose_cfg, "peft=adalora", "peft.prune_start=0", "peft.prune_end=0.5")
+    rng = np.random.default_rng(1)
+    grads = [tree_map(lambda a: mx.array(rng.normal(size=a.shape), dtype=a.dtype), adapted) for _ in range(3)]
+    state = exp.peft.init_meta_state(adapted)
+    for iteration, g in enumerate(grads[:2]):
+        frozen, state = exp.peft.after_meta_step(adapted, g, frozen, state, iteration, 6)
+    first = exp.peft.after_meta_step(adapted, grads[2], frozen, state, 2, 6)
+    exp.peft.after_meta_step(adapted, grads[0], frozen, exp.peft.init_meta_state(adapted), 0, 6)  # an unrelated call
+    second = exp.peft.after_meta_step(adapted, grads[2], frozen, state, 2, 6)
+    a, b = snapshot(list(first)), snapshot(list(second))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert sum(np.array(v).sum() for k, v in a.items() if "ada_mask" in k) < 12 * 8  # it did prune
+    assert vars(exp.peft).keys() <= {"cfg", "model"}

@@ -10,8 +10,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from conftest import REPO
-from metapeft.experiment import build
+from helpers import REPO
+from metapeft.build import build
 from metapeft.pretrain import pretrained_backbone
 
 SMALL = ["peft=lora", "task=digits", "pretrain.iterations=30", "pretrain.batch_size=32"]
@@ -41,9 +41,9 @@ def test_pretraining_is_cached_by_what_determines_it(compose_cfg, tmp_path):
 WORKER = """
 import json, sys
 from metapeft.pretrain import pretrained_backbone
-from metapeft.experiment import build
-from tests.conftest import compose_config
-import mlx.core as mx
+from metapeft.build import build
+from tests.helpers import compose_config
+from metapeft.backend import mx
 cfg = compose_config(*sys.argv[1:])
 exp = build(cfg)
 params, info = pretrained_backbone(cfg, type(exp.model), exp.task, mx.random.key(cfg.seed), progress=False)

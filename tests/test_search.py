@@ -4,20 +4,17 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from metapeft.experiment import run
 
 SMALL = ["task=sinusoid", "mode.num_iterations=100", "mode.val_interval=50", "mode.num_eval_tasks=10",
          "pretrain.iterations=50", "progress=false"]
 
 
-def test_search_direction_follows_the_task(compose_cfg):
-    for task, direction in (("digits", "maximize"), ("sinusoid", "minimize")):
-        assert compose_cfg("experiment=hpo_lora", f"task={task}").task.direction == direction
-
-
+@pytest.mark.slow
 def test_optuna_finds_a_better_learning_rate_than_a_bad_start(compose_cfg, tmp_path):
     cache = f"pretrain.cache_dir={tmp_path / 'cache'}"
     bad = run(compose_cfg(*SMALL, cache, "peft=lora", "algorithm.inner_lr=0.0001", "algorithm.outer_lr=0.0001"),

@@ -7,7 +7,7 @@ import sys
 
 import pandas as pd
 
-from conftest import REPO
+from helpers import REPO
 from runners.aggregate import main as aggregate
 
 TINY = ["mode.num_iterations=10", "mode.val_interval=5", "mode.num_val_tasks=4", "mode.num_eval_tasks=6",

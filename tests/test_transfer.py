@@ -5,10 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from hydra.errors import ConfigCompositionException
 
-from conftest import compose_config
+from helpers import compose_config
+from metapeft.build import build
 from metapeft.errors import ConfigError
-from metapeft.experiment import build
 from metapeft.transfer import region_configs, transfer_study
 
 SHORT = ["mode.num_iterations=300", "mode.num_eval_tasks=40"]
@@ -43,7 +44,6 @@ def test_digit_regions_hold_only_their_digits():
 
 @pytest.mark.parametrize("override, key", [
     ("+transfer.regions.low_amplitude.amplitude_maximum=3", "transfer.regions.low_amplitude.amplitude_maximum"),
-    ("transfer.embedding=pixels", "transfer.embedding"),
     ("~transfer.regions.high_amplitude", "transfer.regions"),
 ])
 def test_bad_studies_are_refused_before_training(tmp_path, override, key):
@@ -51,6 +51,12 @@ def test_bad_studies_are_refused_before_training(tmp_path, override, key):
         transfer_study(study_config(override), tmp_path)
     assert error.value.key == key
     assert not (tmp_path / "sources").exists()
+
+
+def test_an_unknown_embedding_is_refused_at_composition():
+    with pytest.raises(ConfigCompositionException) as error:
+        study_config("transfer.embedding=pixels")
+    assert "embedding" in f"{error.value} {error.value.__cause__}" and "fisher" in str(error.value.__cause__)
 
 
 def test_a_region_that_cannot_make_tasks_is_refused_before_training(tmp_path):

@@ -5,7 +5,9 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO, compose_config
+import pytest
+
+from helpers import REPO, compose_config
 from metapeft.validation import CHECKS, Suite, validate
 
 
@@ -16,6 +18,7 @@ def test_every_check_passes_in_quick_mode(tmp_path):
     assert results["checks"]["save_load"]["measured"]["identical_evaluation"]
 
 
+@pytest.mark.slow  # the whole suite again, in a subprocess
 def test_a_failing_claim_fails_the_suite(tmp_path):
     # With a zero inner learning rate the support set cannot matter, so 5 shots cannot beat 1.
     completed = subprocess.run([sys.executable, str(REPO / "runners" / "validate.py"), "algorithm.inner_lr=0"],

@@ -1,17 +1,21 @@
 """MAML (Finn et al., 2017, Algorithm 2).
 
     for each task T_i in the batch:   phi_i = theta - alpha * grad L_support(theta)      (num_inner_steps times)
-    theta <- theta - beta * grad_theta  sum_i L_query(phi_i)                              (Adam, as in the paper)
+    theta <- theta - beta * grad_theta  mean_i L_query(phi_i)                             (Adam, as in the paper)
 
 The meta-gradient is exact and second-order: it differentiates through every inner step, including the Hessian
-terms. ``MetaLearner`` holds this structure; MAML only declares its config.
+terms. ``first_order`` drops them (FOMAML, ``fomaml.py``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metapeft.algorithms.base import AlgorithmConfig, MetaLearner
+from mlx.utils import tree_map
+
+from metapeft.algorithms.base import AlgorithmConfig, MetaLearner, sgd_step
+from metapeft.backend import mx
 from metapeft.registry import ALGORITHMS
+from metapeft.tasks.base import Episodes
 
 
 @dataclass
@@ -22,3 +26,21 @@ class MAMLConfig(AlgorithmConfig):
 @ALGORITHMS.register("maml", MAMLConfig)
 class MAML(MetaLearner):
     first_order = False
+
+    def inner_step(self, meta: dict, weights: dict, frozen: dict, x: mx.array, y: mx.array) -> dict:
+        """phi <- phi - alpha * grad L_support(phi), differentiable unless ``first_order``."""
+        grads = mx.grad(self.loss_fn)(weights, frozen, x, y)
+        if self.first_order:
+            grads = tree_map(mx.stop_gradient, grads)
+        return sgd_step(weights, grads, self.cfg.inner_lr)
+
+    def query_loss(self, meta: dict, frozen: dict, xs, ys, xq, yq) -> mx.array:
+        return self.loss_fn(self.adapt(meta, frozen, xs, ys), frozen, xq, yq)
+
+    def meta_loss(self, meta: dict, frozen: dict, episodes: Episodes) -> mx.array:
+        """Mean query loss after adaptation over the task batch (vectorized over tasks)."""
+        per_task = mx.vmap(self.query_loss, in_axes=(None, None, 0, 0, 0, 0))
+        return mx.mean(per_task(meta, frozen, *episodes))
+
+    def meta_value_and_grad(self, meta: dict, frozen: dict, episodes: Episodes) -> tuple[mx.array, dict]:
+        return mx.value_and_grad(self.meta_loss)(meta, frozen, episodes)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlx.core as mx
 from mlx.utils import tree_map
 
-from metapeft.algorithms.base import AlgorithmConfig, MetaLearner, sgd_step
-from metapeft.config import require
+from metapeft.algorithms.base import AlgorithmConfig, sgd_step
+from metapeft.algorithms.maml import MAML
+from metapeft.backend import mx
+from metapeft.errors import require
 from metapeft.registry import ALGORITHMS
 
 
@@ -22,13 +23,14 @@ class MetaSGDConfig(AlgorithmConfig):
 
 
 @ALGORITHMS.register("metasgd", MetaSGDConfig)
-class MetaSGD(MetaLearner):
+class MetaSGD(MAML):
     def __init__(self, cfg: MetaSGDConfig, loss_fn):
         super().__init__(cfg, loss_fn)
         require(cfg.init_lr >= 0, "algorithm.init_lr", f"must be >= 0, got {cfg.init_lr}")
 
     def meta_parameters(self, weights: dict) -> dict:
-        return {"weights": weights, "lr": tree_map(lambda w: mx.full(w.shape, self.cfg.init_lr, dtype=w.dtype), weights)}
+        rates = tree_map(lambda w: mx.full(w.shape, self.cfg.init_lr, dtype=w.dtype), weights)
+        return {"weights": weights, "lr": rates}
 
     def inner_step(self, meta: dict, weights: dict, frozen: dict, x: mx.array, y: mx.array) -> dict:
         grads = mx.grad(self.loss_fn)(weights, frozen, x, y)

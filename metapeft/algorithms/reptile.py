@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlx.core as mx
-import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from metapeft.algorithms.base import AlgorithmConfig, MetaLearner
-from metapeft.config import require
+from metapeft.backend import mx, optim
+from metapeft.errors import require
 from metapeft.registry import ALGORITHMS
 from metapeft.tasks.base import Episodes
 
@@ -32,8 +31,6 @@ class ReptileConfig(AlgorithmConfig):
 
 @ALGORITHMS.register("reptile", ReptileConfig)
 class Reptile(MetaLearner):
-    first_order = True  # the inner loop is never differentiated
-
     def __init__(self, cfg: ReptileConfig, loss_fn):
         super().__init__(cfg, loss_fn)
         require(0 <= cfg.outer_lr_final <= cfg.outer_lr, "algorithm.outer_lr_final",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-import mlx.core as mx
+from metapeft.backend import mx
 
 
 def affine(params: dict, x: mx.array) -> mx.array:
@@ -36,7 +36,7 @@ class Backbone:
     supports_prompts = False
     input_layer: tuple = ()  # path of the layer reading the raw input (PEFT's "all-linear" leaves it out)
 
-    def with_linear(self, linear) -> "Backbone":
+    def with_linear(self, linear) -> Backbone:
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
         clone.linear = linear

@@ -3,22 +3,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import List
 
-import mlx.core as mx
-
-from metapeft.config import require
+from metapeft.backend import mx
+from metapeft.errors import require
 from metapeft.models.layers import Backbone, init_linear
 from metapeft.registry import MODELS
 
-ACTIVATIONS = {"relu": lambda x: mx.maximum(x, 0), "tanh": mx.tanh}
+
+class Activation(StrEnum):
+    relu = "relu"
+    tanh = "tanh"
+
+
+ACTIVATIONS = {Activation.relu: lambda x: mx.maximum(x, 0), Activation.tanh: lambda x: mx.tanh(x)}
 
 
 @dataclass
 class MLPConfig:
     name: str = "mlp"
     hidden_sizes: List[int] = field(default_factory=lambda: [40, 40])
-    activation: str = "relu"
+    activation: Activation = Activation.relu
 
 
 @MODELS.register("mlp", MLPConfig)
@@ -28,8 +34,6 @@ class MLP(Backbone):
     def __init__(self, cfg: MLPConfig, input_shape: tuple[int, ...], output_dim: int):
         for size in cfg.hidden_sizes:
             require(size > 0, "model.hidden_sizes", f"every size must be > 0, got {list(cfg.hidden_sizes)}")
-        require(cfg.activation in ACTIVATIONS, "model.activation",
-                f"unknown '{cfg.activation}'; valid: {sorted(ACTIVATIONS)}")
         self.input_shape = tuple(input_shape)
         self.sizes = [math.prod(input_shape), *cfg.hidden_sizes, output_dim]
         self.activation = ACTIVATIONS[cfg.activation]

@@ -9,9 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import mlx.core as mx
-
-from metapeft.config import require
+from metapeft.backend import mx
+from metapeft.errors import require
 from metapeft.models.layers import Backbone, init_layer_norm, init_linear, layer_norm
 from metapeft.registry import MODELS
 

@@ -6,18 +6,15 @@ The adapted tree always holds the task head (``"head"``) and the method's own pa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, List
 
-import mlx.core as mx
 from omegaconf import MISSING
 
-from metapeft.config import require
+from metapeft.backend import mx
+from metapeft.errors import require
 from metapeft.models.layers import Backbone
-from metapeft.trees import Path, linear_layers, merge, path_name
-
-
-def without_head(backbone: dict) -> dict:
-    return {k: v for k, v in backbone.items() if k != "head"}
+from metapeft.peft.targets import target_layers, without_head
+from metapeft.trees import Path, merge, path_name
 
 
 @dataclass
@@ -54,10 +51,15 @@ class PeftMethod:
         """Added to the task loss in the inner and the outer loop."""
         return 0.0
 
-    def after_meta_step(self, meta_weights: dict, meta_grads: dict, frozen: dict, iteration: int,
-                        num_iterations: int) -> dict:
-        """Between meta-iterations, a method may update its non-adapted state (AdaLoRA: the rank masks)."""
-        return frozen
+    def init_meta_state(self, meta_weights: dict) -> Any:
+        """What the method carries from one meta-iteration to the next (AdaLoRA: importance averages), as data."""
+        return None
+
+    def after_meta_step(self, meta_weights: dict, meta_grads: dict, frozen: dict, state: Any, iteration: int,
+                        num_iterations: int) -> tuple[dict, Any]:
+        """Between meta-iterations a method may update its non-adapted state (AdaLoRA: the rank masks in the
+        frozen tree). Returns the frozen tree and the state for the next call."""
+        return frozen, state
 
     def first_keepable_iteration(self, num_iterations: int) -> int:
         """The first meta-iteration whose state ``keep=best_val`` may keep (AdaLoRA: once its budget is final)."""
@@ -70,12 +72,12 @@ class PeftMethod:
 
 @dataclass
 class LowRankConfig(PeftConfig):
-    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])  # see metapeft.peft.targets
     alpha: float = 8.0
 
 
 class LowRankMethod(PeftMethod):
-    """Shared by LoRA and AdaLoRA: choosing the linear layers a low-rank update is added to."""
+    """Shared by LoRA and AdaLoRA: a low-rank update of ``rank_key``'s rank on each targeted linear layer."""
 
     rank_key: str  # the config key of the rank each targeted layer gets
 
@@ -83,24 +85,8 @@ class LowRankMethod(PeftMethod):
         self.target_layers(backbone)
 
     def target_layers(self, backbone: dict) -> list[tuple[Path, dict]]:
-        """The targeted linear layers. ``all-linear``: every linear layer but the input projection and the head.
-
-        A target names a path component (``query``, ``attention``, ``mlp``, ``hidden``) or a whole path
-        (``layers.0.mlp.fc1``, ``hidden.1``).
-        """
-        layers = list(linear_layers(without_head(backbone)))
-        def matches(target: str, path: Path) -> bool:
-            if target == "all-linear":
-                return path[: len(self.model.input_layer)] != self.model.input_layer
-            return target == path_name(path) or target in {str(k) for k in path}
-
-        valid = sorted({"all-linear", *(str(k) for p, _ in layers for k in p if isinstance(k, str)),
-                        *(path_name(p) for p, _ in layers)})
-        require(len(self.cfg.target_modules) > 0, "peft.target_modules", f"must name at least one of {valid}")
-        for target in self.cfg.target_modules:
-            require(any(matches(target, p) for p, _ in layers), "peft.target_modules",
-                    f"'{target}' matches no linear layer of model={type(self.model).__name__.lower()}; valid: {valid}")
-        chosen = [(p, layer) for p, layer in layers if any(matches(t, p) for t in self.cfg.target_modules)]
+        """The targeted linear layers, each checked to admit the rank."""
+        chosen = target_layers(self.model, backbone, self.cfg.target_modules)
         rank = getattr(self.cfg, self.rank_key.split(".")[-1])
         for path, layer in chosen:
             fan_in, fan_out = layer["weight"].shape

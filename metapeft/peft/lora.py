@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import mlx.core as mx
-
-from metapeft.config import require
+from metapeft.backend import mx
+from metapeft.errors import require
 from metapeft.models.layers import affine
 from metapeft.peft.base import LowRankConfig, LowRankMethod
 from metapeft.registry import PEFT_METHODS
@@ -46,7 +45,8 @@ class LoRA(LowRankMethod):
             return out
 
         self.model = model.with_linear(lora_linear)
-        self.adapting_model = model.with_linear(lambda p, x: lora_linear(p, x, dropout=True)) if cfg.dropout else self.model
+        self.adapting_model = (model.with_linear(lambda p, x: lora_linear(p, x, dropout=True)) if cfg.dropout
+                               else self.model)
 
     def __call__(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
         return (self.adapting_model if train else self.model)(merge(frozen, adapted), x)

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlx.core as mx
-
+from metapeft.backend import mx
 from metapeft.peft.base import PeftConfig, PeftMethod
 from metapeft.registry import PEFT_METHODS
 

@@ -6,36 +6,38 @@ The backbone is untouched; the prompts act on the input tokens only through atte
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
-import mlx.core as mx
-
-from metapeft.config import require
+from metapeft.backend import mx
+from metapeft.errors import require
 from metapeft.peft.base import PeftConfig, PeftMethod
 from metapeft.registry import PEFT_METHODS
 from metapeft.trees import merge
 
-INITS = ("random", "sampled")
+
+class PromptInit(StrEnum):
+    random = "random"
+    sampled = "sampled"  # embeddings of input tokens sampled from the meta-training data
 
 
 @dataclass
 class PromptTuningConfig(PeftConfig):
     name: str = "prompt_tuning"
     num_virtual_tokens: int = 4
-    init: str = "sampled"
+    init: PromptInit = PromptInit.sampled
 
 
 @PEFT_METHODS.register("prompt_tuning", PromptTuningConfig)
 class PromptTuning(PeftMethod):
     def __init__(self, cfg: PromptTuningConfig, model):
         require(cfg.num_virtual_tokens >= 1, "peft.num_virtual_tokens", f"must be >= 1, got {cfg.num_virtual_tokens}")
-        require(cfg.init in INITS, "peft.init", f"unknown '{cfg.init}'; valid: {list(INITS)}")
         require(model.supports_prompts, "model",
                 f"prompt tuning prepends tokens, which {type(model).__name__} does not read; use model=transformer")
         super().__init__(cfg, model)
 
     def init_adapter(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
         n = self.cfg.num_virtual_tokens
-        if self.cfg.init == "random":
+        if self.cfg.init == PromptInit.random:
             width = backbone["position"].shape[-1]
             return {"prompt": 0.02 * mx.random.normal((n, width), key=key)}
         tokens = self.model.linear(backbone["embed"], self.model.tokens(sample_inputs))  # without positions

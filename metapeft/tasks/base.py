@@ -4,9 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
-import mlx.core as mx
 import numpy as np
 from omegaconf import MISSING
+
+from metapeft.backend import mx
 
 
 class Episodes(NamedTuple):
@@ -27,7 +28,6 @@ class TaskConfig:
     num_query: int = MISSING  # query examples per class (classification) or per task (regression)
     default_inner_lr: float = MISSING  # the inner learning rate algorithms use unless overridden
     default_meta_batch_size: int = MISSING  # tasks per meta-iteration unless overridden
-    direction: str = MISSING  # how hyperparameter search treats the validation metric: minimize or maximize
 
 
 class TaskFamily:

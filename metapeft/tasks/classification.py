@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import mlx.core as mx
 import numpy as np
 
-from metapeft.config import require
+from metapeft.backend import mx
+from metapeft.errors import require
 from metapeft.tasks.base import Episodes, TaskFamily
 
 SPLITS = ("train", "val", "test")

@@ -14,10 +14,11 @@ from typing import List
 
 import numpy as np
 
-from metapeft.config import require
+from metapeft.errors import require
 from metapeft.registry import TASKS
 from metapeft.tasks.base import TaskConfig
 from metapeft.tasks.classification import SPLITS, ClassImagesTask
+
 SELF_SYMMETRIC_UNDER_HALF_TURN = {0, 1, 8}
 HALF_TURN_PARTNER = {6: 9, 9: 6}
 
@@ -53,7 +54,6 @@ class DigitsConfig(TaskConfig):
     num_query: int = 10
     default_inner_lr: float = 0.5
     default_meta_batch_size: int = 4
-    direction: str = "maximize"  # accuracy
     num_train_classes: int = 18
     num_val_classes: int = 5
     num_test_classes: int = 7

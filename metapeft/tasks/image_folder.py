@@ -15,8 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from metapeft.config import require
-from metapeft.errors import ConfigError
+from metapeft.errors import ConfigError, require
 from metapeft.registry import TASKS
 from metapeft.tasks.base import TaskConfig
 from metapeft.tasks.classification import ClassImagesTask
@@ -37,7 +36,6 @@ class ImageFolderConfig(TaskConfig):
     split_seed: int = 0
     default_inner_lr: float = 0.4  # MAML's Omniglot inner learning rate
     default_meta_batch_size: int = 4
-    direction: str = "maximize"  # accuracy
 
 
 def read_image(path: Path, size: int) -> np.ndarray:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlx.core as mx
 import numpy as np
 
-from metapeft.config import require
+from metapeft.backend import mx
+from metapeft.errors import require
 from metapeft.registry import TASKS
 from metapeft.tasks.base import Episodes, TaskConfig, TaskFamily
 
@@ -21,7 +21,6 @@ class SinusoidConfig(TaskConfig):
     num_query: int = 10
     default_inner_lr: float = 0.01
     default_meta_batch_size: int = 25
-    direction: str = "minimize"  # MSE
     amplitude_min: float = 0.1
     amplitude_max: float = 5.0
     phase_min: float = 0.0

@@ -1,0 +1,44 @@
+"""MLX, imported at its first use, after the BLAS it should call is loaded.
+
+The Linux ``mlx[cpu]`` wheel binds its matrix products when ``mlx.core`` is loaded, so an optimized BLAS must be
+loaded before it (``metapeft.blas``). metapeft's modules therefore never import MLX themselves: they take ``mx``
+(``mlx.core``) and ``optim`` (``mlx.optimizers``) from here. These are stand-ins that call ``load()`` at their first
+attribute access and from then on hold the real module's attributes, so ``import metapeft.<anything>``,
+``runners/run.py --help`` and ``--cfg`` load neither MLX nor a BLAS, and no import order needs remembering.
+
+``load()`` also starts MLX's CPU stream thread and notes which thread it is (``metapeft.affinity``).
+Code that imports ``mlx.core`` itself before metapeft's first MLX use keeps MLX's bundled BLAS (``blas.status()``
+says so).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+from metapeft import affinity, blas
+
+
+class DeferredModule(types.ModuleType):
+    """A module object that becomes ``name`` at its first attribute access."""
+
+    def __getattr__(self, attribute: str):  # only reached while the real attributes are not yet here
+        load()
+        return getattr(sys.modules[self.__name__], attribute)
+
+
+mx = DeferredModule("mlx.core")
+optim = DeferredModule("mlx.optimizers")
+_loaded = False
+
+
+def load() -> None:
+    """Load the BLAS, then MLX, and record MLX's stream thread; later calls do nothing."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    blas.configure()
+    for stand_in in (mx, optim):
+        stand_in.__dict__.update(importlib.import_module(stand_in.__name__).__dict__)
+    affinity.record_mlx_threads(mx)

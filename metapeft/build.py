@@ -1,0 +1,93 @@
+"""From a config to the parts of an experiment, and their starting state.
+
+Data flows one way: config -> task family, backbone, PEFT method, algorithm (``build``) -> the frozen tree, the
+adapted tree to meta-learn from and the plain initialization the baseline adapts (``initial_state``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+from omegaconf import DictConfig
+
+from metapeft.algorithms.base import MetaLearner
+from metapeft.backend import mx
+from metapeft.config import register_configs, validate_common
+from metapeft.peft.base import PeftMethod
+from metapeft.pretrain import pretrained_backbone
+from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS
+from metapeft.tasks.base import TaskFamily
+from metapeft.trees import count, nbytes
+
+
+@dataclass
+class Experiment:
+    cfg: DictConfig
+    task: TaskFamily
+    model: Any
+    peft: PeftMethod
+    learner: MetaLearner
+
+    def loss(self, adapted: dict, frozen: dict, x: mx.array, y: mx.array) -> mx.array:
+        return self.task.loss(self.peft(adapted, frozen, x, train=True), y) + self.peft.regularizer(adapted)
+
+    def metric(self, adapted: dict, frozen: dict, x: mx.array, y: mx.array) -> mx.array:
+        return self.task.metric(self.peft(adapted, frozen, x), y)
+
+
+def build(cfg: DictConfig) -> Experiment:
+    """Construct every component; each checks its own keys, so bad input fails here, before any training."""
+    register_configs()
+    validate_common(cfg)
+    task = TASKS.get(cfg.task.name)(cfg.task)
+    task.validate(sorted({cfg.shots.train, *cfg.shots.eval}))
+    model = MODELS.get(cfg.model.name)(cfg.model, task.input_shape, task.output_dim)
+    peft = PEFT_METHODS.get(cfg.peft.name)(cfg.peft, model)
+    peft.check(model.init(mx.random.key(0)))  # target layers and ranks against the real layer shapes
+    experiment = Experiment(cfg, task, model, peft, learner=None)  # type: ignore[arg-type]
+    experiment.learner = ALGORITHMS.get(cfg.algorithm.name)(cfg.algorithm, experiment.loss)
+    return experiment
+
+
+class InitialState(NamedTuple):
+    backbone: dict  # pretrained (PEFT) or random (peft=none), with its pretraining head
+    frozen: dict
+    adapted: dict  # where meta-learning starts
+    plain: dict  # another draw of the same initialization: what the plain_init baseline adapts
+    pretraining: dict  # where the backbone came from
+    sample_inputs: mx.array  # meta-train inputs (prompt initialization, inference timing)
+
+
+def initial_state(exp: Experiment) -> InitialState:
+    cfg = exp.cfg
+    k_backbone, k_adapted, k_plain = mx.random.split(mx.random.key(cfg.seed), 3)
+    pretraining: dict = {}
+    if exp.peft.uses_pretrained_backbone:
+        backbone, pretraining = pretrained_backbone(cfg, type(exp.model), exp.task, k_backbone, cfg.progress)
+    else:
+        backbone = exp.model.init(k_backbone)
+    sample_inputs, _ = exp.task.pretraining_batch(np.random.default_rng([cfg.seed, 4]), 256)
+    return InitialState(
+        backbone=backbone,
+        frozen=exp.peft.frozen(backbone),
+        adapted=exp.peft.init_adapted(backbone, k_adapted, sample_inputs),
+        plain=exp.peft.init_adapted(backbone, k_plain, sample_inputs),
+        pretraining=pretraining,
+        sample_inputs=sample_inputs,
+    )
+
+
+def parameter_counts(exp: Experiment, backbone: dict, adapted: dict, meta: dict) -> dict:
+    """Total = frozen backbone (without its pretraining head) + adapted tree; meta-learned adds e.g. Meta-SGD's
+    rates."""
+    backbone_body = count(backbone) - count(backbone["head"]) if exp.peft.uses_pretrained_backbone else 0
+    total = backbone_body + count(adapted)
+    return {
+        "total": total,
+        "adapted": count(adapted),
+        "meta_learned": count(meta),
+        "reduction_ratio": total / count(adapted),
+        "adapter_bytes": nbytes(adapted),
+        "meta_learned_bytes": nbytes(meta),
+    }
