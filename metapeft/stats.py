@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
+from scipy.special import stdtrit  # the Student-t quantile; scipy.stats takes 3x as long to import
 
 
 def mean_ci95(values) -> tuple[float, float]:
@@ -12,7 +12,7 @@ def mean_ci95(values) -> tuple[float, float]:
     values = np.asarray(values, dtype=np.float64)
     if values.size < 2:
         raise ValueError(f"a confidence interval needs at least two values, got {values.size}")
-    half_width = stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size)
+    half_width = stdtrit(values.size - 1, 0.975) * values.std(ddof=1) / math.sqrt(values.size)
     return float(values.mean()), float(half_width)
 
 

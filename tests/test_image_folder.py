@@ -9,8 +9,7 @@ from metapeft.build import build
 from metapeft.errors import ConfigError
 from metapeft.experiment import run
 
-TINY = ["mode.num_iterations=10", "mode.val_interval=5", "mode.num_val_tasks=4", "mode.num_eval_tasks=6",
-        "shots.train=1", "shots.eval=[1,2]", "task.num_query=4", "task.image_size=12"]
+TINY = ["shots.train=1", "shots.eval=[1,2]", "task.num_query=4", "task.image_size=12", "mode=tiny"]
 
 
 def write_omniglot(root, alphabets=2, characters=2, images=8, seed=0):
@@ -61,6 +60,5 @@ def test_bad_folders_are_refused_clearly(compose_cfg, omniglot, tmp_path):
 
 def test_too_few_images_per_character_names_shots(compose_cfg, omniglot):
     with pytest.raises(ConfigError, match="exceed the 8 examples") as error:
-        build(compose_cfg("task=image_folder", f"task.root={omniglot}", *TINY[:-3], "shots.eval=[5]",
-                          "task.num_query=4"))
+        build(compose_cfg("task=image_folder", f"task.root={omniglot}", *TINY, "shots.eval=[5]"))
     assert error.value.key == "shots"

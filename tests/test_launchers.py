@@ -22,8 +22,7 @@ from metapeft.launchers import missing_plugin, threads_per_job
 from metapeft.sweep import SweepReport
 from runners.aggregate import main as aggregate
 
-TINY = ["mode.num_iterations=10", "mode.val_interval=5", "mode.num_val_tasks=4", "mode.num_eval_tasks=6",
-        "evaluation.curve_steps=5", "progress=false"]
+TINY = ["mode=tiny", "evaluation.curve_steps=5", "progress=false"]
 GRID = ["algorithm=maml,reptile", "seed=0,1"]
 
 
