@@ -24,18 +24,24 @@ import tempfile
 from pathlib import Path
 
 _status: dict = {"backend": "bundled", "reason": "not configured yet"}
-_openblas = None
 
 
 def status() -> dict:
     return dict(_status)
 
 
+def _openblas_pool():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(prefix="libscipy_openblas")
+
+
 def set_threads(threads: int) -> None:
-    """Set OpenBLAS's thread count at run time (no effect on the bundled BLAS)."""
+    """Set the thread count of the OpenBLAS loaded for MLX (threadpoolctl); no effect on the bundled BLAS."""
     if _status.get("backend") == "openblas":
-        _openblas.scipy_openblas_set_num_threads(int(threads))
-        _status["threads"] = int(_openblas.scipy_openblas_get_num_threads())
+        pool = _openblas_pool()
+        pool.limit(limits=int(threads))
+        _status["threads"] = min(info["num_threads"] for info in pool.info())
 
 
 def _cache_dir() -> Path:
@@ -62,7 +68,7 @@ def _build_shim(lib_dir: str) -> Path:
 
 def configure() -> dict:
     """Load OpenBLAS for MLX if asked and possible. Call before ``mlx.core`` is imported."""
-    global _status, _openblas
+    global _status
     mode = os.environ.get("METAPEFT_BLAS", "auto")
     if mode not in ("auto", "bundled", "openblas"):
         raise ValueError(f"METAPEFT_BLAS={mode!r}: valid values are auto, bundled, openblas")
@@ -79,11 +85,14 @@ def configure() -> dict:
         import scipy_openblas32
 
         lib_dir = scipy_openblas32.get_lib_dir()
-        openblas = ctypes.CDLL(os.path.join(lib_dir, "libscipy_openblas.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(os.path.join(lib_dir, "libscipy_openblas.so"), mode=ctypes.RTLD_GLOBAL)
         ctypes.CDLL(str(_build_shim(lib_dir)), mode=ctypes.RTLD_GLOBAL)
-        _openblas = openblas
         _status = {"backend": "openblas", "version": scipy_openblas32.__version__}
-        set_threads(int(os.environ.get("METAPEFT_BLAS_THREADS") or openblas.scipy_openblas_get_num_threads()))
+        threads = os.environ.get("METAPEFT_BLAS_THREADS")
+        if threads:
+            set_threads(int(threads))
+        else:
+            _status["threads"] = min(info["num_threads"] for info in _openblas_pool().info())
     except Exception as error:  # noqa: BLE001 - any failure means: keep the bundled BLAS, and say why
         if mode == "openblas":
             raise RuntimeError(f"METAPEFT_BLAS=openblas but OpenBLAS could not be loaded: {error}") from error
