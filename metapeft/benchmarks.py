@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from metapeft import io
-from metapeft.report import collect, eval_shots, pooled
+from metapeft.report import baseline_names, collect, eval_shots, pooled
 
 log = logging.getLogger("metapeft.benchmarks")
 
@@ -45,10 +45,15 @@ def benchmark_rows(sweep_dir: Path, compare: str) -> list[dict]:
                                "completed": len(done), "failed": runs[runs.status != "completed"].job_dir.tolist()}
         if not done.empty:
             row["metric"] = done.metric.iloc[0]
+            higher = bool(done.higher_is_better.iloc[0])
             for k in eval_shots(done):
-                for side in ("meta_learned", "scratch"):
-                    mean, ci = pooled(done, k, side)
-                    row[f"{k}shot_{side}"] = {"mean": mean, "ci95": ci}
+                baselines = {name: dict(zip(("mean", "ci95"), pooled(done, k, f"baseline.{name}")))
+                             for name in baseline_names(done, k)}
+                if baselines:
+                    best = (max if higher else min)(baselines, key=lambda name: baselines[name]["mean"])
+                    row[f"{k}shot_best_baseline"] = {"name": best, **baselines[best]}
+                row[f"{k}shot_meta_learned"] = dict(zip(("mean", "ci95"), pooled(done, k, "meta_learned")))
+                row[f"{k}shot_baselines"] = baselines
                 # adaptation speed: the test metric after 0, 1, ... inner steps (first seed)
                 row[f"{k}shot_adaptation_curve"] = done.iloc[0][f"_{k}shot.meta_learned.curve"]
             first = done.iloc[0]
@@ -71,9 +76,11 @@ def table(rows: list[dict], compare: str) -> str:
     for row in rows:
         line = {compare: row[compare], "completed": f"{row['completed']}/{row['runs']}"}
         for key, value in row.items():
-            if key.endswith("shot_meta_learned") or key.endswith("shot_scratch"):
-                line[key.replace("_meta_learned", "").replace("_scratch", " scratch")] = \
-                    f"{value['mean']:.4g} ± {value['ci95']:.2g}"
+            if key.endswith("shot_best_baseline"):  # leading: what the meta-learned figure has to beat
+                line[key.replace("shot_best_baseline", "-shot best baseline")] = \
+                    f"{value['name']} {value['mean']:.3f} ± {value['ci95']:.3f}"
+            if key.endswith("shot_meta_learned"):
+                line[key.replace("shot_meta_learned", "-shot")] = f"{value['mean']:.3f} ± {value['ci95']:.3f}"
         for key in ("seconds_per_iteration", "adapted_parameters", "total_parameters", "inference_ms_per_sample",
                     "peak_memory_mb"):
             if key in row:

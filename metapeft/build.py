@@ -35,6 +35,13 @@ class Experiment:
     def metric(self, adapted: dict, frozen: dict, x: mx.array, y: mx.array) -> mx.array:
         return self.task.metric(self.peft(adapted, frozen, x), y)
 
+    def features(self, adapted: dict, frozen: dict, x: mx.array) -> mx.array:
+        return self.peft.features(adapted, frozen, x, train=True)
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.task.num_classes
+
 
 def build(cfg: DictConfig) -> Experiment:
     """Construct every component; each checks its own keys, so bad input fails here, before any training."""
@@ -46,7 +53,7 @@ def build(cfg: DictConfig) -> Experiment:
     peft = PEFT_METHODS.get(cfg.peft.name)(cfg.peft, model)
     peft.check(model.init(mx.random.key(0)))  # target layers and ranks against the real layer shapes
     experiment = Experiment(cfg, task, model, peft, learner=None)  # type: ignore[arg-type]
-    experiment.learner = ALGORITHMS.get(cfg.algorithm.name)(cfg.algorithm, experiment.loss)
+    experiment.learner = ALGORITHMS.get(cfg.algorithm.name)(cfg.algorithm, experiment)
     return experiment
 
 
@@ -59,12 +66,21 @@ class InitialState(NamedTuple):
     sample_inputs: mx.array  # meta-train inputs (prompt initialization, inference timing)
 
 
+def backbone_key(cfg: DictConfig) -> mx.array:
+    return mx.random.split(mx.random.key(cfg.seed), 3)[0]
+
+
+def pretrained(exp: Experiment) -> tuple[dict, dict]:
+    """The backbone pretrained on the meta-train split (cached) and where it came from."""
+    return pretrained_backbone(exp.cfg, type(exp.model), exp.task, backbone_key(exp.cfg), exp.cfg.progress)
+
+
 def initial_state(exp: Experiment) -> InitialState:
     cfg = exp.cfg
     k_backbone, k_adapted, k_plain = mx.random.split(mx.random.key(cfg.seed), 3)
     pretraining: dict = {}
     if exp.peft.uses_pretrained_backbone:
-        backbone, pretraining = pretrained_backbone(cfg, type(exp.model), exp.task, k_backbone, cfg.progress)
+        backbone, pretraining = pretrained(exp)
     else:
         backbone = exp.model.init(k_backbone)
     sample_inputs, _ = exp.task.pretraining_batch(np.random.default_rng([cfg.seed, 4]), 256)

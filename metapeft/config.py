@@ -83,6 +83,7 @@ class RunConfig:
     checkpoint: Optional[str] = None  # a run directory or its checkpoint/ folder
     keep: Keep = Keep.last
     patience: Optional[int] = None  # with keep=best_val: stop after this many validations without improvement
+    baselines: Optional[List[str]] = None  # evaluated next to the meta-learned model; null: all that apply
     transfer: Any = None  # a transfer study (runners/transfer.py, which registers its schema)
 
 

@@ -1,5 +1,5 @@
 """Few-shot evaluation: adaptation curves over evaluation tasks, summarized as mean and 95% CI, for the
-meta-learned initialization and the baseline, on the very same episodes."""
+meta-learned initialization and every baseline (``metapeft.baselines``), on the very same episodes."""
 from __future__ import annotations
 
 from typing import Callable
@@ -11,16 +11,18 @@ from metapeft.build import Experiment
 from metapeft.stats import mean_ci95
 from metapeft.tasks.base import Episodes
 
+StartFn = Callable[["mx.array", "mx.array"], dict]  # (x_support, y_support) -> weights adaptation starts from
 StepFn = Callable[[dict, "mx.array", "mx.array"], dict]  # (weights, x_support, y_support) -> weights
 MetricFn = Callable[[dict, "mx.array", "mx.array"], "mx.array"]  # (weights, x_query, y_query) -> scalar
 
 
-def adaptation_curves(start: dict, step: StepFn, metric: MetricFn, episodes: Episodes, num_steps: int,
+def adaptation_curves(start: StartFn, step: StepFn, metric: MetricFn, episodes: Episodes, num_steps: int,
                       chunk_size: int) -> np.ndarray:
-    """Query metric after 0, 1, ..., num_steps inner steps from ``start``: an array (tasks, num_steps + 1)."""
+    """Query metric after 0, 1, ..., num_steps inner steps from ``start(support)``: an array (tasks, num_steps + 1)."""
 
     def one_task(xs, ys, xq, yq):
-        weights, scores = start, [metric(start, xq, yq)]
+        weights = start(xs, ys)
+        scores = [metric(weights, xq, yq)]
         for _ in range(num_steps):
             weights = step(weights, xs, ys)
             scores.append(metric(weights, xq, yq))
@@ -33,6 +35,12 @@ def adaptation_curves(start: dict, step: StepFn, metric: MetricFn, episodes: Epi
         mx.eval(curves)
         chunks.append(np.array(curves))
     return np.concatenate(chunks)
+
+
+def summarize_values(per_task: np.ndarray) -> dict:
+    """One figure per task: mean and 95% CI over tasks."""
+    mean, ci = mean_ci95(per_task)
+    return {"mean": mean, "ci95": ci, "num_tasks": int(per_task.size), "per_task": [float(v) for v in per_task]}
 
 
 def summarize(curves: np.ndarray, report_step: int) -> dict:
@@ -52,7 +60,8 @@ def summarize(curves: np.ndarray, report_step: int) -> dict:
 
 def learner_curves(exp: Experiment, meta: dict, frozen: dict, episodes: Episodes, num_steps: int) -> np.ndarray:
     """Query metric after 0..num_steps of the algorithm's own inner steps from the meta-parameters ``meta``."""
-    return adaptation_curves(meta["weights"], lambda w, x, y: exp.learner.inner_step(meta, w, frozen, x, y),
+    return adaptation_curves(lambda x, y: exp.learner.task_start(meta, frozen, x, y),
+                             lambda w, x, y: exp.learner.inner_step(meta, w, frozen, x, y),
                              lambda w, x, y: exp.metric(w, frozen, x, y), episodes, num_steps,
                              exp.cfg.evaluation.chunk_size)
 
@@ -63,18 +72,32 @@ def plain_init_curves(exp: Experiment, plain: dict, frozen: dict, episodes: Epis
     return learner_curves(exp, exp.learner.meta_parameters(plain), frozen, episodes, num_steps)
 
 
-def evaluate_shots(exp: Experiment, meta: dict, plain: dict, frozen: dict) -> dict:
-    """Adapt the meta-learned and the plain initialization on the same test episodes, for every K."""
-    cfg = exp.cfg
+def versus(ours: np.ndarray, theirs: np.ndarray, higher_is_better: bool) -> dict:
+    """The paired difference, task by task, oriented so that positive means ours is better; mean and 95% CI."""
+    difference = (ours - theirs) if higher_is_better else (theirs - ours)
+    mean, ci = mean_ci95(difference)
+    return {"difference": mean, "ci95": ci, "better": bool(mean - ci > 0), "worse": bool(mean + ci < 0)}
+
+
+BaselineFn = Callable[[Episodes], np.ndarray]  # episodes -> per-task metric (tasks,) or curves (tasks, steps + 1)
+
+
+def evaluate_shots(exp: Experiment, meta: dict, frozen: dict, baselines: dict[str, BaselineFn]) -> dict:
+    """The meta-learned initialization and every baseline on the same test episodes, for every K, with the
+    paired difference to the best baseline (by mean) at each K."""
+    cfg, higher = exp.cfg, exp.task.higher_is_better
     steps, curve_steps = cfg.evaluation.num_inner_steps, cfg.evaluation.curve_steps
     results = {}
     for k in cfg.shots.eval:
         # The same episodes for every algorithm, PEFT method and baseline of this seed.
         episodes = exp.task.sample("test", cfg.mode.num_eval_tasks, k, np.random.default_rng([cfg.seed, 2, k]))
-        results[str(k)] = {
-            "meta_learned": summarize(learner_curves(exp, meta, frozen, episodes, curve_steps), steps),
-            "scratch": summarize(plain_init_curves(exp, plain, frozen, episodes, curve_steps), steps),
-        }
-    return {"metric": exp.task.metric_name, "higher_is_better": exp.task.higher_is_better,
-            "num_inner_steps": steps, "curve_steps": curve_steps, "num_tasks": cfg.mode.num_eval_tasks,
-            "baseline": "scratch", "shots": results}
+        ours = summarize(learner_curves(exp, meta, frozen, episodes, curve_steps), steps)
+        scored = {name: np.asarray(fn(episodes)) for name, fn in baselines.items()}
+        theirs = {name: summarize(v, steps) if v.ndim == 2 else summarize_values(v) for name, v in scored.items()}
+        results[str(k)] = {"meta_learned": ours, "baselines": theirs}
+        if theirs:
+            best = (max if higher else min)(theirs, key=lambda name: theirs[name]["mean"])
+            results[str(k)]["versus_best_baseline"] = {
+                "baseline": best, **versus(np.array(ours["per_task"]), np.array(theirs[best]["per_task"]), higher)}
+    return {"metric": exp.task.metric_name, "higher_is_better": higher, "num_inner_steps": steps,
+            "curve_steps": curve_steps, "num_tasks": cfg.mode.num_eval_tasks, "shots": results}

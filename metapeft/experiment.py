@@ -1,4 +1,4 @@
-"""One run: build from the config, meta-train, evaluate against the scratch baseline, write the run directory.
+"""One run: build from the config, meta-train, evaluate next to the baselines, write the run directory.
 
 Data flows one way: config -> task family, backbone, PEFT split (adapted tree, frozen tree) -> algorithm
 meta-training -> evaluation -> files (``metrics.json``, ``history.csv``, ``checkpoint/``).
@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 
 from metapeft import affinity, blas, io
 from metapeft.backend import mx
-from metapeft.build import Experiment, build, initial_state, parameter_counts
+from metapeft.baselines import chosen, make_baselines
+from metapeft.build import Experiment, build, initial_state, parameter_counts, pretrained
 from metapeft.checkpoint import evaluation_config, load_checkpoint, save_checkpoint
 from metapeft.config import GROUPS, Keep
 from metapeft.errors import ConfigError, DivergedError
@@ -63,6 +64,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
 
 def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
     cfg, learner, task = exp.cfg, exp.learner, exp.task
+    chosen(exp)  # a bad `baselines` list is refused before any work
     mx.random.seed(cfg.seed)
     mx.reset_peak_memory()
     start = initial_state(exp)
@@ -100,7 +102,8 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
         meta, frozen = load_checkpoint(Path(cfg.checkpoint), meta, frozen)
         train = {"iterations": 0, "from_checkpoint": str(cfg.checkpoint), "final_val_metric": validate(meta, frozen)}
     mx.random.seed(cfg.seed)  # evaluation draws the same dropout masks whether trained now or loaded
-    evaluation = evaluate_shots(exp, meta, start.plain, frozen)
+    baselines = make_baselines(exp, start.plain, frozen, lambda: pretrained(exp)[0])
+    evaluation = evaluate_shots(exp, meta, frozen, baselines)
     return {
         "evaluation": evaluation,
         "train": train,

@@ -12,10 +12,12 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 import yaml
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from matplotlib.figure import Figure
 
 from metapeft import io
-from metapeft.config import GROUPS
+from metapeft.config import GROUPS, NON_IDENTIFYING_KEYS
 from metapeft.stats import mean_ci95
 
 
@@ -46,13 +48,20 @@ def read_metrics(path: Path) -> dict:
     return metrics
 
 
+def job_overrides(job_dir: Path, metrics: dict) -> list[str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    return yaml.safe_load(path.read_text()) if path.exists() else metrics["identity"].get("overrides", [])
+
+
 def job_record(job_dir: Path) -> dict:
-    """One row: identity from Hydra's records, status, and every metric of the run."""
+    """One row: identity from Hydra's records, status, and every metric of the run. An unreadable metrics file
+    gives a row with status ``unreadable`` and the reason."""
     metrics_path = job_dir / "metrics.json"
-    metrics = read_metrics(metrics_path) if metrics_path.exists() else {"status": "missing", "identity": {}}
+    try:
+        metrics = read_metrics(metrics_path) if metrics_path.exists() else {"status": "missing", "identity": {}}
+    except ReportError as error:
+        metrics = {"status": "unreadable", "reason": str(error), "identity": {}}
     hydra_dir = job_dir / ".hydra"
-    overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) if (hydra_dir / "overrides.yaml").exists() \
-        else metrics["identity"].get("overrides", [])
     choices = {}
     if (hydra_dir / "hydra.yaml").exists():
         choices = yaml.safe_load((hydra_dir / "hydra.yaml").read_text())["hydra"]["runtime"]["choices"]
@@ -60,19 +69,25 @@ def job_record(job_dir: Path) -> dict:
     for group in GROUPS:
         row[group] = choices.get(group, metrics["identity"].get(group))
     row["seed"] = metrics["identity"].get("seed")
-    for override in overrides or []:
+    overrides = job_overrides(job_dir, metrics) or []
+    for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         if key not in GROUPS:
             row[f"override.{key}"] = value
+    row["config"] = config_label(overrides)
     evaluation = metrics.get("evaluation")
     if evaluation:
         row["metric"] = evaluation["metric"]
+        row["higher_is_better"] = evaluation["higher_is_better"]
         for k, result in evaluation["shots"].items():
-            for side in ("meta_learned", "scratch"):
-                row[f"{k}shot.{side}.mean"] = result[side]["mean"]
-                row[f"{k}shot.{side}.ci95"] = result[side]["ci95"]
-                row[f"_{k}shot.{side}.per_task"] = result[side].get("per_task")
-                row[f"_{k}shot.{side}.curve"] = result[side]["curve_mean"]
+            sides = {"meta_learned": result["meta_learned"]}
+            sides.update({f"baseline.{name}": b for name, b in result.get("baselines", {}).items()})
+            for side, values in sides.items():
+                row[f"{k}shot.{side}.mean"] = values["mean"]
+                row[f"{k}shot.{side}.ci95"] = values["ci95"]
+                row[f"_{k}shot.{side}.per_task"] = values.get("per_task")
+                if "curve_mean" in values:
+                    row[f"_{k}shot.{side}.curve"] = values["curve_mean"]
     for section in ("train", "parameters", "memory"):
         for key, value in (metrics.get(section) or {}).items():
             row[f"{section}.{key}"] = value
@@ -80,8 +95,54 @@ def job_record(job_dir: Path) -> dict:
     return row
 
 
+def config_label(overrides: list[str]) -> str:
+    """What identifies a run's configuration besides its group choices: every override but the seed and the keys
+    that change nothing (``NON_IDENTIFYING_KEYS``), sorted. Runs with equal groups and labels differ only in seed."""
+    keep = []
+    for override in overrides:
+        key = override.lstrip("+~").partition("=")[0]
+        if key not in GROUPS and key not in ("seed", "experiment", *NON_IDENTIFYING_KEYS) and \
+                not key.startswith("hydra"):
+            keep.append(override)
+    return " ".join(sorted(keep))
+
+
+def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """The override lists of every job a basic-sweeper multirun was asked for (``multirun.yaml``); None for other
+    sweepers (an Optuna study decides its trials as it goes)."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.exists():
+        return None
+    hydra_cfg = yaml.safe_load(path.read_text()).get("hydra", {})
+    if "BasicSweeper" not in str(hydra_cfg.get("sweeper", {}).get("_target_", "")):
+        return None
+    params = hydra_cfg.get("sweeper", {}).get("params") or {}
+    lines = [*(f"{k}={v}" for k, v in params.items()), *hydra_cfg.get("overrides", {}).get("task", [])]
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(lines), max_batch_size=None)
+    return [list(job) for batch in batches for job in batch]
+
+
 def collect(sweep_dirs: Iterable[Path]) -> pd.DataFrame:
-    return pd.DataFrame([job_record(job) for job in find_jobs(sweep_dirs)])
+    """A row per job found, plus a ``missing`` row per job a sweep asked for that never started."""
+    rows = [job_record(job) for job in find_jobs(sweep_dirs)]
+    for sweep_dir in map(Path, sweep_dirs):
+        expected = expected_jobs(sweep_dir)
+        if expected is None:
+            continue
+        started = {tuple(sorted(job_overrides(Path(r["job_dir"]), {"identity": {}}) or []))
+                   for r in rows if Path(r["job_dir"]).is_relative_to(sweep_dir)}
+        for job in expected:
+            if tuple(sorted(job)) not in started:
+                rows.append({"job_dir": f"{sweep_dir} ({' '.join(job)})", "status": "missing",
+                             "reason": "never started (listed by multirun.yaml, no job directory)",
+                             "config": config_label(job),
+                             **{g: next((o.split("=", 1)[1] for o in job if o.startswith(f"{g}=")), None)
+                                for g in GROUPS}})
+    frame = pd.DataFrame(rows)
+    unreadable = frame[frame.status == "unreadable"]
+    if len(unreadable) == len(frame):
+        raise ReportError("no readable run: " + "; ".join(unreadable.reason))
+    return frame
 
 
 def eval_shots(frame: pd.DataFrame) -> list[str]:
@@ -89,39 +150,82 @@ def eval_shots(frame: pd.DataFrame) -> list[str]:
     return sorted(shots, key=int)
 
 
+def baseline_names(frame: pd.DataFrame, k: str) -> list[str]:
+    prefix, suffix = f"{k}shot.baseline.", ".mean"
+    return sorted({c[len(prefix): -len(suffix)] for c in frame.columns if c.startswith(prefix) and c.endswith(suffix)
+                   and frame[c].notna().all()})
+
+
+def per_task(runs: pd.DataFrame, k: str, side: str) -> np.ndarray:
+    return np.concatenate([np.asarray(v, dtype=float) for v in runs[f"_{k}shot.{side}.per_task"]])
+
+
 def pooled(runs: pd.DataFrame, k: str, side: str) -> tuple[float, float]:
-    """Mean and 95% CI over every evaluation task of every run (seeds pooled).
+    """Mean and 95% CI over every evaluation task of every run (runs that differ only in seed).
 
     Runs written before per-task values were stored fall back to their own mean and CI (one run) or to the
     spread of the run means (several runs).
     """
-    per_task = [v for v in runs[f"_{k}shot.{side}.per_task"] if isinstance(v, list)]
-    if len(per_task) == len(runs):
-        return mean_ci95(np.concatenate([np.asarray(v, dtype=float) for v in per_task]))
+    column = f"_{k}shot.{side}.per_task"
+    if column in runs and all(isinstance(v, list) for v in runs[column]):
+        return mean_ci95(per_task(runs, k, side))
     means = runs[f"{k}shot.{side}.mean"].to_numpy(dtype=float)
     return (float(means[0]), float(runs[f"{k}shot.{side}.ci95"].iloc[0])) if len(means) == 1 else mean_ci95(means)
 
 
+GROUP_KEYS = ["task", "algorithm", "peft", "model", "shots", "mode", "config"]
+
+
 def comparison(frame: pd.DataFrame) -> pd.DataFrame:
-    """A row per task x algorithm x peft: K-shot metric (mean ± CI, seeds pooled), scratch, s/iteration, params."""
+    """A row per configuration (group choices and every override but the seed: runs that differ in anything else
+    are never pooled). For each K, leading: the best baseline measured on the same episodes (pooled over the
+    row's seeds), then the meta-learned figure, then the paired difference to that baseline (positive: better).
+    A seed that appears twice in a row is flagged, and only its first run counts."""
     rows = []
-    keys = ["task", "algorithm", "peft"]
-    for (task, algorithm, peft), runs in frame.groupby(keys, sort=True, dropna=False):
-        done = runs[runs.status == "completed"]
-        row = {"task": task, "algorithm": algorithm, "peft": peft, "runs": len(runs), "completed": len(done)}
+    for identity, runs in frame.groupby(GROUP_KEYS, sort=True, dropna=False):
+        row = dict(zip(GROUP_KEYS, identity))
         bad = runs[runs.status != "completed"]
-        counts = bad.status.value_counts().items()
-        row["status"] = "completed" if bad.empty else ", ".join(f"{s}: {n}" for s, n in counts)
+        done = runs[runs.status == "completed"]
+        duplicated = sorted(done.seed[done.seed.duplicated()].unique().tolist())
+        done = done.drop_duplicates(subset="seed")
+        row.update(runs=len(runs), completed=len(done), seeds=" ".join(str(s) for s in sorted(done.seed)))
+        notes = [f"{s}: {n}" for s, n in bad.status.value_counts().items()]
+        notes += [f"duplicated seed {s} (first run kept)" for s in duplicated]
+        row["status"] = "; ".join(notes) or "completed"
         if not done.empty:
             row["metric"] = done.metric.iloc[0]
+            higher = bool(done.higher_is_better.iloc[0])
             for k in eval_shots(done):
-                for side, label in (("meta_learned", f"{k}-shot"), ("scratch", f"{k}-shot scratch")):
-                    mean, ci = pooled(done, k, side)
-                    row[label] = f"{mean:.4g} ± {ci:.2g}"
-                    row[f"_{label} mean"], row[f"_{label} ci95"] = mean, ci
+                names = baseline_names(done, k)
+                if names:
+                    means = {name: pooled(done, k, f"baseline.{name}") for name in names}
+                    best = (max if higher else min)(names, key=lambda name: means[name][0])
+                    row[f"{k}-shot best baseline"] = f"{best} {means[best][0]:.3f} ± {means[best][1]:.3f}"
+                    row[f"_{k}-shot baseline mean"], row[f"_{k}-shot baseline ci95"] = means[best]
+                    row[f"_{k}-shot baseline"] = best
+                mean, ci = pooled(done, k, "meta_learned")
+                row[f"{k}-shot"] = f"{mean:.3f} ± {ci:.3f}"
+                row[f"_{k}-shot mean"], row[f"_{k}-shot ci95"] = mean, ci
+                if names and all(isinstance(v, list) for v in done[f"_{k}shot.meta_learned.per_task"]):
+                    ours, theirs = per_task(done, k, "meta_learned"), per_task(done, k, f"baseline.{best}")
+                    difference, difference_ci = mean_ci95((ours - theirs) if higher else (theirs - ours))
+                    row[f"{k}-shot vs {best}"] = f"{difference:+.3f} ± {difference_ci:.3f}"
             row["s/iteration"] = done["train.seconds_per_iteration"].mean()
             row["adapted params"] = int(done["parameters.adapted"].iloc[0])
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def baselines_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every baseline of every configuration, for each K (mean ± 95% CI, pooled over the configuration's seeds)."""
+    rows = []
+    done = frame[frame.status == "completed"].drop_duplicates(subset=[*GROUP_KEYS, "seed"])
+    for identity, runs in done.groupby(GROUP_KEYS, sort=True, dropna=False):
+        for k in eval_shots(runs):
+            for name in baseline_names(runs, k):
+                mean, ci = pooled(runs, k, f"baseline.{name}")
+                rows.append({**dict(zip(GROUP_KEYS, identity)), "K": int(k), "baseline": name,
+                             "value": f"{mean:.3f} ± {ci:.3f}"})
     return pd.DataFrame(rows)
 
 
@@ -134,14 +238,19 @@ def write_report(sweep_dirs: list[Path], out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     io.write_csv(out_dir / "summary.csv", public(frame))
     table = comparison(frame)
+    baselines = baselines_table(frame)
     io.write_csv(out_dir / "comparison.csv", public(table))
-    io.write_text(out_dir / "comparison.md", public(table).to_markdown(index=False, floatfmt=".4g") + "\n")
+    io.write_csv(out_dir / "baselines.csv", baselines)
+    io.write_text(out_dir / "comparison.md", public(table).to_markdown(index=False) + "\n\n" +
+                  (baselines.to_markdown(index=False) if not baselines.empty else "") + "\n")
     plots = plot_all(frame, table, out_dir)
-    return {"runs": len(frame), "completed": int((frame.status == "completed").sum()), "table": table, "plots": plots}
+    problems = frame[frame.status.isin(["unreadable", "missing"])]
+    return {"runs": len(frame), "completed": int((frame.status == "completed").sum()), "table": table,
+            "plots": plots, "problems": [f"{r.status}: {r.job_dir}: {r.reason}" for r in problems.itertuples()]}
 
 
 def _labels(table: pd.DataFrame) -> list[str]:
-    return [f"{a}+{p}" for a, p in zip(table.algorithm, table.peft)]
+    return [f"{r.algorithm}+{r.peft} ({r.model}){' ' + r.config if r.config else ''}" for r in table.itertuples()]
 
 
 def _save(fig, path: Path) -> Path:
@@ -163,18 +272,19 @@ def plot_all(frame: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> list[Pa
 
         fig = Figure(figsize=(max(6, 0.9 * len(labels) + 2), 4))
         ax = fig.subplots()
-        width = 0.8 / (len(shots) + 1)
+        width = 0.8 / (2 * len(shots))
         for i, k in enumerate(shots):
-            ax.bar(x + i * width, task_table[f"_{k}-shot mean"], width, yerr=task_table[f"_{k}-shot ci95"],
-                   capsize=3, label=f"{k}-shot")
-        scratch_k = shots[-1]
-        ax.bar(x + len(shots) * width, task_table[f"_{scratch_k}-shot scratch mean"], width,
-               yerr=task_table[f"_{scratch_k}-shot scratch ci95"], capsize=3, color="lightgray",
-               label=f"{scratch_k}-shot scratch baseline")
-        ax.set_xticks(x + width * len(shots) / 2, labels, rotation=30, ha="right")
+            if f"_{k}-shot baseline mean" in task_table:  # the best baseline of each row, just before its result
+                ax.bar(x + 2 * i * width, task_table[f"_{k}-shot baseline mean"], width, hatch="//",
+                       yerr=task_table[f"_{k}-shot baseline ci95"], capsize=3, color="lightgray", edgecolor="gray",
+                       label=f"{k}-shot best baseline" if i == 0 else f"{k}-shot best baseline ")
+            ax.bar(x + (2 * i + 1) * width, task_table[f"_{k}-shot mean"], width, yerr=task_table[f"_{k}-shot ci95"],
+                   capsize=3, label=f"{k}-shot meta-learned")
+        ax.set_xticks(x + width * (2 * len(shots) - 1) / 2, labels, rotation=30, ha="right")
         ax.set_ylabel(f"test {metric} after adaptation ({direction})")
         ax.set_title(f"{task}: K-shot {metric}, mean ± 95% CI over evaluation tasks")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         plots.append(_save(fig, out_dir / f"{task}_kshot.png"))
 
         fig = Figure(figsize=(7, 4))
@@ -190,7 +300,8 @@ def plot_all(frame: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> list[Pa
         ax.set_ylabel("meta-training query loss (moving average)")
         ax.set_yscale("log")
         ax.set_title(f"{task}: meta-training curves")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         plots.append(_save(fig, out_dir / f"{task}_training_curves.png"))
 
         fig = Figure(figsize=(6, 4))
@@ -214,7 +325,8 @@ def plot_all(frame: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> list[Pa
         ax.set_xlabel("inner-loop steps on the support set")
         ax.set_ylabel(f"{k}-shot test {metric} ({direction})")
         ax.set_title(f"{task}: adaptation curves")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         plots.append(_save(fig, out_dir / f"{task}_adaptation.png"))
 
         fig = Figure(figsize=(max(6, 0.6 * len(labels) + 2), 4))

@@ -3,7 +3,7 @@
 A transfer study names regions of one task family's task space, each a set of task keys (sinusoid amplitudes
 0.1-2.5 and 2.5-5; digits 0-4 and 5-9). It meta-trains one source run per region, then adapts every source on the
 same meta-test tasks of every target region. A cell of the transfer matrix is the gain of the source's
-meta-learned initialization over the same model adapted from its plain initialization (the scratch baseline), paired
+meta-learned initialization over the same model adapted from its plain initialization (the plain_init baseline), paired
 task by task: mean and 95% CI, positive = better (for MSE the difference is negated).
 
 Similarity-guided choice: the sources form a library. Each is represented by the mean embedding of some of its
@@ -122,14 +122,14 @@ def transfer_study(cfg: DictConfig, out_dir: Path) -> dict:
             gain, gain_ci = mean_ci95(sign * (ours - base))
             matrix.append({"source": source, "target": target, "gain": gain, "gain_ci95": gain_ci,
                            "meta_learned": mean_ci95_record(ours),
-                           "scratch": mean_ci95_record(base)})
+                           "plain_init": mean_ci95_record(base)})
     result = {
         "metric": task.metric_name,
         "higher_is_better": sign > 0,
         "shots": cfg.shots.train,
         "num_tasks": cfg.mode.num_eval_tasks,
         "num_inner_steps": cfg.evaluation.num_inner_steps,
-        "baseline": "scratch",
+        "baseline": "plain_init",
         "regions": {name: OmegaConf.to_container(keys) for name, keys in cfg.transfer.regions.items()},
         "matrix": matrix,
         "guided_choice": guided_choice(cfg, experiments, sources, targets, scores, sign),
@@ -189,7 +189,7 @@ def plot_transfer(result: dict, names: list[str], path: Path) -> None:
     ax.set_xlabel("target (meta-test tasks)")
     ax.set_ylabel("source (meta-trained on)")
     better = "higher" if result["higher_is_better"] else "lower"
-    fig.colorbar(image, ax=ax, label=f"gain over scratch ({result['metric']}, {better} is better)")
+    fig.colorbar(image, ax=ax, label=f"gain over plain_init ({result['metric']}, {better} is better)")
     ax.set_title(f"{result['shots']}-shot transfer, {result['num_tasks']} tasks per target", fontsize=9)
     fig.tight_layout()
     io.save_figure(fig, path)

@@ -155,7 +155,7 @@ def check_task_similarity(suite: Suite) -> tuple[bool, dict]:
 
 
 def check_cross_task_transfer(suite: Suite) -> tuple[bool, dict]:
-    """Meta-trained on low-amplitude sinusoids, 5-shot MSE on high-amplitude ones beats scratch outside the CI."""
+    """Meta-trained on low-amplitude sinusoids, 5-shot MSE on high-amplitude ones beats plain_init outside the CI."""
     result = transfer_study(suite.compose(*suite.overrides(), config_name="transfer_study"), suite.out_dir / "transfer")
     cells = {f"{c['source']} -> {c['target']}": {"gain": c["gain"], "gain_ci95": c["gain_ci95"]}
              for c in result["matrix"]}

@@ -2,9 +2,12 @@
 
     python runners/aggregate.py SWEEP_DIR [SWEEP_DIR ...] [--out DIR]
 
-Writes summary.csv (a row per run), comparison.md / comparison.csv (task x algorithm x PEFT: K-shot metric as mean ±
-95% CI with seeds pooled, the scratch baseline, seconds per meta-iteration, adapted parameters; failed and
-diverged runs shown as such) and PNG plots. Default output: SWEEP_DIR/report.
+Writes summary.csv (a row per run), comparison.md / comparison.csv (a row per configuration: runs are pooled only
+when they differ in nothing but the seed; for each K the best baseline measured on the same episodes, the
+meta-learned figure and the paired difference to that baseline, each as mean ± 95% CI over every evaluation task of
+the pooled seeds; seconds per meta-iteration, adapted parameters; failed, diverged, missing and unreadable runs
+shown as such, duplicated seeds flagged), baselines.csv (every baseline of every configuration) and PNG plots.
+Default output: SWEEP_DIR/report.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(public(result["table"]).to_markdown(index=False, floatfmt=".4g"))
+    for problem in result["problems"]:
+        print(f"warning: {problem}", file=sys.stderr)
     out = args.out or args.sweep_dirs[0] / "report"
     print(f"\n{result['completed']} of {result['runs']} runs completed; report in {out}")
     return 0

@@ -1,6 +1,6 @@
 """The metapeft runner: ``python runners/run.py [group=option ...] [key=value ...]`` (add ``--multirun`` to sweep).
 
-Builds the model, meta-trains, evaluates against the scratch baseline and writes ``metrics.json``, ``history.csv``
+Builds the model, meta-trains, evaluates next to strong simple baselines and writes ``metrics.json``, ``history.csv``
 and ``checkpoint/`` into the Hydra run directory. In a sweep, a failing job records its failure in its own
 directory and the sweep goes on; the sweep lists every failed job at the end and exits non-zero. ``resume=true``
 skips jobs whose directory already holds a completed result for the same overrides.
@@ -64,9 +64,15 @@ def main(cfg: DictConfig) -> float | None:
         raise
     evaluation = metrics["evaluation"]
     for k, result in evaluation["shots"].items():
-        ours, base = result["meta_learned"], result["scratch"]
-        log.info("%s-shot %s: %s+%s %.4f ± %.4f | scratch %.4f ± %.4f", k, evaluation["metric"], cfg.algorithm.name,
-                 cfg.peft.name, ours["mean"], ours["ci95"], base["mean"], base["ci95"])
+        ours = result["meta_learned"]
+        baselines = " | ".join(f"{name} {b['mean']:.4f}" for name, b in result["baselines"].items())
+        log.info("%s-shot %s: %s+%s %.4f ± %.4f | %s", k, evaluation["metric"], cfg.algorithm.name, cfg.peft.name,
+                 ours["mean"], ours["ci95"], baselines)
+        if "versus_best_baseline" in result:
+            best = result["versus_best_baseline"]
+            verdict = "better than" if best["better"] else "worse than" if best["worse"] else "not distinguishable from"
+            log.info("%s-shot: %s the best baseline, %s (paired difference %+.4f ± %.4f)", k, verdict,
+                     best["baseline"], best["difference"], best["ci95"])
     if "seconds_per_iteration" in metrics["train"]:
         log.info("%.2f ms per meta-iteration", 1e3 * metrics["train"]["seconds_per_iteration"])
     log.info("outputs in %s", out_dir)

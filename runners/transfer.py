@@ -1,7 +1,7 @@
 """Cross-task transfer: ``python runners/transfer.py [transfer=sinusoid_amplitude|digits_by_digit] [key=value ...]``.
 
 Meta-trains one source per region of the task space, adapts every source on every target region's meta-test tasks
-and writes ``transfer.json`` (the source x target matrix of gains over the scratch baseline with 95% CIs, and the
+and writes ``transfer.json`` (the source x target matrix of gains over the plain_init baseline with 95% CIs, and the
 similarity-guided choice of initialization against every fixed choice), ``transfer.png`` and each source's run
 directory under ``sources/``. Any other override (algorithm, shots, mode, seed, ...) applies to every source.
 """
@@ -25,11 +25,11 @@ register_configs()
 
 
 def table(result: dict) -> str:
-    lines = [f"{'source -> target':<34} {'meta-learned':>17} {'scratch':>17} {'gain':>17}"]
+    lines = [f"{'source -> target':<34} {'meta-learned':>17} {'plain_init':>17} {'gain':>17}"]
     for c in result["matrix"]:
         lines.append(f"{c['source'] + ' -> ' + c['target']:<34} "
                      f"{c['meta_learned']['mean']:>9.4f} ± {c['meta_learned']['ci95']:.4f} "
-                     f"{c['scratch']['mean']:>9.4f} ± {c['scratch']['ci95']:.4f} "
+                     f"{c['plain_init']['mean']:>9.4f} ± {c['plain_init']['ci95']:.4f} "
                      f"{c['gain']:>+9.4f} ± {c['gain_ci95']:.4f}")
     guided = result["guided_choice"]
     lines.append(f"similarity-guided choice ({guided['embedding']} embedding, {guided['similarity']}): "
@@ -52,7 +52,7 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as error:
         log.error("invalid configuration: %s", error)
         sys.exit(2)
-    log.info("%s-shot %s after %d inner steps, %d tasks per target (gain: better than scratch when positive)\n%s",
+    log.info("%s-shot %s after %d inner steps, %d tasks per target (gain: better than plain_init when positive)\n%s",
              result["shots"], result["metric"], result["num_inner_steps"], result["num_tasks"], table(result))
     log.info("outputs in %s", out_dir)
 

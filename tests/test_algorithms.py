@@ -1,16 +1,22 @@
 """Every algorithm does what its paper says: gradients checked against finite differences and hand computation."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from omegaconf import OmegaConf
 
+from metapeft.algorithms.anil import ANIL, ANILConfig
+from metapeft.algorithms.base import HeadInit
 from metapeft.algorithms.fomaml import FOMAML, FOMAMLConfig
 from metapeft.algorithms.maml import MAML, MAMLConfig
 from metapeft.algorithms.metasgd import MetaSGD, MetaSGDConfig
+from metapeft.algorithms.protonet import ProtoNet, ProtoNetConfig
 from metapeft.algorithms.reptile import Reptile, ReptileConfig
+from metapeft.errors import ConfigError
 from metapeft.models.mlp import MLP, MLPConfig
 from metapeft.tasks.base import Episodes
 
@@ -37,9 +43,9 @@ def problem(seed=0, tasks=3, shots=4, queries=5):
     return weights, episodes, loss
 
 
-def make(cls, schema, loss, **overrides):
+def make(cls, schema, loss, features=None, num_classes=None, **overrides):
     cfg = OmegaConf.structured(schema(**{"inner_lr": 0.3, "num_inner_steps": 2, "meta_batch_size": 3, **overrides}))
-    return cls(cfg, loss)
+    return cls(cfg, SimpleNamespace(loss=loss, features=features, num_classes=num_classes))
 
 
 def flat(tree):
@@ -135,3 +141,74 @@ def test_reptile_anneals_its_outer_step_size():
         steps.append(params["theta"].item() - updated["theta"].item())
         params = updated
     assert np.allclose([steps[0], steps[50], steps[99]], [1.0, 0.5, 0.01], atol=1e-5)  # float32 theta
+
+
+def test_anil_meta_gradient_matches_finite_differences_and_adapts_only_the_head():
+    weights, episodes, loss = problem()
+    anil = make(ANIL, ANILConfig, loss)
+    meta = anil.meta_parameters(weights)
+    _, grads = anil.meta_value_and_grad(meta, {}, episodes)
+    numeric = finite_difference_gradient(lambda m: anil.meta_loss(m, {}, episodes), meta)
+    np.testing.assert_allclose(flat(grads), numeric, rtol=1e-5, atol=1e-8)
+    adapted = anil.adapt(meta, {}, episodes.xs[0], episodes.ys[0])
+    body_before, body_after = flat_leaves(weights["hidden"]), flat_leaves(adapted["hidden"])
+    assert all(mx.array_equal(a, b).item() for a, b in zip(body_after, body_before))
+    assert not mx.array_equal(adapted["head"]["weight"], weights["head"]["weight"]).item()
+    # the body's meta-gradient is second order through the head's inner steps: first_order changes it
+    _, first_order = make(ANIL, ANILConfig, loss, first_order=True).meta_value_and_grad(meta, {}, episodes)
+    assert not np.allclose(flat(grads["weights"]["hidden"]), flat(first_order["weights"]["hidden"]))
+
+
+def flat_leaves(tree):
+    return [v for _, v in tree_flatten(tree)]
+
+
+def classification_problem(seed=0, tasks=2, n_way=3, shots=2, queries=4, dim=5):
+    model = MLP(OmegaConf.structured(MLPConfig(hidden_sizes=[6], activation="tanh")), (dim,), n_way)
+    weights = tree_map(lambda a: a.astype(DTYPE), model.init(mx.random.key(seed)))
+    rng = np.random.default_rng(seed)
+    labels = lambda n: np.tile(np.arange(n_way), (tasks, n))
+    episodes = Episodes(mx.array(rng.normal(size=(tasks, n_way * shots, dim)), dtype=DTYPE),
+                        mx.array(labels(shots)),
+                        mx.array(rng.normal(size=(tasks, n_way * queries, dim)), dtype=DTYPE),
+                        mx.array(labels(queries)))
+
+    def loss(adapted, frozen, x, y):
+        logits = model(adapted, x)
+        return -mx.mean(mx.take_along_axis(logits - mx.logsumexp(logits, axis=-1, keepdims=True), y[:, None], -1))
+
+    return model, weights, episodes, loss
+
+
+def test_protonet_loss_is_the_query_cross_entropy_of_negative_squared_distances_to_prototypes():
+    model, weights, episodes, loss = classification_problem()
+    protonet = make(ProtoNet, ProtoNetConfig, loss, features=lambda w, f, x: model.features(w, x), num_classes=3,
+                    num_inner_steps=0, head_init=HeadInit.prototypes)
+    meta = protonet.meta_parameters(weights)
+    expected = []
+    for t in range(len(episodes)):
+        xs, ys, xq, yq = (np.array(a[t]) for a in episodes)
+        fs, fq = np.array(model.features(weights, mx.array(xs))), np.array(model.features(weights, mx.array(xq)))
+        prototypes = np.stack([fs[ys == k].mean(axis=0) for k in range(3)])
+        logits = -((fq[:, None, :] - prototypes[None]) ** 2).sum(axis=-1)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        expected.append(-log_probs[np.arange(len(yq)), yq].mean())
+    assert protonet.meta_loss(meta, {}, episodes).item() == pytest.approx(np.mean(expected), rel=1e-7)
+    _, grads = protonet.meta_value_and_grad(meta, {}, episodes)  # the embedding learns through the prototypes
+    assert np.abs(flat(grads["weights"]["hidden"])).max() > 0 and np.abs(flat(grads["weights"]["head"])).max() == 0
+
+
+def test_prototype_head_init_starts_every_gradient_based_algorithm_from_the_prototypes():
+    model, weights, episodes, loss = classification_problem()
+    features = lambda w, f, x: model.features(w, x)
+    proto_maml = make(MAML, MAMLConfig, loss, features=features, num_classes=3, head_init=HeadInit.prototypes)
+    start = proto_maml.task_start(proto_maml.meta_parameters(weights), {}, episodes.xs[0], episodes.ys[0])
+    fs, ys = np.array(model.features(weights, episodes.xs[0])), np.array(episodes.ys[0])
+    prototypes = np.stack([fs[ys == k].mean(axis=0) for k in range(3)])
+    fq = np.array(model.features(weights, episodes.xq[0]))
+    nearest = (((fq[:, None, :] - prototypes[None]) ** 2).sum(axis=-1)).argmin(axis=1)
+    assert (np.array(model(start, episodes.xq[0])).argmax(axis=1) == nearest).all()
+    assert mx.array_equal(start["hidden"][0]["weight"], weights["hidden"][0]["weight"]).item()
+    with pytest.raises(ConfigError) as error:  # prototypes need classes
+        make(MAML, MAMLConfig, loss, head_init=HeadInit.prototypes)
+    assert error.value.key == "algorithm.head_init"

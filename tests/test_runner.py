@@ -34,8 +34,11 @@ def test_a_run_writes_metrics_history_and_checkpoint(tmp_path):
     evaluation = metrics["evaluation"]
     assert set(evaluation["shots"]) == {"1", "5", "10"} and evaluation["metric"] == "mse"
     for k in evaluation["shots"].values():
-        for side in ("meta_learned", "scratch"):
-            assert k[side]["num_tasks"] == 6 and len(k[side]["curve_mean"]) == 11 and k[side]["ci95"] > 0
+        assert set(k["baselines"]) == {"zero", "support_mean", "linear_probe", "plain_init"}
+        for side in (k["meta_learned"], *k["baselines"].values()):
+            assert side["num_tasks"] == 6 and side["ci95"] > 0
+        for side in (k["meta_learned"], k["baselines"]["plain_init"]):  # the adaptation curves
+            assert len(side["curve_mean"]) == 11
     assert metrics["parameters"] == {"total": 1761, "adapted": 1761, "meta_learned": 2 * 1761, "reduction_ratio": 1.0,
                                      "adapter_bytes": 4 * 1761, "meta_learned_bytes": 8 * 1761}
     assert metrics["train"]["iterations"] == 10 and metrics["train"]["seconds_per_iteration"] > 0

@@ -26,9 +26,9 @@ def test_sinusoid_amplitude_transfer(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sources").iterdir()) == ["high_amplitude", "low_amplitude"]
     cells = {(c["source"], c["target"]): c for c in result["matrix"]}
     assert len(cells) == 4 and all(np.isfinite(c["gain"]) and c["gain_ci95"] > 0 for c in cells.values())
-    # MSE: the gain is scratch minus meta-learned, so positive means the meta-learned start is better.
+    # MSE: the gain is plain_init minus meta-learned, so positive means the meta-learned start is better.
     low_to_high = cells["low_amplitude", "high_amplitude"]
-    assert low_to_high["gain"] == pytest.approx(low_to_high["scratch"]["mean"] - low_to_high["meta_learned"]["mean"])
+    assert low_to_high["gain"] == pytest.approx(low_to_high["plain_init"]["mean"] - low_to_high["meta_learned"]["mean"])
     assert low_to_high["gain"] - low_to_high["gain_ci95"] > 0
     guided = result["guided_choice"]
     assert guided["chosen_own_region"] > 0.6  # the output spread tells amplitudes apart

@@ -1,18 +1,21 @@
 """The vocabulary every meta-learning algorithm shares, and the plain gradient step they adapt with.
 
     meta_parameters(weights)                 what the outer loop learns, starting from an adapted tree
+    task_start(meta, frozen, x, y)           where adaptation to a task starts: the meta-learned weights, with the
+                                             head built from the support set's class prototypes if head_init says so
     inner_step(meta, weights, frozen, x, y)  one task-specific update on a support set
-    adapt(meta, frozen, x, y)                num_inner_steps inner steps from the meta-learned initialization
+    adapt(meta, frozen, x, y)                num_inner_steps inner steps from task_start
     meta_value_and_grad(meta, frozen, eps)   the outer objective and its gradient over a batch of tasks
     make_optimizer(num_iterations)           the outer update rule
 
-An algorithm never knows which task or PEFT method it runs on: it sees the adapted tree, the frozen tree and
-``loss_fn(adapted, frozen, x, y)``. One file per algorithm (``maml.py``, ...) fills in what is its own.
+An algorithm never knows which task or PEFT method it runs on: it sees the adapted tree, the frozen tree and an
+``Objective``. One file per algorithm (``maml.py``, ...) fills in what is its own.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from enum import StrEnum
+from typing import Callable, Protocol
 
 from mlx.utils import tree_map
 from omegaconf import MISSING
@@ -24,6 +27,22 @@ from metapeft.tasks.base import Episodes
 LossFn = Callable[[dict, dict, "mx.array", "mx.array"], "mx.array"]  # (adapted, frozen, x, y) -> loss
 
 
+class Objective(Protocol):
+    """What an algorithm sees of an experiment."""
+
+    num_classes: int | None  # N of N-way classification; None for regression
+
+    def loss(self, adapted: dict, frozen: dict, x: mx.array, y: mx.array) -> mx.array: ...
+
+    def features(self, adapted: dict, frozen: dict, x: mx.array) -> mx.array:
+        """The embedding the head (``adapted["head"]``, a linear layer) reads."""
+
+
+class HeadInit(StrEnum):
+    learned = "learned"  # the meta-learned head
+    prototypes = "prototypes"  # Proto-MAML (Triantafillou et al., 2020): from the support set's class prototypes
+
+
 @dataclass
 class AlgorithmConfig:
     name: str = MISSING
@@ -31,6 +50,16 @@ class AlgorithmConfig:
     num_inner_steps: int = 1
     outer_lr: float = 0.001  # Adam's learning rate
     meta_batch_size: int = "${task.default_meta_batch_size}"  # type: ignore[assignment]
+    head_init: HeadInit = HeadInit.learned
+
+
+def prototype_head(features: mx.array, labels: mx.array, num_classes: int) -> dict:
+    """The linear head whose logits are -||f - c_k||^2 + ||f||^2 for class prototypes (means) c_k:
+    weight 2 c_k, bias -||c_k||^2. Softmax ignores the ||f||^2 shared by all classes, so this head classifies
+    by squared Euclidean distance to the prototypes, as ProtoNet does (Snell et al., 2017, eq. 1-2)."""
+    one_hot = (labels[..., None] == mx.arange(num_classes)).astype(features.dtype)
+    prototypes = (one_hot.T @ features) / mx.sum(one_hot, axis=0)[:, None]
+    return {"weight": 2 * prototypes.T, "bias": -mx.sum(mx.square(prototypes), axis=-1)}
 
 
 def sgd_step(weights: dict, grads: dict, lr) -> dict:
@@ -41,23 +70,36 @@ def sgd_step(weights: dict, grads: dict, lr) -> dict:
 
 
 class MetaLearner:
-    def __init__(self, cfg: AlgorithmConfig, loss_fn: LossFn):
+    min_inner_steps = 1
+
+    def __init__(self, cfg: AlgorithmConfig, objective: Objective):
         require(cfg.inner_lr >= 0, "algorithm.inner_lr", f"must be >= 0, got {cfg.inner_lr}")
-        require(cfg.num_inner_steps >= 1, "algorithm.num_inner_steps", f"must be >= 1, got {cfg.num_inner_steps}")
+        require(cfg.num_inner_steps >= self.min_inner_steps, "algorithm.num_inner_steps",
+                f"must be >= {self.min_inner_steps}, got {cfg.num_inner_steps}")
         require(cfg.outer_lr > 0, "algorithm.outer_lr", f"must be > 0, got {cfg.outer_lr}")
         require(cfg.meta_batch_size >= 1, "algorithm.meta_batch_size", f"must be >= 1, got {cfg.meta_batch_size}")
+        require(cfg.head_init == HeadInit.learned or objective.num_classes is not None, "algorithm.head_init",
+                "prototypes need a classification task (task=digits or task=image_folder); use head_init=learned")
         self.cfg = cfg
-        self.loss_fn = loss_fn
+        self.objective = objective
+        self.loss_fn = objective.loss
 
     def meta_parameters(self, weights: dict) -> dict:
         return {"weights": weights}
+
+    def task_start(self, meta: dict, frozen: dict, x: mx.array, y: mx.array) -> dict:
+        weights = meta["weights"]
+        if self.cfg.head_init == HeadInit.prototypes:
+            features = self.objective.features(weights, frozen, x)
+            weights = {**weights, "head": prototype_head(features, y, self.objective.num_classes)}
+        return weights
 
     def inner_step(self, meta: dict, weights: dict, frozen: dict, x: mx.array, y: mx.array) -> dict:
         """One step of gradient descent on the support loss at ``inner_lr``."""
         return sgd_step(weights, mx.grad(self.loss_fn)(weights, frozen, x, y), self.cfg.inner_lr)
 
     def adapt(self, meta: dict, frozen: dict, x: mx.array, y: mx.array, num_steps: int | None = None) -> dict:
-        weights = meta["weights"]
+        weights = self.task_start(meta, frozen, x, y)
         for _ in range(self.cfg.num_inner_steps if num_steps is None else num_steps):
             weights = self.inner_step(meta, weights, frozen, x, y)
         return weights

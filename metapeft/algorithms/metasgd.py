@@ -24,8 +24,8 @@ class MetaSGDConfig(AlgorithmConfig):
 
 @ALGORITHMS.register("metasgd", MetaSGDConfig)
 class MetaSGD(MAML):
-    def __init__(self, cfg: MetaSGDConfig, loss_fn):
-        super().__init__(cfg, loss_fn)
+    def __init__(self, cfg: MetaSGDConfig, objective):
+        super().__init__(cfg, objective)
         require(cfg.init_lr >= 0, "algorithm.init_lr", f"must be >= 0, got {cfg.init_lr}")
 
     def meta_parameters(self, weights: dict) -> dict:

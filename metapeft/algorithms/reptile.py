@@ -31,8 +31,8 @@ class ReptileConfig(AlgorithmConfig):
 
 @ALGORITHMS.register("reptile", ReptileConfig)
 class Reptile(MetaLearner):
-    def __init__(self, cfg: ReptileConfig, loss_fn):
-        super().__init__(cfg, loss_fn)
+    def __init__(self, cfg: ReptileConfig, objective):
+        super().__init__(cfg, objective)
         require(0 <= cfg.outer_lr_final <= cfg.outer_lr, "algorithm.outer_lr_final",
                 f"must be in [0, outer_lr={cfg.outer_lr}], got {cfg.outer_lr_final}")
 

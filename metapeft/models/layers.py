@@ -28,7 +28,8 @@ def init_layer_norm(size: int) -> dict:
 class Backbone:
     """Base of the models: ``init(key) -> params`` and ``model(params, x) -> predictions``.
 
-    Every model keeps its task head at ``params["head"]`` and calls ``self.linear`` for each linear layer, so a PEFT
+    Every model keeps its task head, a linear layer over ``features``, at ``params["head"]`` and calls
+    ``self.linear`` for each linear layer, so a PEFT
     method can run the same model with adapted linear layers through ``with_linear`` without knowing its layout.
     """
 
@@ -44,3 +45,10 @@ class Backbone:
 
     def init(self, key: mx.array) -> dict:
         raise NotImplementedError
+
+    def features(self, params: dict, x: mx.array, **kwargs) -> mx.array:
+        """The embedding the head reads: everything but the head (prototypes and linear probes use it)."""
+        raise NotImplementedError
+
+    def __call__(self, params: dict, x: mx.array, **kwargs) -> mx.array:
+        return self.linear(params["head"], self.features(params, x, **kwargs))

@@ -43,8 +43,8 @@ class MLP(Backbone):
         layers = [init_linear(k, a, b) for k, a, b in zip(keys, self.sizes[:-1], self.sizes[1:])]
         return {"hidden": layers[:-1], "head": layers[-1]}
 
-    def __call__(self, params: dict, x: mx.array) -> mx.array:
+    def features(self, params: dict, x: mx.array) -> mx.array:
         h = x.reshape(*x.shape[: x.ndim - len(self.input_shape)], -1)
         for layer in params["hidden"]:
             h = self.activation(self.linear(layer, h))
-        return self.linear(params["head"], h)
+        return h

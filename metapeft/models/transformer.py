@@ -75,7 +75,7 @@ class Transformer(Backbone):
         mixed = (mx.softmax(scores, axis=-1) @ v).swapaxes(-2, -3).reshape(*batch, length, width)
         return self.linear(params["out"], mixed)
 
-    def __call__(self, params: dict, x: mx.array, prompt: mx.array | None = None) -> mx.array:
+    def features(self, params: dict, x: mx.array, prompt: mx.array | None = None) -> mx.array:
         h = self.embed(params, x)
         if prompt is not None:
             h = mx.concatenate([mx.broadcast_to(prompt, (*h.shape[:-2], *prompt.shape)), h], axis=-2)
@@ -83,5 +83,4 @@ class Transformer(Backbone):
             h = h + self.attention(layer["attention"], layer_norm(layer["attention_norm"], h))
             mlp = layer["mlp"]
             h = h + self.linear(mlp["fc2"], mx.maximum(self.linear(mlp["fc1"], layer_norm(layer["mlp_norm"], h)), 0))
-        pooled = mx.mean(layer_norm(params["final_norm"], h)[..., -self.num_tokens:, :], axis=-2)
-        return self.linear(params["head"], pooled)
+        return mx.mean(layer_norm(params["final_norm"], h)[..., -self.num_tokens:, :], axis=-2)

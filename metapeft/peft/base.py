@@ -45,7 +45,11 @@ class PeftMethod:
 
     def __call__(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
         """The adapted model's predictions; ``train`` is true while adapting (LoRA's dropout acts then)."""
-        return self.model(merge(frozen, adapted), x)
+        return self.model.linear(adapted["head"], self.features(adapted, frozen, x, train))
+
+    def features(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
+        """What the head reads: the adapted model without its head."""
+        return self.model.features(merge(frozen, adapted), x)
 
     def regularizer(self, adapted: dict) -> mx.array | float:
         """Added to the task loss in the inner and the outer loop."""

@@ -48,8 +48,8 @@ class LoRA(LowRankMethod):
         self.adapting_model = (model.with_linear(lambda p, x: lora_linear(p, x, dropout=True)) if cfg.dropout
                                else self.model)
 
-    def __call__(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
-        return (self.adapting_model if train else self.model)(merge(frozen, adapted), x)
+    def features(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
+        return (self.adapting_model if train else self.model).features(merge(frozen, adapted), x)
 
     def init_adapter(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
         adapter: dict = {}

@@ -23,5 +23,5 @@ class NoPeft(PeftMethod):
     def init_adapted(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
         return self.model.init(key)
 
-    def __call__(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
-        return self.model(adapted, x)
+    def features(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
+        return self.model.features(adapted, x)

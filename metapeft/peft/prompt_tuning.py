@@ -12,7 +12,6 @@ from metapeft.backend import mx
 from metapeft.errors import require
 from metapeft.peft.base import PeftConfig, PeftMethod
 from metapeft.registry import PEFT_METHODS
-from metapeft.trees import merge
 
 
 class PromptInit(StrEnum):
@@ -45,5 +44,5 @@ class PromptTuning(PeftMethod):
         picks = mx.random.randint(0, tokens.shape[0], (n,), key=key)
         return {"prompt": tokens[picks]}
 
-    def __call__(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
-        return self.model(merge(frozen, {"head": adapted["head"]}), x, prompt=adapted["prompt"])
+    def features(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
+        return self.model.features(frozen, x, prompt=adapted["prompt"])

@@ -35,6 +35,7 @@ class TaskFamily:
     higher_is_better: bool
     input_shape: tuple[int, ...]  # one example, e.g. (1,) for sinusoid, (8, 8) for digits
     output_dim: int
+    num_classes: int | None = None  # N of N-way classification (labels 0..N-1); None for regression
 
     def loss(self, prediction: mx.array, target: mx.array) -> mx.array:
         raise NotImplementedError

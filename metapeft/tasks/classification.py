@@ -30,7 +30,7 @@ class ClassImagesTask(TaskFamily):
         self.cfg = cfg
         self.class_images = class_images
         self.input_shape = input_shape
-        self.output_dim = cfg.n_way
+        self.output_dim = self.num_classes = cfg.n_way
         train = class_images["train"]
         self.pretraining_outputs = len(train)
         self.pretraining_images = np.concatenate(train)

@@ -1,0 +1,111 @@
+"""Strong simple baselines, scored on the very episodes the meta-learned model is evaluated on.
+
+Classification (N-way K-shot):
+- ``nearest_centroid``: each query goes to the class whose mean raw input (flattened) is nearest (Euclidean).
+- ``logistic_regression``: scikit-learn's ``LogisticRegression`` (defaults, L2, C=1) fit on the raw support set.
+- ``prototype``: nearest centroid on the features of the pretrained backbone (frozen, its head removed).
+- ``linear_probe``: logistic regression on those features, each L2-normalized (as Tian et al., 2020, "a good
+  embedding is all you need", do; it also keeps lbfgs from running into its iteration limit on raw features).
+- ``plain_init``: the run's own model and method from its plain initialization (no meta-learning), adapted by the
+  algorithm's own update rule with the evaluation budget.
+
+Regression:
+- ``zero``: predict 0. ``support_mean``: predict the mean support target.
+- ``linear_probe``: the multi-task pretrained backbone with its head refit on the support set (ridge, alpha=1).
+- ``plain_init``: as above.
+
+The pretrained backbone is the one the PEFT methods adapt (``metapeft.pretrain``: trained on the meta-train split
+only); for ``peft=none`` it is pretrained (and cached) for these baselines alone. No baseline is tuned on the test
+split: every setting above is a library default.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression, Ridge
+
+from metapeft.backend import mx
+from metapeft.build import Experiment
+from metapeft.errors import require
+from metapeft.evaluate import BaselineFn, plain_init_curves
+from metapeft.tasks.base import Episodes
+
+CLASSIFICATION = ("nearest_centroid", "logistic_regression", "prototype", "linear_probe", "plain_init")
+REGRESSION = ("zero", "support_mean", "linear_probe", "plain_init")
+NEEDS_PRETRAINED = ("prototype", "linear_probe")
+
+
+def applicable(exp: Experiment) -> tuple[str, ...]:
+    return CLASSIFICATION if exp.task.num_classes is not None else REGRESSION
+
+
+def chosen(exp: Experiment) -> tuple[str, ...]:
+    """The ``baselines`` key (null: every one that applies), checked before any work."""
+    valid = applicable(exp)
+    if exp.cfg.baselines is None:
+        return valid
+    for name in exp.cfg.baselines:
+        require(name in valid, "baselines", f"'{name}' does not apply to task={exp.cfg.task.name}; valid: "
+                f"{list(valid)} (or null for all of them)")
+    return tuple(dict.fromkeys(exp.cfg.baselines))
+
+
+def flat(a) -> np.ndarray:
+    """(tasks, examples, ...) -> (tasks, examples, features) in float64."""
+    a = np.asarray(a, dtype=np.float64)
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def nearest_centroid(xs, ys, xq, yq, num_classes: int) -> np.ndarray:
+    """Accuracy per task of assigning each query to the nearest class mean of the support set."""
+    one_hot = np.asarray(ys)[..., None] == np.arange(num_classes)  # (tasks, support, classes)
+    centroids = np.einsum("tsc,tsd->tcd", one_hot, xs) / one_hot.sum(axis=1)[..., None]
+    distances = ((xq[:, :, None, :] - centroids[:, None, :, :]) ** 2).sum(axis=-1)
+    return (distances.argmin(axis=-1) == np.asarray(yq)).mean(axis=1)
+
+
+def logistic_regression(xs, ys, xq, yq) -> np.ndarray:
+    ys, yq = np.asarray(ys), np.asarray(yq)
+    return np.array([LogisticRegression(max_iter=1000).fit(xs[t], ys[t]).score(xq[t], yq[t])
+                     for t in range(len(xs))])
+
+
+def l2_normalized(features: np.ndarray) -> np.ndarray:
+    return features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+
+
+def ridge_mse(xs, ys, xq, yq) -> np.ndarray:
+    ys, yq = flat(ys)[..., 0], flat(yq)[..., 0]
+    return np.array([np.mean((Ridge(alpha=1.0).fit(xs[t], ys[t]).predict(xq[t]) - yq[t]) ** 2)
+                     for t in range(len(xs))])
+
+
+def make_baselines(exp: Experiment, plain: dict, frozen: dict,
+                   pretrained: Callable[[], dict]) -> dict[str, BaselineFn]:
+    """name -> episodes -> per-task metric (``plain_init``: its adaptation curves). ``pretrained()`` gives the
+    pretrained backbone; it is called only if a chosen baseline reads its features."""
+    names = chosen(exp)
+    classes = exp.task.num_classes
+    if any(name in NEEDS_PRETRAINED for name in names):
+        backbone = pretrained()
+        embed = mx.vmap(lambda x: exp.model.features(backbone, x))  # task by task, as the model sees a task
+
+    def prototype(e: Episodes) -> np.ndarray:
+        return nearest_centroid(flat(embed(e.xs)), e.ys, flat(embed(e.xq)), e.yq, classes)
+
+    def linear_probe(e: Episodes) -> np.ndarray:
+        if classes:
+            return logistic_regression(l2_normalized(flat(embed(e.xs))), e.ys, l2_normalized(flat(embed(e.xq))), e.yq)
+        return ridge_mse(flat(embed(e.xs)), e.ys, flat(embed(e.xq)), e.yq)
+
+    table: dict[str, BaselineFn] = {
+        "plain_init": lambda e: plain_init_curves(exp, plain, frozen, e, exp.cfg.evaluation.curve_steps),
+        "nearest_centroid": lambda e: nearest_centroid(flat(e.xs), e.ys, flat(e.xq), e.yq, classes),
+        "logistic_regression": lambda e: logistic_regression(flat(e.xs), e.ys, flat(e.xq), e.yq),
+        "prototype": prototype,
+        "linear_probe": linear_probe,
+        "zero": lambda e: np.mean(flat(e.yq) ** 2, axis=(1, 2)),
+        "support_mean": lambda e: np.mean((flat(e.yq) - flat(e.ys).mean(axis=1, keepdims=True)) ** 2, axis=(1, 2)),
+    }
+    return {name: table[name] for name in names}

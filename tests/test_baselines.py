@@ -1,0 +1,70 @@
+"""Every baseline against a hand computation on a tiny episode, and baselines in every run's metrics."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import run_cli
+from metapeft.baselines import logistic_regression, nearest_centroid, ridge_mse
+from metapeft.build import build
+from metapeft.errors import ConfigError
+from metapeft.experiment import run
+
+
+def test_nearest_centroid_by_hand():
+    # task 0: class means 0 and 10; queries 4 (-> 0), 6 (-> 1), 9 (-> 1, but labelled 0)
+    xs = np.array([[[-1.0], [1.0], [9.0], [11.0]]])
+    ys = np.array([[0, 0, 1, 1]])
+    xq, yq = np.array([[[4.0], [6.0], [9.0]]]), np.array([[0, 1, 0]])
+    assert nearest_centroid(xs, ys, xq, yq, 2).tolist() == [pytest.approx(2 / 3)]
+
+
+def test_logistic_regression_separates_separable_classes():
+    xs = np.array([[[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]]])
+    xq = np.array([[[0.2, 0.1], [4.9, 5.2]]])
+    assert logistic_regression(xs, np.array([[0, 0, 1, 1]]), xq, np.array([[0, 1]])).tolist() == [1.0]
+
+
+def test_ridge_refits_a_line():
+    x = np.linspace(-1, 1, 20)[None, :, None]
+    y = 3 * x + 1
+    assert ridge_mse(x, y, x, y)[0] < 0.1  # alpha=1 shrinks the slope a little
+
+
+def test_zero_and_support_mean_by_hand(compose_cfg, tmp_path):
+    metrics = run(compose_cfg("mode=tiny", "baselines=[zero,support_mean]"), tmp_path)
+    episodes = build(compose_cfg("mode=tiny")).task.sample("test", 6, 5, np.random.default_rng([0, 2, 5]))
+    ys, yq = np.array(episodes.ys)[..., 0], np.array(episodes.yq)[..., 0]
+    baselines = metrics["evaluation"]["shots"]["5"]["baselines"]
+    assert list(baselines) == ["zero", "support_mean"]
+    np.testing.assert_allclose(baselines["zero"]["per_task"], (yq ** 2).mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(baselines["support_mean"]["per_task"],
+                               ((yq - ys.mean(axis=1, keepdims=True)) ** 2).mean(axis=1), rtol=1e-5)
+
+
+def test_a_classification_run_reports_every_baseline_and_the_paired_difference_to_the_best(tmp_path):
+    result = run_cli(f"hydra.run.dir={tmp_path}", "task=digits", "mode=tiny", "pretrain.iterations=20",
+                     f"pretrain.cache_dir={tmp_path / 'cache'}", "progress=false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for shot in metrics["evaluation"]["shots"].values():
+        assert set(shot["baselines"]) == {"nearest_centroid", "logistic_regression", "prototype", "linear_probe",
+                                          "plain_init"}
+        for baseline in shot["baselines"].values():
+            assert len(baseline["per_task"]) == 6 and baseline["ci95"] >= 0
+        best = shot["versus_best_baseline"]
+        means = {name: b["mean"] for name, b in shot["baselines"].items()}
+        assert means[best["baseline"]] == max(means.values())
+        ours, theirs = (np.array(x["per_task"]) for x in (shot["meta_learned"], shot["baselines"][best["baseline"]]))
+        assert best["difference"] == pytest.approx(float((ours - theirs).mean()))
+    assert f"the best baseline, {best['baseline']}" in result.stdout + result.stderr  # the console names it
+
+
+@pytest.mark.parametrize("overrides", [["baselines=[nearest_centroid]"], ["task=digits", "baselines=[zero]"],
+                                       ["baselines=[best]"]])
+def test_a_baseline_that_does_not_apply_is_refused_before_training(compose_cfg, tmp_path, overrides):
+    with pytest.raises(ConfigError) as error:
+        run(compose_cfg("mode=tiny", *overrides), tmp_path)
+    assert error.value.key == "baselines" and not (tmp_path / "history.csv").exists()

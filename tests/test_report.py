@@ -1,0 +1,69 @@
+"""Aggregation never pools unlike runs, flags duplicated seeds, lists every unreadable file and counts missing jobs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from metapeft.report import ReportError, collect, comparison, write_report
+
+
+def fake_job(directory, overrides, seed, ours, nearest, status="completed"):
+    """A job directory as the runner writes it, with per-task values ``ours`` and a nearest_centroid baseline."""
+    (directory / ".hydra").mkdir(parents=True)
+    (directory / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, f"seed={seed}"]))
+    identity = {"algorithm": "maml", "peft": "none", "shots": "5shot", "mode": "quick", "task": "digits",
+                "model": "mlp", "seed": seed, "overrides": [*overrides, f"seed={seed}"]}
+    values = lambda v: {"mean": float(np.mean(v)), "ci95": 0.01, "per_task": list(map(float, v))}
+    metrics = {"status": status, "identity": identity,
+               "evaluation": {"metric": "accuracy", "higher_is_better": True, "shots": {"5": {
+                   "meta_learned": {**values(ours), "curve_mean": [0.2, float(np.mean(ours))]},
+                   "baselines": {"nearest_centroid": values(nearest)}}}},
+               "train": {"seconds_per_iteration": 0.01}, "parameters": {"adapted": 10}}
+    (directory / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_runs_that_differ_in_more_than_the_seed_are_never_pooled(tmp_path):
+    for i, (iterations, seed) in enumerate([(1000, 0), (1000, 1), (20, 0), (20, 1)]):
+        fake_job(tmp_path / "sweep" / str(i), [f"mode.num_iterations={iterations}"], seed, [0.8, 0.9], [0.7, 0.8])
+    table = comparison(collect([tmp_path / "sweep"]))
+    assert sorted(table.config) == ["mode.num_iterations=1000", "mode.num_iterations=20"]
+    assert list(table.completed) == [2, 2] and list(table.seeds) == ["0 1", "0 1"]
+    # leading with the best baseline, then the paired difference to it: +0.1 on every task
+    assert table["5-shot best baseline"].str.startswith("nearest_centroid 0.750").all()
+    assert table["5-shot vs nearest_centroid"].str.startswith("+0.100").all()
+
+
+def test_a_duplicated_seed_is_flagged_and_counted_once(tmp_path):
+    fake_job(tmp_path / "a", ["algorithm.inner_lr=0.1"], 0, [1.0, 1.0], [0.5, 0.5])
+    fake_job(tmp_path / "b", ["algorithm.inner_lr=0.1"], 0, [0.0, 0.0], [0.5, 0.5])
+    (row,) = comparison(collect([tmp_path])).to_dict("records")
+    assert row["completed"] == 1 and "duplicated seed 0" in row["status"]
+    assert row["5-shot"].startswith("1.000")  # the first run only
+
+
+def test_every_unreadable_metrics_file_is_listed_and_the_rest_reported(tmp_path):
+    fake_job(tmp_path / "good", [], 0, [0.9, 0.9], [0.5, 0.5])
+    for name in ("broken", "alien"):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+    (tmp_path / "broken" / "metrics.json").write_text("{not json")
+    (tmp_path / "alien" / "metrics.json").write_text('{"accuracy": 1}')
+    result = write_report([tmp_path], tmp_path / "report")
+    assert result["completed"] == 1 and len(result["problems"]) == 2
+    assert any("broken" in p for p in result["problems"]) and any("alien" in p for p in result["problems"])
+    (tmp_path / "good" / "metrics.json").write_text("[]")
+    with pytest.raises(ReportError, match="no readable run"):
+        collect([tmp_path])
+
+
+def test_jobs_a_sweep_asked_for_but_never_started_count_as_missing(tmp_path):
+    sweep = tmp_path / "sweep"
+    fake_job(sweep / "0", ["algorithm.inner_lr=0.1"], 0, [0.9, 0.9], [0.5, 0.5])
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None},
+        "overrides": {"task": ["algorithm.inner_lr=0.1,0.2", "seed=0"]}}}))
+    frame = collect([sweep])
+    missing = frame[frame.status == "missing"]
+    assert len(frame) == 2 and len(missing) == 1 and "algorithm.inner_lr=0.2" in missing.job_dir.iloc[0]
