@@ -22,11 +22,19 @@ def test_defaults_compose(compose_cfg):
     assert list(cfg.shots.eval) == [1, 5, 10]
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd", "anil"])
 @pytest.mark.parametrize("task", ["sinusoid", "digits"])
 def test_every_algorithm_builds_on_every_task(compose_cfg, algorithm, task):
     exp = build(compose_cfg(f"algorithm={algorithm}", f"task={task}"))
     assert exp.learner.cfg.name == algorithm
+
+
+@pytest.mark.parametrize("overrides", [["algorithm=protonet"], ["algorithm=maml", "algorithm.head_init=prototypes"]])
+def test_prototypes_build_for_classification_and_are_refused_for_regression(compose_cfg, overrides):
+    assert build(compose_cfg(*overrides, "task=digits", "model=conv4")).learner.cfg.head_init == "prototypes"
+    with pytest.raises(ConfigError) as error:
+        build(compose_cfg(*overrides, "task=sinusoid"))
+    assert error.value.key == "algorithm.head_init"
 
 
 def test_command_line_overrides_reach_the_groups(compose_cfg):
@@ -76,6 +84,9 @@ def test_wrong_type_is_refused(compose_cfg):
         (["peft=prompt_tuning", "peft.num_virtual_tokens=0"], "peft.num_virtual_tokens"),
         (["peft=prompt_tuning", "model=mlp"], "model"),
         (["peft=lora", "pretrain.iterations=0"], "pretrain.iterations"),
+        (["algorithm=protonet", "task=digits", "algorithm.head_init=learned"], "algorithm.head_init"),
+        (["model=conv4"], "model"),  # sinusoid inputs are not images
+        (["task=digits", "model=conv4", "model.channels=0"], "model.channels"),
     ],
 )
 def test_impossible_values_name_their_key(compose_cfg, overrides, key):
