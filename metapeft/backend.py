@@ -2,9 +2,10 @@
 
 The Linux ``mlx[cpu]`` wheel binds its matrix products when ``mlx.core`` is loaded, so an optimized BLAS must be
 loaded before it (``metapeft.blas``). metapeft's modules therefore never import MLX themselves: they take ``mx``
-(``mlx.core``) and ``optim`` (``mlx.optimizers``) from here. These are stand-ins that call ``load()`` at their first
-attribute access and from then on hold the real module's attributes, so ``import metapeft.<anything>``,
-``runners/run.py --help`` and ``--cfg`` load neither MLX nor a BLAS, and no import order needs remembering.
+(``mlx.core``), ``optim`` (``mlx.optimizers``) and ``utils`` (``mlx.utils``) from here. These are stand-ins that
+call ``load()`` at their first attribute access and from then on hold the real module's attributes, so
+``import metapeft.<anything>``, ``runners/run.py --help`` and ``--cfg`` load neither MLX nor a BLAS, and no import
+order needs remembering.
 
 ``load()`` also starts MLX's CPU stream thread and notes which thread it is (``metapeft.affinity``).
 Code that imports ``mlx.core`` itself before metapeft's first MLX use keeps MLX's bundled BLAS (``blas.status()``
@@ -29,6 +30,7 @@ class DeferredModule(types.ModuleType):
 
 mx = DeferredModule("mlx.core")
 optim = DeferredModule("mlx.optimizers")
+utils = DeferredModule("mlx.utils")  # tree_map, tree_flatten, tree_unflatten
 _loaded = False
 
 
@@ -39,6 +41,6 @@ def load() -> None:
         return
     _loaded = True
     blas.configure()
-    for stand_in in (mx, optim):
+    for stand_in in (mx, optim, utils):
         stand_in.__dict__.update(importlib.import_module(stand_in.__name__).__dict__)
     affinity.record_mlx_threads(mx)

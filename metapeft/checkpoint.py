@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Sequence
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from mlx.utils import tree_flatten, tree_unflatten
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metapeft import io
-from metapeft.backend import mx
+from metapeft.backend import mx, utils
 from metapeft.config import GROUPS
 from metapeft.errors import ConfigError
 
@@ -83,7 +82,7 @@ def _load_flat(path: Path) -> dict[str, mx.array]:
 def _check(name: str, loaded: dict[str, mx.array], expected: dict, path: Path) -> dict:
     """``loaded`` arranged as ``expected`` if every name, shape and dtype matches; else a ConfigError saying what
     differs."""
-    want = dict(tree_flatten(expected))
+    want = dict(utils.tree_flatten(expected))
     missing, extra = sorted(want.keys() - loaded.keys()), sorted(loaded.keys() - want.keys())
     shapes = [f"{k}: checkpoint {tuple(loaded[k].shape)} {loaded[k].dtype}, "
               f"config {tuple(want[k].shape)} {want[k].dtype}"
@@ -95,7 +94,7 @@ def _check(name: str, loaded: dict[str, mx.array], expected: dict, path: Path) -
                     "; ".join(shapes[:5])]
         raise ConfigError("checkpoint", f"{path} does not match the config's {name} tree (different algorithm, "
                           f"PEFT method, backbone or task?): " + "; ".join(p for p in problems if p))
-    return tree_unflatten([(k, loaded[k]) for k, _ in tree_flatten(expected)])
+    return utils.tree_unflatten([(k, loaded[k]) for k, _ in utils.tree_flatten(expected)])
 
 
 def load_checkpoint(directory: Path, expected_meta: dict, expected_frozen: dict) -> tuple[dict, dict]:

@@ -15,10 +15,9 @@ from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
-from mlx.utils import tree_flatten
 
 from metapeft import io
-from metapeft.backend import mx
+from metapeft.backend import mx, utils
 
 MEASURES = ("cosine", "rbf")
 
@@ -35,7 +34,7 @@ def fisher_embedding(exp, meta: dict, frozen: dict, xs: mx.array, ys: mx.array,
 
     def squared_gradient(x, y):
         grads = mx.grad(exp.loss)(weights, frozen, x[None], y[None])
-        return mx.concatenate([mx.square(g).reshape(-1) for _, g in tree_flatten(grads)])
+        return mx.concatenate([mx.square(g).reshape(-1) for _, g in utils.tree_flatten(grads)])
 
     fisher = mx.mean(mx.vmap(squared_gradient)(xs, ys), axis=0)
     return _unit(np.array(fisher, dtype=np.float64))

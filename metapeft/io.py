@@ -8,9 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mlx.utils import tree_flatten, tree_unflatten
-
-from metapeft.backend import mx
+from metapeft.backend import mx, utils
 
 
 def _replace_atomically(path: Path, write) -> None:
@@ -62,8 +60,8 @@ def save_tree(path: Path, tree: dict, metadata: dict[str, str] | None = None) ->
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint files end in .safetensors, got {path}")
-    _replace_atomically(path, lambda tmp: mx.save_safetensors(str(tmp), dict(tree_flatten(tree)), metadata or {}))
+    _replace_atomically(path, lambda tmp: mx.save_safetensors(str(tmp), dict(utils.tree_flatten(tree)), metadata or {}))
 
 
 def load_tree(path: Path) -> dict:
-    return tree_unflatten(list(mx.load(str(path)).items()))
+    return utils.tree_unflatten(list(mx.load(str(path)).items()))

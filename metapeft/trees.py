@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from mlx.utils import tree_flatten
-
-from metapeft.backend import mx
+from metapeft.backend import mx, utils
 
 Path = tuple  # keys (str) and list indices (int) from the root
 
@@ -62,11 +60,11 @@ def path_name(path: Path) -> str:
 
 
 def count(tree: Any) -> int:
-    return sum(v.size for _, v in tree_flatten(tree))
+    return sum(v.size for _, v in utils.tree_flatten(tree))
 
 
 def nbytes(tree: Any) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(tree))
+    return sum(v.nbytes for _, v in utils.tree_flatten(tree))
 
 
 def paths_holding(tree: Any, key: str, path: Path = ()) -> list[Path]:

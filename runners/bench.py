@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 from hydra import compose, initialize_config_dir
-from mlx.utils import tree_map
 
 from metapeft import affinity, blas, io
-from metapeft.backend import mx
+from metapeft.backend import mx, utils
 from metapeft.build import build
 from metapeft.config import register_configs
 from metapeft.train import TrainLog, compiled_meta_step, meta_train
@@ -64,7 +63,7 @@ def peer_spec(exp):
 def peer_timings(exp, meta: dict, frozen: dict, batches: list, our_first_loss: float, repeats: int, n: int) -> dict:
     """Each peer's ms per iteration, timed only if its meta-loss on the first batch equals ours."""
     spec = peer_spec(exp)
-    to_numpy = lambda tree: tree_map(lambda a: np.array(a), tree)
+    to_numpy = lambda tree: utils.tree_map(lambda a: np.array(a), tree)
     numpy_batches = [tuple(np.array(a) for a in b) for b in batches]
     results = {}
     for name, (modules, make_peer) in PEERS.items():

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlx.utils import tree_map
-
 from metapeft.algorithms.base import AlgorithmConfig, sgd_step
 from metapeft.algorithms.maml import MAML
-from metapeft.backend import mx
+from metapeft.backend import mx, utils
 from metapeft.registry import ALGORITHMS
 
 
@@ -29,5 +27,5 @@ class ANIL(MAML):
     def inner_step(self, meta: dict, weights: dict, frozen: dict, x: mx.array, y: mx.array) -> dict:
         grads = mx.grad(lambda head: self.loss_fn({**weights, "head": head}, frozen, x, y))(weights["head"])
         if self.cfg.first_order:
-            grads = tree_map(mx.stop_gradient, grads)
+            grads = utils.tree_map(mx.stop_gradient, grads)
         return {**weights, "head": sgd_step(weights["head"], grads, self.cfg.inner_lr)}

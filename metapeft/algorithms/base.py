@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Callable, Protocol
 
-from mlx.utils import tree_map
 from omegaconf import MISSING
 
-from metapeft.backend import mx, optim
+from metapeft.backend import mx, optim, utils
 from metapeft.errors import require
 from metapeft.tasks.base import Episodes
 
@@ -65,8 +64,8 @@ def prototype_head(features: mx.array, labels: mx.array, num_classes: int) -> di
 def sgd_step(weights: dict, grads: dict, lr) -> dict:
     """weights - lr * grads; ``lr`` is a scalar or a tree shaped like ``weights`` (Meta-SGD)."""
     if isinstance(lr, dict):
-        return tree_map(lambda w, g, a: w - a * g, weights, grads, lr)
-    return tree_map(lambda w, g: w - lr * g, weights, grads)
+        return utils.tree_map(lambda w, g, a: w - a * g, weights, grads, lr)
+    return utils.tree_map(lambda w, g: w - lr * g, weights, grads)
 
 
 class MetaLearner:

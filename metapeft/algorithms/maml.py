@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlx.utils import tree_map
-
 from metapeft.algorithms.base import AlgorithmConfig, MetaLearner, sgd_step
-from metapeft.backend import mx
+from metapeft.backend import mx, utils
 from metapeft.registry import ALGORITHMS
 from metapeft.tasks.base import Episodes
 
@@ -31,7 +29,7 @@ class MAML(MetaLearner):
         """phi <- phi - alpha * grad L_support(phi), differentiable unless ``first_order``."""
         grads = mx.grad(self.loss_fn)(weights, frozen, x, y)
         if self.first_order:
-            grads = tree_map(mx.stop_gradient, grads)
+            grads = utils.tree_map(mx.stop_gradient, grads)
         return sgd_step(weights, grads, self.cfg.inner_lr)
 
     def query_loss(self, meta: dict, frozen: dict, xs, ys, xq, yq) -> mx.array:

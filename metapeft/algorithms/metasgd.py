@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlx.utils import tree_map
-
 from metapeft.algorithms.base import AlgorithmConfig, sgd_step
 from metapeft.algorithms.maml import MAML
-from metapeft.backend import mx
+from metapeft.backend import mx, utils
 from metapeft.errors import require
 from metapeft.registry import ALGORITHMS
 
@@ -29,7 +27,7 @@ class MetaSGD(MAML):
         require(cfg.init_lr >= 0, "algorithm.init_lr", f"must be >= 0, got {cfg.init_lr}")
 
     def meta_parameters(self, weights: dict) -> dict:
-        rates = tree_map(lambda w: mx.full(w.shape, self.cfg.init_lr, dtype=w.dtype), weights)
+        rates = utils.tree_map(lambda w: mx.full(w.shape, self.cfg.init_lr, dtype=w.dtype), weights)
         return {"weights": weights, "lr": rates}
 
     def inner_step(self, meta: dict, weights: dict, frozen: dict, x: mx.array, y: mx.array) -> dict:

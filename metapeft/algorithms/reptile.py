@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlx.utils import tree_map
-
 from metapeft.algorithms.base import AlgorithmConfig, MetaLearner
-from metapeft.backend import mx, optim
+from metapeft.backend import mx, optim, utils
 from metapeft.errors import require
 from metapeft.registry import ALGORITHMS
 from metapeft.tasks.base import Episodes
@@ -42,7 +40,7 @@ class Reptile(MetaLearner):
             return phi, self.loss_fn(phi, frozen, xq, yq)
 
         phis, losses = mx.vmap(one_task)(*episodes)
-        pseudo_grad = tree_map(lambda theta, phi: theta - mx.mean(phi, axis=0), meta["weights"], phis)
+        pseudo_grad = utils.tree_map(lambda theta, phi: theta - mx.mean(phi, axis=0), meta["weights"], phis)
         return mx.mean(losses), {"weights": pseudo_grad}
 
     def make_optimizer(self, num_iterations: int) -> optim.Optimizer:

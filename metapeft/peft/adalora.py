@@ -23,9 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from mlx.utils import tree_map
 
-from metapeft.backend import mx
+from metapeft.backend import mx, utils
 from metapeft.errors import require
 from metapeft.models.layers import affine
 from metapeft.peft.base import LowRankConfig, LowRankMethod
@@ -119,7 +118,7 @@ class AdaLoRA(LowRankMethod):
         """The sensitivity's moving average and its uncertainty's, per factor entry: zeros to start."""
         factors = {path_name(p): {f: get_in(meta_weights, p)[f] for f in TRIPLET_SCORE}
                    for p in paths_holding(meta_weights, "ada_p")}
-        zeros = tree_map(mx.zeros_like, factors)
+        zeros = utils.tree_map(mx.zeros_like, factors)
         return {"smoothed": zeros, "uncertainty": zeros}
 
     def after_meta_step(self, meta_weights: dict, meta_grads: dict, frozen: dict, state: dict, iteration: int,
