@@ -101,7 +101,7 @@ def test_adalora_orthogonality_regularizer(compose_cfg):
 
 
 @pytest.mark.parametrize("method", ["none", "lora", "adalora", "prompt_tuning"])
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd", "anil", "protonet"])
 def test_every_pair_lowers_the_meta_loss_and_keeps_the_backbone(compose_cfg, algorithm, method):
     # inner_lr 0.1: at digits' default 0.5, FOMAML's first-order gradient is too biased to descend reliably
     exp, backbone, frozen, adapted = setup(compose_cfg, f"algorithm={algorithm}", f"peft={method}",
