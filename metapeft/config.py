@@ -120,6 +120,10 @@ def validate_common(cfg: Any) -> None:
     require(cfg.mode.num_val_tasks > 1, "mode.num_val_tasks", f"must be > 1, got {cfg.mode.num_val_tasks}")
     require(cfg.mode.num_eval_tasks > 1, "mode.num_eval_tasks",
             f"must be > 1 (a confidence interval needs two tasks), got {cfg.mode.num_eval_tasks}")
+    require(0 <= cfg.seed < 2**63, "seed", f"must be an integer in 0..2**63-1, got {cfg.seed}")
+    # checked here, before evaluation.num_inner_steps (which defaults to it), so that the key the user set is named
+    require(cfg.algorithm.num_inner_steps >= 0, "algorithm.num_inner_steps",
+            f"must be >= 0, got {cfg.algorithm.num_inner_steps}")
     require(cfg.evaluation.num_inner_steps >= 0, "evaluation.num_inner_steps",
             f"must be >= 0, got {cfg.evaluation.num_inner_steps}")
     require(cfg.evaluation.curve_steps >= cfg.evaluation.num_inner_steps, "evaluation.curve_steps",

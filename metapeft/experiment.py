@@ -89,7 +89,10 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
         save_checkpoint(out_dir / "checkpoint", meta, frozen, cfg)
         train = {
             "iterations": log.iterations,
-            "seconds_per_iteration": log.step_seconds / log.iterations,
+            # compilation is in the first iteration: per-iteration time is measured without it
+            "seconds_per_iteration": (log.step_seconds - log.first_step_seconds) / max(1, log.iterations - 1)
+            if log.iterations > 1 else log.step_seconds,
+            "first_iteration_seconds": log.first_step_seconds,
             "train_seconds": log.step_seconds,
             "final_loss": log.rows[-1]["loss"],
             "final_val_metric": log.rows[-1]["val_metric"],

@@ -11,6 +11,14 @@ from typing import Any
 from metapeft.backend import mx, utils
 
 
+def _file_mode() -> int:
+    """The mode an ordinary new file gets under the current umask (mkstemp's 0600 would survive the rename and
+    keep colleagues on a shared file system from reading results and the pretraining cache)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _replace_atomically(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -18,6 +26,7 @@ def _replace_atomically(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -20,6 +20,7 @@ class TrainLog:
 
     rows: list[dict] = field(default_factory=list)
     step_seconds: float = 0.0  # sampling, meta-step and after_step; validation excluded
+    first_step_seconds: float = 0.0  # the first iteration alone: it includes compiling the meta-step
     iterations: int = 0
     kept_iteration: int = -1  # the iteration whose meta-parameters meta_train returned
     kept_val_metric: float = math.nan
@@ -81,7 +82,10 @@ def meta_train(
         if after_step is not None:
             frozen, after_step_state = after_step(meta["weights"], grads["weights"], frozen, after_step_state,
                                                   iteration, num_iterations)
-        log.step_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        log.step_seconds += seconds
+        if iteration == 0:
+            log.first_step_seconds = seconds
         log.iterations = iteration + 1
         if iteration % val_interval == 0 or iteration == num_iterations - 1:
             row["val_metric"] = validate(meta, frozen)

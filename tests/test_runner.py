@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 
 import mlx.core as mx
@@ -143,3 +145,28 @@ def test_keep_must_be_last_or_best_val_at_composition(compose_cfg):
     with pytest.raises(ConfigCompositionException, match="keep") as error:
         compose_cfg("keep=best")
     assert "last" in str(error.value.__cause__) and "best_val" in str(error.value.__cause__)
+
+
+@pytest.mark.parametrize("override, key", [("seed=-1", "seed"), ("seed=99999999999999999999", "seed"),
+                                           ("algorithm.num_inner_steps=-1", "algorithm.num_inner_steps")])
+def test_impossible_values_name_the_key_the_user_set(compose_cfg, tmp_path, override, key):
+    with pytest.raises(ConfigError) as error:
+        run(compose_cfg("mode=tiny", override), tmp_path)
+    assert error.value.key == key
+
+
+def test_result_files_are_readable_by_others_under_the_usual_umask(compose_cfg, tmp_path):
+    old = os.umask(0o022)
+    try:
+        run(compose_cfg("mode=tiny"), tmp_path)
+    finally:
+        os.umask(old)
+    for name in ("metrics.json", "history.csv", "checkpoint/meta.safetensors", "checkpoint/config.yaml"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_time_per_iteration_leaves_out_the_first_iterations_compilation(compose_cfg, tmp_path):
+    train = run(compose_cfg("mode=tiny"), tmp_path)["train"]
+    rest = train["train_seconds"] - train["first_iteration_seconds"]
+    assert train["seconds_per_iteration"] == pytest.approx(rest / (train["iterations"] - 1))
+    assert train["first_iteration_seconds"] > train["seconds_per_iteration"]  # compiling the meta-step
