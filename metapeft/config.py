@@ -5,6 +5,7 @@ registered by ``metapeft.registry``. A mistyped key or a wrong type fails at com
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, List, Optional
@@ -87,6 +88,16 @@ class RunConfig:
     transfer: Any = None  # a transfer study (runners/transfer.py, which registers its schema)
 
 
+def job_dirname(overrides: str, limit: int = 200) -> str:
+    """A sweep job's directory name: its overrides, or, when they are longer than ``limit`` bytes (file systems
+    refuse names over 255), their first bytes and a hash of all of them, so the name stays unique and stable
+    (``resume=true`` finds the job again)."""
+    raw = overrides.encode()
+    if len(raw) <= limit:
+        return overrides
+    return raw[: limit - 17].decode(errors="ignore") + "-" + hashlib.sha256(raw).hexdigest()[:16]
+
+
 def optimization_direction(task_name: str) -> str:
     """How a sweeper treats a task's validation metric, from the task family itself (not restated in YAML)."""
     return "maximize" if TASKS.get(task_name).higher_is_better else "minimize"
@@ -105,6 +116,7 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("by_mode", lambda mode, quick, full: quick if mode == "quick" else full,
                                     replace=True)
     OmegaConf.register_new_resolver("direction", optimization_direction, replace=True)
+    OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
     OmegaConf.register_new_resolver("job_dirname_excluded_keys", lambda: [*NON_IDENTIFYING_KEYS, "experiment"],
                                     replace=True)
 

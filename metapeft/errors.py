@@ -23,3 +23,11 @@ class DivergedError(RuntimeError):
         self.iteration = iteration
         self.loss = loss
         super().__init__(f"meta-training loss became {loss} at iteration {iteration}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGINT, or SIGTERM as Slurm sends on timeout or preemption)."""
+
+    def __init__(self, signal_name: str):
+        self.signal_name = signal_name
+        super().__init__(f"stopped by {signal_name}")

@@ -50,6 +50,10 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
     except DivergedError as error:
         metrics.update(status="diverged", reason=str(error), diverged_at_iteration=error.iteration)
         raise
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM turned into Interrupted by the runner
+        metrics.update(status="interrupted", reason=str(error) or "stopped by SIGINT",
+                       interrupted_at_iteration=log.iterations)
+        raise
     except BaseException as error:
         metrics.update(status="failed", reason=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
         if isinstance(error, ConfigError):

@@ -7,7 +7,9 @@ skips jobs whose directory already holds a completed result for the same overrid
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +21,7 @@ from omegaconf import DictConfig
 
 from metapeft import affinity, backend, blas
 from metapeft.config import register_configs
-from metapeft.errors import ConfigError, DivergedError
+from metapeft.errors import ConfigError, DivergedError, Interrupted
 from metapeft.experiment import run
 from metapeft.launchers import threads_per_job
 from metapeft.sweep import completed_metrics
@@ -37,6 +39,11 @@ def validation_objective(metrics: dict) -> float:
     return train.get("kept_val_metric", train["final_val_metric"])
 
 
+def stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM (Slurm's timeout or preemption) stops the run as Ctrl-C does, so that its files are written."""
+    raise Interrupted("SIGTERM")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
@@ -52,8 +59,14 @@ def main(cfg: DictConfig) -> float | None:
         blas.set_threads(threads)  # parallel jobs share the cores
     affinity.colocate(enabled=not side_by_side)  # side by side, two jobs could pin themselves to one core
     log.info("BLAS for MLX's CPU matmuls: %s; MLX thread placement: %s", blas.status(), affinity.status())
+    with contextlib.suppress(ValueError):  # a launcher that runs jobs off the main thread keeps its own handling
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         metrics = run(cfg, out_dir, overrides=overrides)
+    except KeyboardInterrupt as error:  # recorded in metrics.json (status interrupted) and history.csv by run()
+        signal_name = getattr(error, "signal_name", "SIGINT")
+        log.error("interrupted by %s: metrics.json and history.csv written to %s", signal_name, out_dir)
+        sys.exit(128 + getattr(signal, signal_name))
     except Exception as error:  # noqa: BLE001 - recorded in metrics.json by run(); reported here
         kind = {ConfigError: "invalid configuration", DivergedError: "run diverged"}.get(type(error), "run failed")
         log.error("%s: %s (recorded in %s)", kind, error, out_dir / "metrics.json")

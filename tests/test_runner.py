@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
 import sys
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -13,7 +16,7 @@ import pytest
 import yaml
 from hydra.errors import ConfigCompositionException
 
-from helpers import run_cli
+from helpers import REPO, run_cli
 from metapeft.build import build
 from metapeft.errors import ConfigError
 from metapeft.experiment import run
@@ -170,3 +173,21 @@ def test_time_per_iteration_leaves_out_the_first_iterations_compilation(compose_
     rest = train["train_seconds"] - train["first_iteration_seconds"]
     assert train["seconds_per_iteration"] == pytest.approx(rest / (train["iterations"] - 1))
     assert train["first_iteration_seconds"] > train["seconds_per_iteration"]  # compiling the meta-step
+
+
+def test_sigterm_stops_a_run_and_keeps_its_files(tmp_path):
+    """What Slurm sends on timeout or preemption: the run records `interrupted` and its history, exit 143."""
+    job = subprocess.Popen([sys.executable, "runners/run.py", f"hydra.run.dir={tmp_path}", "progress=false",
+                            "mode.num_iterations=1000000"], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while "thread placement" not in "".join(p.read_text() for p in tmp_path.glob("run.log")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # well into meta-training (sinusoid + MLP: nothing to pretrain first)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 143, stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and "SIGTERM" in metrics["reason"]
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert len(history) == metrics["interrupted_at_iteration"] > 0

@@ -79,3 +79,13 @@ def test_runs_and_sweeps_started_in_the_same_second_get_different_directories():
     for a, b in ((first.run.dir, second.run.dir), (first.sweep.dir, second.sweep.dir)):
         assert re.fullmatch(r"(outputs|multirun)/\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}-\d{6}", a), a
         assert a != b
+
+
+def test_a_sweep_with_a_long_override_gets_short_stable_job_directories(tmp_path):
+    long = "baselines=[" + "zero,support_mean," * 20 + "zero]"  # the job name would pass 255 bytes
+    first = sweep(tmp_path / "sweep", long, "seed=0,1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    jobs = [p.parent for p in (tmp_path / "sweep").glob("*/metrics.json")]
+    assert len(jobs) == 2 and all(len(job.name.encode()) <= 200 for job in jobs)
+    again = sweep(tmp_path / "sweep", long, "seed=0,1", "resume=true")
+    assert (again.stdout + again.stderr).count("already completed with these overrides; skipped") == 2
