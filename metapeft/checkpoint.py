@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -30,7 +31,15 @@ def saved_config(path: str | Path) -> tuple[Path, DictConfig]:
     directory = checkpoint_directory(path)
     if not (directory / "config.yaml").is_file():
         raise ConfigError("checkpoint", f"{directory} holds no config.yaml: give a run directory or its checkpoint/")
-    return directory, OmegaConf.load(directory / "config.yaml")
+    try:
+        saved = OmegaConf.load(directory / "config.yaml")
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as error:
+        raise ConfigError("checkpoint", f"{directory / 'config.yaml'} is not readable YAML ({error})") from error
+    missing = [key for key in (*GROUPS, "seed", "evaluation") if not isinstance(saved, DictConfig) or key not in saved]
+    if missing:
+        raise ConfigError("checkpoint", f"{directory / 'config.yaml'} is not a metapeft run config (it has no "
+                          f"{', '.join(missing)}): give a run directory or its checkpoint/")
+    return directory, saved
 
 
 def evaluation_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:

@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from metapeft.errors import require
-from metapeft.registry import TASKS, import_submodules
+from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS, import_submodules
 
 GROUPS = ("algorithm", "peft", "shots", "mode", "task", "model")  # the config groups every run chooses from
 
@@ -121,8 +121,23 @@ def register_configs() -> None:
                                     replace=True)
 
 
+def check_known_keys(cfg: Any) -> None:
+    """Refuse keys no schema knows: Hydra's ``+key=value`` adds them to any node, and a typo such as
+    ``+peft.rnak=4`` would otherwise run to completion and do nothing."""
+    unknown = sorted(set(cfg) - set(OmegaConf.structured(RunConfig)))
+    require(not unknown, unknown[0] if unknown else "", "is not a key of the run config (was it added with '+'?); "
+            f"valid top-level keys: {sorted(OmegaConf.structured(RunConfig))}")
+    for group, registry in (("algorithm", ALGORITHMS), ("task", TASKS), ("model", MODELS), ("peft", PEFT_METHODS)):
+        known = set(OmegaConf.structured(registry.schema(cfg[group].name)))
+        unknown = sorted(set(cfg[group]) - known)
+        require(not unknown, f"{group}.{unknown[0]}" if unknown else group, f"is not a key of {group}="
+                f"{cfg[group].name} (was it added with '+'?); valid: {sorted(known)}")
+
+
 def validate_common(cfg: Any) -> None:
     """Checks of the shared groups; each implementation checks its own keys when it is built."""
+    check_known_keys(cfg)
+    require(cfg.get("seed") is not None, "seed", "must be set (a non-negative integer); was it deleted with '~seed'?")
     require(cfg.shots.train > 0, "shots.train", f"must be a positive integer, got {cfg.shots.train}")
     require(len(cfg.shots.eval) > 0, "shots.eval", "must list at least one K to evaluate, e.g. [1, 5, 10]")
     for k in cfg.shots.eval:

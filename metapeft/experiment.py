@@ -27,7 +27,7 @@ from metapeft.train import TrainLog, meta_train
 
 
 def identity(cfg: DictConfig, overrides: Sequence[str]) -> dict:
-    return {**{g: cfg[g].name for g in GROUPS}, "seed": cfg.seed, "overrides": list(overrides)}
+    return {**{g: cfg[g].name for g in GROUPS}, "seed": cfg.get("seed"), "overrides": list(overrides)}
 
 
 def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:

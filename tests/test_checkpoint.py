@@ -58,3 +58,13 @@ def test_bad_checkpoints_are_refused(compose_cfg, tmp_path):
 
     with pytest.raises(ConfigError, match="train=false evaluates a saved run"):
         run(compose_cfg(*TINY, "train=false"), tmp_path / "nothing")
+
+
+def test_a_folder_whose_config_is_not_a_run_config_is_refused(compose_cfg, tmp_path):
+    for text in ("just: text\n", "- a\n- list\n", "{unclosed: [\n"):
+        (tmp_path / "checkpoint").mkdir(exist_ok=True)
+        (tmp_path / "checkpoint" / "config.yaml").write_text(text)
+        with pytest.raises(ConfigError, match="config.yaml") as error:
+            run(compose_cfg("train=false", f"checkpoint={tmp_path}"), tmp_path / "eval",
+                overrides=["train=false", f"checkpoint={tmp_path}"])
+        assert error.value.key == "checkpoint"

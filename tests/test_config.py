@@ -138,3 +138,11 @@ def test_every_group_yaml_states_only_what_its_schema_does_not(compose_cfg):
             schema = OmegaConf.structured(registry.schema(name))
             same = [k for k, v in stated.items() if k in schema and schema[k] == v]
             assert not same, f"{path}: {same} restate the defaults of {registry.schema(name).__name__}"
+
+
+@pytest.mark.parametrize("overrides, key", [(["+foo=bar"], "foo"), (["peft=lora", "+peft.rnak=4"], "peft.rnak"),
+                                            (["+algorithm.inner_lrr=0.1"], "algorithm.inner_lrr"), (["~seed"], "seed")])
+def test_keys_added_with_plus_or_deleted_are_refused_naming_them(compose_cfg, overrides, key):
+    with pytest.raises(ConfigError) as error:
+        build(compose_cfg(*overrides))
+    assert error.value.key == key
