@@ -29,10 +29,34 @@ class LearnedInitialization:
     def adapt(self, x_support, y_support, num_steps: int | None = None) -> dict:
         """Adapted weights after ``num_steps`` inner steps (default: the run's evaluation budget)."""
         steps = self.experiment.cfg.evaluation.num_inner_steps if num_steps is None else num_steps
-        return self.experiment.learner.adapt(self.meta, self.frozen, mx.array(x_support), mx.array(y_support), steps)
+        if not (isinstance(steps, int) and steps >= 0):
+            raise ValueError(f"num_steps: must be an integer >= 0, got {steps!r}")
+        x = self.inputs(x_support, "x_support")
+        return self.experiment.learner.adapt(self.meta, self.frozen, x, self.targets(y_support, len(x)), steps)
 
     def predict(self, weights: dict, x) -> mx.array:
-        return self.experiment.peft(weights, self.frozen, mx.array(x))
+        return self.experiment.peft(weights, self.frozen, self.inputs(x, "x"))
+
+    def inputs(self, x, name: str) -> mx.array:
+        """``x`` as the model reads it, or a ValueError saying which shape the run's task expects."""
+        x, shape = np.asarray(x), tuple(self.experiment.task.input_shape)
+        if x.shape[1:] != shape or x.ndim != len(shape) + 1 or not np.issubdtype(x.dtype, np.number):
+            raise ValueError(f"{name}: expected numbers of shape (n, {', '.join(map(str, shape))}) for "
+                             f"task={self.experiment.cfg.task.name}, got {x.dtype} of shape {x.shape}")
+        return mx.array(x.astype(np.float32))
+
+    def targets(self, y, n: int) -> mx.array:
+        """Labels 0..N-1 (classification) or targets of shape (n, outputs) (regression), checked."""
+        task, y = self.experiment.task, np.asarray(y)
+        if task.num_classes is not None:
+            if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= task.num_classes:
+                raise ValueError(f"y_support: expected {n} integer labels in 0..{task.num_classes - 1}, got {y.dtype} "
+                                 f"of shape {y.shape}" + (f" with values {y.min()}..{y.max()}" if y.size else ""))
+            return mx.array(y.astype(np.int32))
+        if y.shape != (n, task.output_dim) or not np.issubdtype(y.dtype, np.number):
+            raise ValueError(f"y_support: expected numbers of shape ({n}, {task.output_dim}), got {y.dtype} of shape "
+                             f"{y.shape}")
+        return mx.array(y.astype(np.float32))
 
 
 def load_run(path: str | Path) -> LearnedInitialization:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from metapeft.api import load_run
 from metapeft.experiment import run
@@ -22,3 +23,19 @@ def test_a_saved_run_adapts_to_a_new_task(compose_cfg, tmp_path):
     assert after < before
     assert mx.array_equal(learned.meta["weights"]["head"]["weight"],
                           load_run(tmp_path / "run" / "checkpoint").meta["weights"]["head"]["weight"]).item()
+
+
+def test_bad_inputs_to_the_api_are_refused_saying_what_fits(compose_cfg, tmp_path):
+    run(compose_cfg("task=digits", "mode=tiny"), tmp_path / "run")
+    learned = load_run(tmp_path / "run")
+    x = np.zeros((10, 8, 8), dtype=np.float32)
+    labels = np.repeat(np.arange(5), 2)
+    assert learned.predict(learned.adapt(x, labels), x).shape == (10, 5)
+    for bad_x, bad_y, message in [(x[:, 0], labels, r"shape \(n, 8, 8\)"),
+                                  (x, labels + 1, r"labels in 0\.\.4"),
+                                  (x, labels.astype(np.float32), "integer labels"),
+                                  (x, labels[:5], "10 integer labels")]:
+        with pytest.raises(ValueError, match=message):
+            learned.adapt(bad_x, bad_y)
+    with pytest.raises(ValueError, match="num_steps"):
+        learned.adapt(x, labels, num_steps=-1)
