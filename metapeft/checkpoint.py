@@ -6,9 +6,13 @@ tree: backbone, AdaLoRA's masks; absent for peft=none) and ``config.yaml`` (the 
 """
 from __future__ import annotations
 
+import math
+import signal
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +22,7 @@ from metapeft import io
 from metapeft.backend import mx, utils
 from metapeft.config import GROUPS
 from metapeft.errors import ConfigError
+from metapeft.train import TrainLog, TrainState
 
 
 def checkpoint_directory(path: str | Path) -> Path:
@@ -118,3 +123,70 @@ def load_checkpoint(directory: Path, expected_meta: dict, expected_frozen: dict)
         frozen = _check("frozen", _load_flat(directory / "frozen.safetensors"), expected_frozen,
                         directory / "frozen.safetensors")
     return meta, frozen
+
+
+def _unflatten_like(expected: Any, flat: dict[str, mx.array], prefix: str, path: Path) -> Any:
+    """The arrays saved under ``prefix`` arranged exactly as ``expected`` is (its dicts may have dotted keys)."""
+    wanted = utils.tree_flatten(expected)
+    bad = [k for k, v in wanted if f"{prefix}.{k}" not in flat or flat[f"{prefix}.{k}"].shape != v.shape]
+    if bad:
+        raise ConfigError("resume", f"{path} does not fit this run's {prefix} (first mismatch: {prefix}.{bad[0]}); "
+                          "was it written by another configuration?")
+    leaves = iter(flat[f"{prefix}.{k}"] for k, _ in wanted)
+    return utils.tree_map(lambda _: next(leaves), expected)
+
+
+@contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM while a training checkpoint is written: a stop lands after it, not inside it."""
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def save_training_state(directory: Path, state: TrainState, log: TrainLog, sampler: np.random.Generator,
+                        job: list[str]) -> None:
+    """Everything an interrupted run needs to continue: arrays in ``training.safetensors``, the rest (history,
+    the task sampler's state, the overrides it belongs to) in ``training.json``, both stamped with the iteration."""
+    arrays = {"meta": state.meta, "frozen": state.frozen, "optimizer": state.optimizer,
+              "peft_state": state.peft_state or {}}
+    if state.kept is not None:
+        arrays["kept"] = {"meta": state.kept[0], "frozen": state.kept[1]}
+    record = {"iteration": state.iteration, "validations_since_kept": state.validations_since_kept,
+              "has_kept": state.kept is not None, "overrides": job, "sampler": sampler.bit_generator.state,
+              "log": {k: v for k, v in vars(log).items()}}
+    with signals_deferred():
+        io.save_tree(directory / "training.safetensors", arrays, metadata={"iteration": str(state.iteration)})
+        io.write_json(directory / "training.json", record)
+
+
+def load_training_state(directory: Path, expected: TrainState, log: TrainLog, sampler: np.random.Generator,
+                        job: list[str]) -> TrainState:
+    """The saved ``TrainState`` (arranged like ``expected``); restores ``log`` and ``sampler`` in place."""
+    record = io.read_json(directory / "training.json")
+    if record["overrides"] != job:
+        raise ConfigError("resume", f"{directory} holds the training state of a run with other overrides "
+                          f"({' '.join(record['overrides'])}); resume it with those, or start a new run directory")
+    flat, metadata = mx.load(str(directory / "training.safetensors"), return_metadata=True)
+    if metadata.get("iteration") != str(record["iteration"]):
+        raise ConfigError("resume", f"{directory}: training.safetensors and training.json are from different "
+                          "iterations (stopped while writing them?); start a new run directory")
+    path = directory / "training.safetensors"
+    meta = _unflatten_like(expected.meta, flat, "meta", path)
+    frozen = _unflatten_like(expected.frozen, flat, "frozen", path)
+    kept = None
+    if record["has_kept"]:
+        kept = (_unflatten_like(expected.meta, flat, "kept.meta", path),
+                _unflatten_like(expected.frozen, flat, "kept.frozen", path))
+    peft_state = expected.peft_state
+    if expected.peft_state:
+        peft_state = _unflatten_like(expected.peft_state, flat, "peft_state", path)
+    for key, value in record["log"].items():
+        setattr(log, key, [{k: math.nan if v is None else v for k, v in row.items()} for row in value]
+                if key == "rows" else math.nan if value is None else value)
+    sampler.bit_generator.state = record["sampler"]
+    return TrainState(record["iteration"], meta, frozen, _unflatten_like(expected.optimizer, flat, "optimizer", path),
+                      peft_state, kept, record["validations_since_kept"])

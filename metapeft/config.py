@@ -161,7 +161,8 @@ def validate_common(cfg: Any) -> None:
     require(cfg.train or cfg.checkpoint is not None, "checkpoint",
             "train=false evaluates a saved run: give checkpoint=<run dir>/checkpoint")
     require(not (cfg.train and cfg.checkpoint is not None), "train",
-            "continuing meta-training from a checkpoint is not supported; add train=false to evaluate it")
+            "a finished run's checkpoint is evaluated with train=false; an interrupted run goes on with "
+            "resume=true hydra.run.dir=<its run directory>")
     if cfg.patience is not None:
         require(cfg.patience >= 1, "patience",
                 f"must be >= 1 validations (or null: never stop early), got {cfg.patience}")

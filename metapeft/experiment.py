@@ -5,6 +5,7 @@ meta-training -> evaluation -> files (``metrics.json``, ``history.csv``, ``check
 """
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from pathlib import Path
@@ -18,12 +19,21 @@ from metapeft import affinity, blas, io
 from metapeft.backend import mx
 from metapeft.baselines import chosen, make_baselines
 from metapeft.build import Experiment, build, initial_state, parameter_counts, pretrained
-from metapeft.checkpoint import evaluation_config, load_checkpoint, save_checkpoint
+from metapeft.checkpoint import (
+    evaluation_config,
+    load_checkpoint,
+    load_training_state,
+    save_checkpoint,
+    save_training_state,
+)
 from metapeft.config import GROUPS, Keep
 from metapeft.errors import ConfigError, DivergedError
 from metapeft.evaluate import evaluate_shots, learner_curves
 from metapeft.measure import inference_ms_per_sample, memory_mb
-from metapeft.train import TrainLog, meta_train
+from metapeft.sweep import identifying
+from metapeft.train import TrainLog, TrainState, meta_train
+
+logger = logging.getLogger("metapeft")
 
 
 def identity(cfg: DictConfig, overrides: Sequence[str]) -> dict:
@@ -44,7 +54,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
             cfg = evaluation_config(cfg, overrides)
             metrics["identity"] = identity(cfg, overrides)
         exp = build(cfg)
-        metrics.update(train_and_evaluate(exp, out_dir, log))
+        metrics.update(train_and_evaluate(exp, out_dir, log, overrides))
         metrics["status"] = "completed"
         return metrics
     except DivergedError as error:
@@ -66,7 +76,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
         io.write_json(out_dir / "metrics.json", metrics)
 
 
-def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
+def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides: Sequence[str] = ()) -> dict:
     cfg, learner, task = exp.cfg, exp.learner, exp.task
     chosen(exp)  # a bad `baselines` list is refused before any work
     mx.random.seed(cfg.seed)
@@ -82,15 +92,27 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
 
     if cfg.train:
         better = None if cfg.keep == Keep.last else (lambda new, old: new > old if task.higher_is_better else new < old)
+        directory, job = out_dir / "checkpoint", identifying(overrides)
+        peft_state = exp.peft.init_meta_state(meta["weights"])
+        resume_from = None
+        if cfg.resume and (directory / "training.json").exists():  # an interrupted run: go on where it stopped
+            optimizer = learner.make_optimizer(cfg.mode.num_iterations)
+            optimizer.init(meta)
+            expected = TrainState(0, meta, frozen, optimizer.state, peft_state, None, 0)
+            resume_from = load_training_state(directory, expected, log, train_rng, job)
+            logger.info("resuming meta-training at iteration %d from %s", resume_from.iteration, directory)
         meta, frozen = meta_train(
             learner, meta, frozen,
             sample_batch=lambda: task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, train_rng),
             num_iterations=cfg.mode.num_iterations, validate=validate, val_interval=cfg.mode.val_interval,
-            log=log, progress=cfg.progress, after_step=exp.peft.after_meta_step,
-            after_step_state=exp.peft.init_meta_state(meta["weights"]), better=better,
-            patience=cfg.patience, keep_from=exp.peft.first_keepable_iteration(cfg.mode.num_iterations),
+            log=log, progress=cfg.progress, after_step=exp.peft.after_meta_step, after_step_state=peft_state,
+            better=better, patience=cfg.patience, keep_from=exp.peft.first_keepable_iteration(cfg.mode.num_iterations),
+            snapshot=lambda state: save_training_state(directory, state, log, train_rng, job),
+            resume_from=resume_from,
         )
-        save_checkpoint(out_dir / "checkpoint", meta, frozen, cfg)
+        save_checkpoint(directory, meta, frozen, cfg)
+        for name in ("training.safetensors", "training.json"):  # done: nothing left to resume
+            (directory / name).unlink(missing_ok=True)
         train = {
             "iterations": log.iterations,
             # compilation is in the first iteration: per-iteration time is measured without it
@@ -104,6 +126,7 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog) -> dict:
             "kept_iteration": log.kept_iteration,  # the saved and evaluated meta-parameters are this iteration's
             "kept_val_metric": log.kept_val_metric,
             "stopped_early": log.stopped_early,  # patience ran out; iterations says when
+            "resumed_from_iteration": resume_from.iteration if resume_from else None,  # an interrupted run went on
         }
     else:
         meta, frozen = load_checkpoint(Path(cfg.checkpoint), meta, frozen)

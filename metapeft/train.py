@@ -27,6 +27,19 @@ class TrainLog:
     stopped_early: bool = False  # patience ran out before num_iterations
 
 
+@dataclass
+class TrainState:
+    """All that ``meta_train`` needs to go on after an interruption, as data (saved with every validation)."""
+
+    iteration: int  # the next iteration to run
+    meta: dict
+    frozen: dict
+    optimizer: dict  # the optimizer's state tree
+    peft_state: Any  # after_step's state (AdaLoRA: importance averages)
+    kept: tuple[dict, dict] | None  # the meta-parameters and frozen tree kept so far
+    validations_since_kept: int
+
+
 def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
     """One outer update, compiled with the optimizer state declared as input and output.
 
@@ -56,6 +69,8 @@ def meta_train(
     better: Callable[[float, float], bool] | None = None,
     patience: int | None = None,
     keep_from: int = 0,
+    snapshot: Callable[[TrainState], None] | None = None,
+    resume_from: TrainState | None = None,
 ) -> tuple[dict, dict]:
     """Run ``num_iterations`` outer updates from ``meta``; return the meta-learned parameters and the frozen tree:
     the last ones, or, given ``better(new, old)``, those with the best validation metric (early stopping's choice).
@@ -64,12 +79,22 @@ def meta_train(
 
     ``after_step(meta_weights, meta_grads, frozen, state, iteration, num_iterations) -> (frozen, state)`` runs
     between iterations, its state (``after_step_state`` at first) passed from one call to the next.
+
+    ``snapshot(state)`` receives a ``TrainState`` after every validation; ``resume_from`` continues from one
+    (``log`` must hold the history up to it). Resuming gives the uninterrupted run's results, bit for bit, except
+    for randomness inside the meta-step (LoRA's dropout), which is drawn afresh after the resume point.
     """
     optimizer = learner.make_optimizer(num_iterations)
+    first, kept, validations_since_kept = 0, None, 0
+    if resume_from is not None:
+        optimizer.state = resume_from.optimizer  # before compiling: the compiled step carries this state
+        meta, frozen, after_step_state = resume_from.meta, resume_from.frozen, resume_from.peft_state
+        first, kept, validations_since_kept = (resume_from.iteration, resume_from.kept,
+                                               resume_from.validations_since_kept)
     optimizer.init(meta)
     step = compiled_meta_step(learner, optimizer)
-    validations_since_kept = 0
-    bar = tqdm(range(num_iterations), desc=f"meta-train {learner.cfg.name}", disable=not progress, mininterval=1.0)
+    bar = tqdm(range(first, num_iterations), initial=first, total=num_iterations, desc=f"meta-train {learner.cfg.name}",
+               disable=not progress, mininterval=1.0)
     for iteration in bar:
         start = time.perf_counter()
         loss, meta, grads = step(meta, frozen, *sample_batch())
@@ -90,14 +115,16 @@ def meta_train(
         if iteration % val_interval == 0 or iteration == num_iterations - 1:
             row["val_metric"] = validate(meta, frozen)
             bar.set_postfix(loss=f"{loss:.4f}", val=f"{row['val_metric']:.4f}")
-            if iteration < keep_from:
-                continue
-            if better is None or log.kept_iteration < 0 or better(row["val_metric"], log.kept_val_metric):
-                kept = meta, frozen  # arrays are immutable: keeping references copies nothing
-                log.kept_iteration, log.kept_val_metric = iteration, row["val_metric"]
-                validations_since_kept = 0
-            else:
-                validations_since_kept += 1
+            if iteration >= keep_from:
+                if better is None or log.kept_iteration < 0 or better(row["val_metric"], log.kept_val_metric):
+                    kept = meta, frozen  # arrays are immutable: keeping references copies nothing
+                    log.kept_iteration, log.kept_val_metric = iteration, row["val_metric"]
+                    validations_since_kept = 0
+                else:
+                    validations_since_kept += 1
+            if snapshot is not None:
+                snapshot(TrainState(iteration + 1, meta, frozen, optimizer.state, after_step_state, kept,
+                                    validations_since_kept))
             if patience is not None and validations_since_kept >= patience:
                 log.stopped_early = iteration < num_iterations - 1
                 break

@@ -191,3 +191,28 @@ def test_sigterm_stops_a_run_and_keeps_its_files(tmp_path):
     assert metrics["status"] == "interrupted" and "SIGTERM" in metrics["reason"]
     history = pd.read_csv(tmp_path / "history.csv")
     assert len(history) == metrics["interrupted_at_iteration"] > 0
+
+
+def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_if_never_stopped(tmp_path):
+    args = ["progress=false", "mode.num_iterations=4000", "mode.val_interval=100", "keep=best_val"]
+    job = subprocess.Popen([sys.executable, "runners/run.py", f"hydra.run.dir={tmp_path / 'stopped'}", *args],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "stopped" / "checkpoint" / "training.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    job.send_signal(signal.SIGTERM)
+    job.communicate(timeout=120)
+    stopped = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
+    assert job.returncode == 143 and 0 < stopped["interrupted_at_iteration"] < 4000, stopped.get("reason")
+    resumed = run_cli(f"hydra.run.dir={tmp_path / 'stopped'}", *args, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = run_cli(f"hydra.run.dir={tmp_path / 'straight'}", *args)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("stopped", "straight"))
+    assert 0 < a["train"]["resumed_from_iteration"] <= stopped["interrupted_at_iteration"]  # it went on, not over
+    assert a["status"] == "completed" and a["evaluation"] == b["evaluation"]
+    assert a["train"]["kept_iteration"] == b["train"]["kept_iteration"]
+    history_a, history_b = (pd.read_csv(tmp_path / d / "history.csv") for d in ("stopped", "straight"))
+    pd.testing.assert_frame_equal(history_a, history_b)
+    assert not (tmp_path / "stopped" / "checkpoint" / "training.json").exists()  # nothing left to resume
