@@ -10,6 +10,7 @@ Inputs are arrays shaped like the task family's examples (sinusoid: (n, 1); digi
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,11 @@ class LearnedInitialization:
         steps = self.experiment.cfg.evaluation.num_inner_steps if num_steps is None else num_steps
         if not (isinstance(steps, int) and steps >= 0):
             raise ValueError(f"num_steps: must be an integer >= 0, got {steps!r}")
+        trained = self.experiment.cfg.algorithm.num_inner_steps
+        if steps > max(trained, self.experiment.cfg.evaluation.num_inner_steps):
+            warnings.warn(f"num_steps={steps} exceeds the {trained} inner step(s) this initialization was "
+                          "meta-trained for; accuracy can fall sharply past it (its adaptation curve in "
+                          "metrics.json shows how far)", stacklevel=2)
         x = self.inputs(x_support, "x_support")
         return self.experiment.learner.adapt(self.meta, self.frozen, x, self.targets(y_support, len(x)), steps)
 

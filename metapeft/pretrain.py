@@ -42,7 +42,11 @@ def pretrained_backbone(cfg: DictConfig, model_class, task, key: mx.array, progr
     name = f"{cfg.task.name}-{cfg.model.name}-{cache_key(cfg)}"
     path = directory / f"{name}.safetensors"
     with open(directory / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for the pretrained backbone %s, being built by another job", path)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if path.exists():
             return io.load_tree(path), {"cache_file": str(path), "cache_hit": True}
         model = model_class(cfg.model, task.input_shape, task.pretraining_outputs)

@@ -17,7 +17,8 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
 
 from metapeft import affinity, backend, blas
 from metapeft.config import register_configs
@@ -59,6 +60,13 @@ def main(cfg: DictConfig) -> float | None:
         blas.set_threads(threads)  # parallel jobs share the cores
     affinity.colocate(enabled=not side_by_side)  # side by side, two jobs could pin themselves to one core
     log.info("BLAS for MLX's CPU matmuls: %s; MLX thread placement: %s", blas.status(), affinity.status())
+    if blas.status()["backend"] == "bundled" and blas.status()["reason"] != "METAPEFT_BLAS=bundled":
+        log.warning("MLX uses its bundled reference BLAS (%s): small matrix products run about 10x slower and "
+                    "meta-training about 3x; install a C compiler (cc) so metapeft can load scipy-openblas32",
+                    blas.status()["reason"])
+    for key in ("checkpoint", "task.root"):  # relative to where the command ran, even with hydra.job.chdir=true
+        if OmegaConf.select(cfg, key):
+            OmegaConf.update(cfg, key, to_absolute_path(str(OmegaConf.select(cfg, key))))
     with contextlib.suppress(ValueError):  # a launcher that runs jobs off the main thread keeps its own handling
         signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
@@ -92,5 +100,16 @@ def main(cfg: DictConfig) -> float | None:
     return validation_objective(metrics)
 
 
+def refuse_numbered_group_options(argv: list[str]) -> None:
+    """``shots=5`` is a number where Hydra wants an option name; say which ones exist instead of a traceback."""
+    for arg in argv:
+        group, _, value = arg.partition("=")
+        if group == "shots" and value.isdigit():
+            print(f"error: {arg}: shots takes an option name (1shot, 5shot, 10shot); for another number of "
+                  f"support examples set it directly: shots.train={value}", file=sys.stderr)
+            sys.exit(2)
+
+
 if __name__ == "__main__":
+    refuse_numbered_group_options(sys.argv[1:])
     main()

@@ -193,8 +193,13 @@ def test_sigterm_stops_a_run_and_keeps_its_files(tmp_path):
     assert len(history) == metrics["interrupted_at_iteration"] > 0
 
 
-def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_if_never_stopped(tmp_path):
-    args = ["progress=false", "mode.num_iterations=4000", "mode.val_interval=100", "keep=best_val"]
+@pytest.mark.parametrize("workload", [
+    ["mode.num_iterations=2500", "mode.val_interval=100"],  # MAML on sinusoid
+    pytest.param(["task=digits", "peft=lora", "mode.num_iterations=300", "mode.val_interval=20",
+                  "pretrain.iterations=20", "mode.num_eval_tasks=6", "shots.eval=[5]"], marks=pytest.mark.slow),
+], ids=["sinusoid", "lora"])
+def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_if_never_stopped(tmp_path, workload):
+    args = ["progress=false", "keep=best_val", f"pretrain.cache_dir={tmp_path / 'cache'}", *workload]
     job = subprocess.Popen([sys.executable, "runners/run.py", f"hydra.run.dir={tmp_path / 'stopped'}", *args],
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -204,7 +209,7 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_if_never_stoppe
     job.send_signal(signal.SIGTERM)
     job.communicate(timeout=120)
     stopped = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
-    assert job.returncode == 143 and 0 < stopped["interrupted_at_iteration"] < 4000, stopped.get("reason")
+    assert job.returncode == 143 and stopped["status"] == "interrupted", stopped.get("reason")
     resumed = run_cli(f"hydra.run.dir={tmp_path / 'stopped'}", *args, "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     straight = run_cli(f"hydra.run.dir={tmp_path / 'straight'}", *args)
@@ -216,3 +221,17 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_if_never_stoppe
     history_a, history_b = (pd.read_csv(tmp_path / d / "history.csv") for d in ("stopped", "straight"))
     pd.testing.assert_frame_equal(history_a, history_b)
     assert not (tmp_path / "stopped" / "checkpoint" / "training.json").exists()  # nothing left to resume
+
+
+def test_a_number_for_a_group_option_says_what_to_write_instead(tmp_path):
+    result = run_cli(f"hydra.run.dir={tmp_path}", "shots=5")
+    assert result.returncode == 2 and "shots.train=5" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_relative_checkpoint_path_works_when_hydra_changes_directory(compose_cfg, tmp_path):
+    run(compose_cfg("mode=tiny"), tmp_path / "run")
+    relative = os.path.relpath(tmp_path / "run", REPO)
+    result = run_cli(f"hydra.run.dir={tmp_path / 'eval'}", "hydra.job.chdir=true", "train=false",
+                     f"checkpoint={relative}", "progress=false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["status"] == "completed"
