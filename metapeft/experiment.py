@@ -64,10 +64,11 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
         metrics.update(status="interrupted", reason=str(error) or "stopped by SIGINT",
                        interrupted_at_iteration=log.iterations)
         raise
+    except ConfigError as error:  # refused before any work: aggregation leaves it out of its tables
+        metrics.update(status="refused", reason=str(error), config_key=error.key)
+        raise
     except BaseException as error:
         metrics.update(status="failed", reason=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
-        if isinstance(error, ConfigError):
-            metrics["config_key"] = error.key
         raise
     finally:
         metrics["total_seconds"] = time.perf_counter() - started

@@ -182,6 +182,7 @@ def comparison(frame: pd.DataFrame) -> pd.DataFrame:
     row's seeds), then the meta-learned figure, then the paired difference to that baseline (positive: better).
     A seed that appears twice in a row is flagged, and only its first run counts."""
     rows = []
+    frame = frame[frame.status != "refused"]  # an invalid configuration never ran: listed as a problem instead
     for identity, runs in frame.groupby(GROUP_KEYS, sort=True, dropna=False):
         row = dict(zip(GROUP_KEYS, identity))
         bad = runs[runs.status != "completed"]
@@ -244,7 +245,7 @@ def write_report(sweep_dirs: list[Path], out_dir: Path) -> dict:
     io.write_text(out_dir / "comparison.md", public(table).to_markdown(index=False) + "\n\n" +
                   (baselines.to_markdown(index=False) if not baselines.empty else "") + "\n")
     plots = plot_all(frame, table, out_dir)
-    problems = frame[frame.status.isin(["unreadable", "missing"])]
+    problems = frame[frame.status.isin(["unreadable", "missing", "refused"])]
     return {"runs": len(frame), "completed": int((frame.status == "completed").sum()), "table": table,
             "plots": plots, "problems": [f"{r.status}: {r.job_dir}: {r.reason}" for r in problems.itertuples()]}
 

@@ -100,16 +100,23 @@ def main(cfg: DictConfig) -> float | None:
     return validation_objective(metrics)
 
 
-def refuse_numbered_group_options(argv: list[str]) -> None:
-    """``shots=5`` is a number where Hydra wants an option name; say which ones exist instead of a traceback."""
+def refuse_before_hydra(argv: list[str]) -> None:
+    """Input Hydra would answer with a traceback, refused with one line and exit 2: ``shots=5`` (a number where
+    Hydra wants an option name) and an output directory that cannot be created."""
     for arg in argv:
-        group, _, value = arg.partition("=")
-        if group == "shots" and value.isdigit():
+        key, _, value = arg.partition("=")
+        if key == "shots" and value.isdigit():
             print(f"error: {arg}: shots takes an option name (1shot, 5shot, 10shot); for another number of "
                   f"support examples set it directly: shots.train={value}", file=sys.stderr)
             sys.exit(2)
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in value:
+            try:
+                Path(value).expanduser().mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                print(f"error: {key}={value}: cannot create that directory ({error.strerror})", file=sys.stderr)
+                sys.exit(2)
 
 
 if __name__ == "__main__":
-    refuse_numbered_group_options(sys.argv[1:])
+    refuse_before_hydra(sys.argv[1:])
     main()

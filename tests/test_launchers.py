@@ -125,10 +125,10 @@ def test_ray_cluster_grid_matches_the_basic_launcher_and_isolates_a_failure(basi
     failing = sweep(tmp_path / "failing", *on_ray, "algorithm=maml", "shots.train=5,0", env=env)
     assert failing.returncode == 1
     statuses = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "failing").glob("*/metrics.json")}
-    assert sorted(m["status"] for m in statuses.values()) == ["completed", "failed"]
-    bad = next(name for name, m in statuses.items() if m["status"] == "failed")
+    assert sorted(m["status"] for m in statuses.values()) == ["completed", "refused"]
+    bad = next(name for name, m in statuses.items() if m["status"] == "refused")
     assert statuses[bad]["config_key"] == "shots.train"
-    assert f"FAILED job {tmp_path / 'failing' / bad}" in failing.stderr + failing.stdout
+    assert f"REFUSED job {tmp_path / 'failing' / bad}" in failing.stderr + failing.stdout
 
 
 @pytest.mark.parametrize("launcher, threads", [("ray", 1), ("submitit_local", 1), ("submitit_slurm", 2)])

@@ -67,3 +67,11 @@ def test_jobs_a_sweep_asked_for_but_never_started_count_as_missing(tmp_path):
     frame = collect([sweep])
     missing = frame[frame.status == "missing"]
     assert len(frame) == 2 and len(missing) == 1 and "algorithm.inner_lr=0.2" in missing.job_dir.iloc[0]
+
+
+def test_a_refused_run_is_listed_but_left_out_of_the_tables(tmp_path):
+    fake_job(tmp_path / "good", [], 0, [0.9, 0.9], [0.5, 0.5])
+    fake_job(tmp_path / "refused", ["shots.train=0"], 0, [0.0, 0.0], [0.5, 0.5], status="refused")
+    result = write_report([tmp_path], tmp_path / "report")
+    assert list(result["table"].config) == [""] and result["table"].status.tolist() == ["completed"]
+    assert len(result["problems"]) == 1 and result["problems"][0].startswith("refused")

@@ -235,3 +235,11 @@ def test_a_relative_checkpoint_path_works_when_hydra_changes_directory(compose_c
                      f"checkpoint={relative}", "progress=false")
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("where", ["/proc/metapeft-test", "FILE/below"])
+def test_an_output_directory_that_cannot_exist_is_refused_in_one_line(tmp_path, where):
+    (tmp_path / "file").write_text("a file, not a folder")
+    where = where.replace("FILE", str(tmp_path / "file"))
+    result = run_cli(f"hydra.run.dir={where}")
+    assert result.returncode == 2 and "hydra.run.dir" in result.stderr and "Traceback" not in result.stderr
