@@ -157,7 +157,7 @@ def save_training_state(directory: Path, state: TrainState, log: TrainLog, sampl
         arrays["kept"] = {"meta": state.kept[0], "frozen": state.kept[1]}
     record = {"iteration": state.iteration, "validations_since_kept": state.validations_since_kept,
               "has_kept": state.kept is not None, "overrides": job, "sampler": sampler.bit_generator.state,
-              "log": {k: v for k, v in vars(log).items()}}
+              "log": dict(vars(log))}
     with signals_deferred():
         io.save_tree(directory / "training.safetensors", arrays, metadata={"iteration": str(state.iteration)})
         io.write_json(directory / "training.json", record)
@@ -166,15 +166,19 @@ def save_training_state(directory: Path, state: TrainState, log: TrainLog, sampl
 def load_training_state(directory: Path, expected: TrainState, log: TrainLog, sampler: np.random.Generator,
                         job: list[str]) -> TrainState:
     """The saved ``TrainState`` (arranged like ``expected``); restores ``log`` and ``sampler`` in place."""
-    record = io.read_json(directory / "training.json")
+    path = directory / "training.safetensors"
+    try:
+        record = io.read_json(directory / "training.json")
+        flat, metadata = mx.load(str(path), return_metadata=True)
+    except (OSError, ValueError, RuntimeError) as error:  # missing, truncated or corrupt
+        raise ConfigError("resume", f"{directory}: the training state cannot be read ({type(error).__name__}: "
+                          f"{error}); start a new run directory") from error
     if record["overrides"] != job:
         raise ConfigError("resume", f"{directory} holds the training state of a run with other overrides "
                           f"({' '.join(record['overrides'])}); resume it with those, or start a new run directory")
-    flat, metadata = mx.load(str(directory / "training.safetensors"), return_metadata=True)
     if metadata.get("iteration") != str(record["iteration"]):
         raise ConfigError("resume", f"{directory}: training.safetensors and training.json are from different "
                           "iterations (stopped while writing them?); start a new run directory")
-    path = directory / "training.safetensors"
     meta = _unflatten_like(expected.meta, flat, "meta", path)
     frozen = _unflatten_like(expected.frozen, flat, "frozen", path)
     kept = None
@@ -185,8 +189,11 @@ def load_training_state(directory: Path, expected: TrainState, log: TrainLog, sa
     if expected.peft_state:
         peft_state = _unflatten_like(expected.peft_state, flat, "peft_state", path)
     for key, value in record["log"].items():
-        setattr(log, key, [{k: math.nan if v is None else v for k, v in row.items()} for row in value]
-                if key == "rows" else math.nan if value is None else value)
+        if key == "rows":
+            value = [{k: math.nan if v is None else v for k, v in row.items()} for row in value]
+        elif value is None:  # JSON has no NaN: io.write_json wrote it as null
+            value = math.nan
+        setattr(log, key, value)
     sampler.bit_generator.state = record["sampler"]
     return TrainState(record["iteration"], meta, frozen, _unflatten_like(expected.optimizer, flat, "optimizer", path),
                       peft_state, kept, record["validations_since_kept"])

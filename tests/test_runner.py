@@ -244,3 +244,11 @@ def test_an_output_directory_that_cannot_exist_is_refused_in_one_line(tmp_path, 
     where = where.replace("FILE", str(tmp_path / "file"))
     result = run_cli(f"hydra.run.dir={where}")
     assert result.returncode == 2 and "hydra.run.dir" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_corrupt_training_state_is_refused_on_resume(compose_cfg, tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "training.json").write_text("{truncated")
+    with pytest.raises(ConfigError, match="training state cannot be read") as error:
+        run(compose_cfg("mode=tiny", "resume=true"), tmp_path)
+    assert error.value.key == "resume"
