@@ -16,14 +16,13 @@ Regression:
 
 The pretrained backbone is the one the PEFT methods adapt (``metapeft.pretrain``: trained on the meta-train split
 only); for ``peft=none`` it is pretrained (and cached) for these baselines alone. No baseline is tuned on the test
-split: every setting above is a library default.
+split: library defaults throughout, except ``max_iter=1000`` (lbfgs converges) and the probe's normalization.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression, Ridge
 
 from metapeft.backend import mx
 from metapeft.build import Experiment
@@ -66,6 +65,8 @@ def nearest_centroid(xs, ys, xq, yq, num_classes: int) -> np.ndarray:
 
 
 def logistic_regression(xs, ys, xq, yq) -> np.ndarray:
+    from sklearn.linear_model import LogisticRegression  # 1 s to import: only when a baseline needs it
+
     ys, yq = np.asarray(ys), np.asarray(yq)
     return np.array([LogisticRegression(max_iter=1000).fit(xs[t], ys[t]).score(xq[t], yq[t])
                      for t in range(len(xs))])
@@ -76,6 +77,8 @@ def l2_normalized(features: np.ndarray) -> np.ndarray:
 
 
 def ridge_mse(xs, ys, xq, yq) -> np.ndarray:
+    from sklearn.linear_model import Ridge
+
     ys, yq = flat(ys)[..., 0], flat(yq)[..., 0]
     return np.array([np.mean((Ridge(alpha=1.0).fit(xs[t], ys[t]).predict(xq[t]) - yq[t]) ** 2)
                      for t in range(len(xs))])
