@@ -138,13 +138,24 @@ def _unflatten_like(expected: Any, flat: dict[str, mx.array], prefix: str, path:
 
 @contextmanager
 def signals_deferred():
-    """Hold SIGINT and SIGTERM while a training checkpoint is written: a stop lands after it, not inside it."""
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    """Hold SIGINT and SIGTERM while a training checkpoint is written: a stop lands after it, not inside it.
+
+    The handlers are swapped for a recorder (a signal that arrived just before, whose Python handler has not run
+    yet, is recorded too) and the recorded signals are raised again once the files are written."""
+    received: list[int] = []
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in received:
+            signal.raise_signal(number)
 
 
 def save_training_state(directory: Path, state: TrainState, log: TrainLog, sampler: np.random.Generator,
