@@ -93,14 +93,22 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
     if any(name in NEEDS_PRETRAINED for name in names):
         backbone = pretrained()
         embed = mx.vmap(lambda x: exp.model.features(backbone, x))  # task by task, as the model sees a task
+    last: list = [None, None]  # the last episodes and their features: prototype and linear_probe share them
+
+    def features(e: Episodes) -> tuple[np.ndarray, np.ndarray]:
+        if last[0] is not e:
+            last[:] = e, (flat(embed(e.xs)), flat(embed(e.xq)))
+        return last[1]
 
     def prototype(e: Episodes) -> np.ndarray:
-        return nearest_centroid(flat(embed(e.xs)), e.ys, flat(embed(e.xq)), e.yq, classes)
+        support, query = features(e)
+        return nearest_centroid(support, e.ys, query, e.yq, classes)
 
     def linear_probe(e: Episodes) -> np.ndarray:
+        support, query = features(e)
         if classes:
-            return logistic_regression(l2_normalized(flat(embed(e.xs))), e.ys, l2_normalized(flat(embed(e.xq))), e.yq)
-        return ridge_mse(flat(embed(e.xs)), e.ys, flat(embed(e.xq)), e.yq)
+            return logistic_regression(l2_normalized(support), e.ys, l2_normalized(query), e.yq)
+        return ridge_mse(support, e.ys, query, e.yq)
 
     table: dict[str, BaselineFn] = {
         "plain_init": lambda e: plain_init_curves(exp, plain, frozen, e, exp.cfg.evaluation.curve_steps),
