@@ -17,8 +17,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from matplotlib.figure import Figure
 
 from metapeft import io
-from metapeft.config import GROUPS, NON_IDENTIFYING_KEYS
+from metapeft.config import GROUPS
 from metapeft.stats import mean_ci95
+from metapeft.sweep import identifying
 
 
 class ReportError(ValueError):
@@ -96,15 +97,11 @@ def job_record(job_dir: Path) -> dict:
 
 
 def config_label(overrides: list[str]) -> str:
-    """What identifies a run's configuration besides its group choices: every override but the seed and the keys
-    that change nothing (``NON_IDENTIFYING_KEYS``), sorted. Runs with equal groups and labels differ only in seed."""
-    keep = []
-    for override in overrides:
-        key = override.lstrip("+~").partition("=")[0]
-        if key not in GROUPS and key not in ("seed", "experiment", *NON_IDENTIFYING_KEYS) and \
-                not key.startswith("hydra"):
-            keep.append(override)
-    return " ".join(sorted(keep))
+    """What identifies a run's configuration besides its group choices: its identifying overrides
+    (``sweep.identifying``) but the seed. Runs with equal groups and labels differ only in seed."""
+    return " ".join(o for o in identifying(overrides)
+                    if (key := o.lstrip("+~").partition("=")[0]) not in (*GROUPS, "seed", "experiment")
+                    and not key.startswith("hydra"))
 
 
 def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
