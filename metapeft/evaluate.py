@@ -8,7 +8,7 @@ import numpy as np
 
 from metapeft.backend import mx
 from metapeft.build import Experiment
-from metapeft.stats import mean_ci95
+from metapeft.stats import ci95_method, class_count, class_set_count, mean_ci95
 from metapeft.tasks.base import Episodes
 
 StartFn = Callable[["mx.array", "mx.array"], dict]  # (x_support, y_support) -> weights adaptation starts from
@@ -37,16 +37,17 @@ def adaptation_curves(start: StartFn, step: StepFn, metric: MetricFn, episodes: 
     return np.concatenate(chunks)
 
 
-def summarize_values(per_task: np.ndarray) -> dict:
-    """One figure per task: mean and 95% CI over tasks."""
-    mean, ci = mean_ci95(per_task)
+def summarize_values(per_task: np.ndarray, classes: np.ndarray | None = None) -> dict:
+    """One figure per task: mean and 95% CI over tasks drawn from ``classes`` (see ``metapeft.stats``)."""
+    mean, ci = mean_ci95(per_task, classes)
     return {"mean": mean, "ci95": ci, "num_tasks": int(per_task.size), "per_task": [float(v) for v in per_task]}
 
 
-def summarize(curves: np.ndarray, report_step: int) -> dict:
-    """The metric after ``report_step`` inner steps and the whole curve, each as mean and 95% CI over tasks."""
-    final_mean, final_ci = mean_ci95(curves[:, report_step])
-    per_step = [mean_ci95(curves[:, s]) for s in range(curves.shape[1])]
+def summarize(curves: np.ndarray, report_step: int, classes: np.ndarray | None = None) -> dict:
+    """The metric after ``report_step`` inner steps and the whole curve, each as mean and 95% CI over tasks
+    drawn from ``classes``."""
+    final_mean, final_ci = mean_ci95(curves[:, report_step], classes)
+    per_step = [mean_ci95(curves[:, s], classes) for s in range(curves.shape[1])]
     return {
         "mean": final_mean,
         "ci95": final_ci,
@@ -72,11 +73,20 @@ def plain_init_curves(exp: Experiment, plain: dict, frozen: dict, episodes: Epis
     return learner_curves(exp, exp.learner.meta_parameters(plain), frozen, episodes, num_steps)
 
 
-def versus(ours: np.ndarray, theirs: np.ndarray, higher_is_better: bool) -> dict:
+def versus(ours: np.ndarray, theirs: np.ndarray, higher_is_better: bool, classes: np.ndarray | None = None) -> dict:
     """The paired difference, task by task, oriented so that positive means ours is better; mean and 95% CI."""
     difference = (ours - theirs) if higher_is_better else (theirs - ours)
-    mean, ci = mean_ci95(difference)
+    mean, ci = mean_ci95(difference, classes)
     return {"difference": mean, "ci95": ci, "better": bool(mean - ci > 0), "worse": bool(mean + ci < 0)}
+
+
+def task_structure(classes: np.ndarray | None) -> dict:
+    """What the confidence intervals had to respect: how many classes and class sets the tasks came from, and the
+    classes of each task, which lets aggregation pool seeds with the same interval."""
+    if classes is None:
+        return {"ci95_method": ci95_method(None)}
+    return {"ci95_method": ci95_method(classes), "num_classes": class_count(classes),
+            "num_distinct_class_sets": class_set_count(classes), "task_classes": classes.tolist()}
 
 
 BaselineFn = Callable[[Episodes], np.ndarray]  # episodes -> per-task metric (tasks,) or curves (tasks, steps + 1)
@@ -90,14 +100,16 @@ def evaluate_shots(exp: Experiment, meta: dict, frozen: dict, baselines: dict[st
     results = {}
     for k in cfg.shots.eval:
         # The same episodes for every algorithm, PEFT method and baseline of this seed.
-        episodes = exp.task.sample("test", cfg.mode.num_eval_tasks, k, np.random.default_rng([cfg.seed, 2, k]))
-        ours = summarize(learner_curves(exp, meta, frozen, episodes, curve_steps), steps)
+        episodes, classes = exp.task.sample_with_classes("test", cfg.mode.num_eval_tasks, k,
+                                                         np.random.default_rng([cfg.seed, 2, k]))
+        ours = summarize(learner_curves(exp, meta, frozen, episodes, curve_steps), steps, classes)
         scored = {name: np.asarray(fn(episodes)) for name, fn in baselines.items()}
-        theirs = {name: summarize(v, steps) if v.ndim == 2 else summarize_values(v) for name, v in scored.items()}
-        results[str(k)] = {"meta_learned": ours, "baselines": theirs}
+        theirs = {name: summarize(v, steps, classes) if v.ndim == 2 else summarize_values(v, classes)
+                  for name, v in scored.items()}
+        results[str(k)] = {"meta_learned": ours, "baselines": theirs, **task_structure(classes)}
         if theirs:
             best = (max if higher else min)(theirs, key=lambda name: theirs[name]["mean"])
-            results[str(k)]["versus_best_baseline"] = {
-                "baseline": best, **versus(np.array(ours["per_task"]), np.array(theirs[best]["per_task"]), higher)}
+            results[str(k)]["versus_best_baseline"] = {"baseline": best, **versus(
+                np.array(ours["per_task"]), np.array(theirs[best]["per_task"]), higher, classes)}
     return {"metric": exp.task.metric_name, "higher_is_better": higher, "num_inner_steps": steps,
             "curve_steps": curve_steps, "num_tasks": cfg.mode.num_eval_tasks, "shots": results}

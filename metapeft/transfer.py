@@ -31,7 +31,7 @@ from metapeft.backend import mx
 from metapeft.build import build, initial_state
 from metapeft.embeddings import fisher_embedding, similarity_matrix, statistics_embedding
 from metapeft.errors import ConfigError, require
-from metapeft.evaluate import learner_curves, plain_init_curves
+from metapeft.evaluate import learner_curves, plain_init_curves, task_structure
 from metapeft.experiment import run
 from metapeft.stats import mean_ci95, mean_ci95_record
 from metapeft.tasks.base import Episodes
@@ -101,8 +101,8 @@ def transfer_study(cfg: DictConfig, out_dir: Path) -> dict:
     experiments = {name: build(region) for name, region in regions.items()}  # every region checked before training
     task = next(iter(experiments.values())).task
     sign = 1.0 if task.higher_is_better else -1.0
-    targets = {name: exp.task.sample("test", cfg.mode.num_eval_tasks, cfg.shots.train,
-                                     np.random.default_rng([cfg.seed, 3]))
+    targets = {name: exp.task.sample_with_classes("test", cfg.mode.num_eval_tasks, cfg.shots.train,
+                                                  np.random.default_rng([cfg.seed, 3]))
                for name, exp in experiments.items()}
 
     sources: dict[str, LearnedInitialization] = {}
@@ -114,15 +114,15 @@ def transfer_study(cfg: DictConfig, out_dir: Path) -> dict:
         learned = sources[source] = load_run(out_dir / "sources" / source)
         start = initial_state(learned.experiment)
         steps = cfg.evaluation.curve_steps
-        for target, episodes in targets.items():
+        for target, (episodes, classes) in targets.items():
             ours = scores[source, target] = per_task_metric(
                 learner_curves(learned.experiment, learned.meta, learned.frozen, episodes, steps), cfg)
             base = per_task_metric(
                 plain_init_curves(learned.experiment, start.plain, start.frozen, episodes, steps), cfg)
-            gain, gain_ci = mean_ci95(sign * (ours - base))
+            gain, gain_ci = mean_ci95(sign * (ours - base), classes)
             matrix.append({"source": source, "target": target, "gain": gain, "gain_ci95": gain_ci,
-                           "meta_learned": mean_ci95_record(ours),
-                           "plain_init": mean_ci95_record(base)})
+                           "meta_learned": mean_ci95_record(ours, classes),
+                           "plain_init": mean_ci95_record(base, classes), **task_structure(classes)})
     result = {
         "metric": task.metric_name,
         "higher_is_better": sign > 0,
@@ -140,7 +140,7 @@ def transfer_study(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 def guided_choice(cfg: DictConfig, experiments: dict, sources: dict[str, LearnedInitialization],
-                  targets: dict[str, Episodes], scores: dict, sign: float) -> dict:
+                  targets: dict[str, tuple[Episodes, np.ndarray | None]], scores: dict, sign: float) -> dict:
     """Adapt each meta-test task from the library source nearest to it; compare with every fixed choice."""
     study, names = cfg.transfer, list(sources)
     probe = sources[names[0]]
@@ -150,7 +150,7 @@ def guided_choice(cfg: DictConfig, experiments: dict, sources: dict[str, Learned
         tasks = experiments[name].task.sample("train", study.num_embedding_tasks, cfg.shots.train, rng)
         library.append(np.mean([embed(study, probe, tasks.xs[i], tasks.ys[i]) for i in range(len(tasks))], axis=0))
     chosen, guided, truth = [], [], []
-    for target, episodes in targets.items():
+    for target, (episodes, _) in targets.items():
         for i in range(len(episodes)):
             similarity = similarity_matrix([embed(study, probe, episodes.xs[i], episodes.ys[i]), *library],
                                            study.similarity)[0, 1:]
@@ -160,12 +160,14 @@ def guided_choice(cfg: DictConfig, experiments: dict, sources: dict[str, Learned
             guided.append(scores[pick, target][i])
     guided = np.array(guided)
     fixed = {name: np.concatenate([scores[name, target] for target in targets]) for name in names}
+    per_target = [classes for _, classes in targets.values()]
+    classes = None if any(c is None for c in per_target) else np.concatenate(per_target)
     return {
         "embedding": study.embedding,
         "similarity": study.similarity,
-        "guided": mean_ci95_record(guided),
-        "fixed": {name: mean_ci95_record(values) for name, values in fixed.items()},
-        "gain_over_fixed": {name: mean_ci95_record(sign * (guided - values))
+        "guided": mean_ci95_record(guided, classes),
+        "fixed": {name: mean_ci95_record(values, classes) for name, values in fixed.items()},
+        "gain_over_fixed": {name: mean_ci95_record(sign * (guided - values), classes)
                             for name, values in fixed.items()},
         "chosen_own_region": float(np.mean([c == t for c, t in zip(chosen, truth)])),
         "choices": {target: {name: int(sum(c == name for c, t in zip(chosen, truth) if t == target))

@@ -42,3 +42,23 @@ def test_digits_splits_are_disjoint_and_episodes_are_labelled():
     first_support = np.array(episodes.xs[0, 0])
     owners = [k for k, v in test_images.items() if (v == first_support).all(axis=(1, 2)).any()]
     assert owners  # drawn from a meta-test class
+
+
+def test_digits_tasks_name_the_digits_their_classes_are_made_of():
+    task = Digits(OmegaConf.structured(DigitsConfig))
+    episodes, classes = task.sample_with_classes("test", 40, 1, np.random.default_rng(3))
+    same = task.sample("test", 40, 1, np.random.default_rng(3))
+    assert all(np.array_equal(np.array(a), np.array(b)) for a, b in zip(episodes, same))
+    assert classes.shape == (40, 5)
+    test_digits = {min(d, {6: 9, 9: 6}.get(d, d)) for d, _ in task.class_names["test"]}
+    assert set(np.unique(classes)) <= test_digits
+    # the first support image (label 0) comes from a class of the digit named first
+    digit = int(classes[0, 0])
+    sources = {k: v for k, v in rotated_digit_classes().items() if k in task.class_names["test"]
+               and min(k[0], {6: 9, 9: 6}.get(k[0], k[0])) == digit}
+    assert any((v == np.array(episodes.xs[0, 0])).all(axis=(1, 2)).any() for v in sources.values())
+
+
+def test_sinusoid_tasks_are_independent_draws():
+    task = Sinusoid(OmegaConf.structured(SinusoidConfig))
+    assert task.sample_with_classes("test", 3, 5, np.random.default_rng(0))[1] is None

@@ -49,6 +49,12 @@ class TaskFamily:
     def sample(self, split: str, num_tasks: int, shots: int, rng: np.random.Generator) -> Episodes:
         raise NotImplementedError
 
+    def sample_with_classes(self, split: str, num_tasks: int, shots: int,
+                            rng: np.random.Generator) -> tuple[Episodes, np.ndarray | None]:
+        """``sample`` and, for each task, the classes it was drawn from, an integer array (tasks, classes per task)
+        that confidence intervals use (``metapeft.stats``); None when tasks are independent draws."""
+        return self.sample(split, num_tasks, shots, rng), None
+
     # Pretraining of a backbone for the PEFT methods, on meta-train data only; ``loss`` is its objective.
     pretraining_outputs: int
 

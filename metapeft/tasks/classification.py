@@ -19,7 +19,9 @@ class ClassImagesTask(TaskFamily):
     higher_is_better = True
 
     def __init__(self, cfg, class_images: dict[str, list[np.ndarray]], input_shape: tuple[int, ...],
-                 size_keys: dict[str, str] | None = None):
+                 size_keys: dict[str, str] | None = None, class_sources: dict[str, list[int]] | None = None):
+        """``class_sources``: split -> for each class, what it was made from (a digit, a character): rotations of
+        one character are separate classes but not independent ones. Default: every class is its own source."""
         require(cfg.n_way >= 2, "task.n_way", f"must be >= 2, got {cfg.n_way}")
         require(cfg.num_query > 0, "task.num_query", f"must be > 0, got {cfg.num_query}")
         sizes = {split: len(class_images[split]) for split in SPLITS}
@@ -29,6 +31,8 @@ class ClassImagesTask(TaskFamily):
                     f"{split} split has {size}{where}; valid: 2..{min(sizes.values())}")
         self.cfg = cfg
         self.class_images = class_images
+        self.class_sources = {split: np.asarray(class_sources[split] if class_sources else range(len(images)))
+                              for split, images in class_images.items()}
         self.input_shape = input_shape
         self.output_dim = self.num_classes = cfg.n_way
         train = class_images["train"]
@@ -51,19 +55,26 @@ class ClassImagesTask(TaskFamily):
         return mx.mean(mx.argmax(prediction, axis=-1) == target)
 
     def sample(self, split: str, num_tasks: int, shots: int, rng: np.random.Generator) -> Episodes:
+        return self.sample_with_classes(split, num_tasks, shots, rng)[0]
+
+    def sample_with_classes(self, split: str, num_tasks: int, shots: int,
+                            rng: np.random.Generator) -> tuple[Episodes, np.ndarray]:
         pool = self.class_images[split]
         n, q = self.cfg.n_way, self.cfg.num_query
         x = np.empty((num_tasks, n, shots + q, *self.input_shape), dtype=np.float32)
+        classes = np.empty((num_tasks, n), dtype=np.int64)
         for t in range(num_tasks):
-            for label, c in enumerate(rng.choice(len(pool), size=n, replace=False)):
+            classes[t] = rng.choice(len(pool), size=n, replace=False)
+            for label, c in enumerate(classes[t]):
                 x[t, label] = pool[c][rng.choice(len(pool[c]), size=shots + q, replace=False)]
         labels = np.broadcast_to(np.arange(n, dtype=np.int32)[None, :, None], (num_tasks, n, shots + q))
 
         def flat(a):  # (tasks, n_way, examples, ...) -> (tasks, n_way * examples, ...)
             return mx.array(np.ascontiguousarray(a).reshape(num_tasks, -1, *a.shape[3:]))
 
-        return Episodes(flat(x[:, :, :shots]), flat(labels[:, :, :shots]), flat(x[:, :, shots:]),
-                        flat(labels[:, :, shots:]))
+        episodes = Episodes(flat(x[:, :, :shots]), flat(labels[:, :, :shots]), flat(x[:, :, shots:]),
+                            flat(labels[:, :, shots:]))
+        return episodes, self.class_sources[split][classes]
 
     def pretraining_batch(self, rng: np.random.Generator, batch_size: int) -> tuple[mx.array, mx.array]:
         """Supervised classification over all meta-train classes."""

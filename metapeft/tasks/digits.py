@@ -32,6 +32,11 @@ def canonical_class(digit: int, quarter_turns: int) -> tuple[int, int]:
     return digit, quarter_turns
 
 
+def source_digit(digit: int) -> int:
+    """The images a class is made of: a 6 and a 9 share theirs (each is the other turned by 180 degrees)."""
+    return min(digit, HALF_TURN_PARTNER.get(digit, digit))
+
+
 @lru_cache(maxsize=1)
 def rotated_digit_classes() -> dict[tuple[int, int], np.ndarray]:
     """All 30 classes: canonical (digit, quarter_turns) -> images (n, 8, 8) scaled to [0, 1]."""
@@ -78,5 +83,7 @@ class Digits(ClassImagesTask):
         order = np.random.default_rng(cfg.split_seed).permutation(len(keys))
         bounds = np.cumsum([0, *sizes.values()])
         self.class_names = {s: [keys[i] for i in order[lo:hi]] for s, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:])}
-        super().__init__(cfg, {s: [classes[k] for k in names] for s, names in self.class_names.items()}, (8, 8),
-                         size_keys={s: f"task.num_{s}_classes" for s in SPLITS})
+        names = self.class_names
+        super().__init__(cfg, {s: [classes[k] for k in names[s]] for s in SPLITS}, (8, 8),
+                         size_keys={s: f"task.num_{s}_classes" for s in SPLITS},
+                         class_sources={s: [source_digit(digit) for digit, _ in names[s]] for s in SPLITS})

@@ -84,4 +84,5 @@ class ImageFolder(ClassImagesTask):
         turns = range(4) if cfg.rotations else range(1)
         classes = {split: [np.ascontiguousarray(np.rot90(images, k, axes=(1, 2))) for images in chars for k in turns]
                    for split, chars in characters.items()}
-        super().__init__(cfg, classes, (cfg.image_size, cfg.image_size))
+        sources = {split: [i for i in range(len(chars)) for _ in turns] for split, chars in characters.items()}
+        super().__init__(cfg, classes, (cfg.image_size, cfg.image_size), class_sources=sources)
