@@ -75,14 +75,22 @@ class ImageFolder(ClassImagesTask):
         evaluation = read_part(root / PARTS["eval"], cfg.image_size)
         require(len(evaluation) >= 2, "task.root", f"{root / PARTS['eval']} needs at least two characters "
                 "(meta-validation and meta-test)")
-        names = sorted(evaluation)
-        order = np.random.default_rng(cfg.split_seed).permutation(len(names))
-        n_val = min(len(names) - 1, max(1, round(cfg.val_fraction * len(names))))
-        characters = {"train": [background[n] for n in sorted(background)],
-                      "val": [evaluation[names[i]] for i in order[:n_val]],
-                      "test": [evaluation[names[i]] for i in order[n_val:]]}
-        turns = range(4) if cfg.rotations else range(1)
-        classes = {split: [np.ascontiguousarray(np.rot90(images, k, axes=(1, 2))) for images in chars for k in turns]
-                   for split, chars in characters.items()}
-        sources = {split: [i for i in range(len(chars)) for _ in turns] for split, chars in characters.items()}
+        classes, sources = omniglot_splits(cfg, background, evaluation)
         super().__init__(cfg, classes, (cfg.image_size, cfg.image_size), class_sources=sources)
+
+
+def omniglot_splits(cfg, background: dict[str, np.ndarray], evaluation: dict[str, np.ndarray]):
+    """(split -> class images, split -> class sources): background characters meta-train, evaluation characters
+    split between meta-validation and meta-test by ``cfg.split_seed``; each quarter-turn a class if
+    ``cfg.rotations``, the rotations of one character sharing its source."""
+    names = sorted(evaluation)
+    order = np.random.default_rng(cfg.split_seed).permutation(len(names))
+    n_val = min(len(names) - 1, max(1, round(cfg.val_fraction * len(names))))
+    characters = {"train": [background[n] for n in sorted(background)],
+                  "val": [evaluation[names[i]] for i in order[:n_val]],
+                  "test": [evaluation[names[i]] for i in order[n_val:]]}
+    turns = range(4) if cfg.rotations else range(1)
+    classes = {split: [np.ascontiguousarray(np.rot90(images, k, axes=(1, 2))) for images in chars for k in turns]
+               for split, chars in characters.items()}
+    sources = {split: [i for i in range(len(chars)) for _ in turns] for split, chars in characters.items()}
+    return classes, sources
