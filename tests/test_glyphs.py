@@ -32,7 +32,8 @@ def test_alphabets_are_split_whole_and_characters_are_distinct_nonempty_glyphs(c
     alphabets = manifest["alphabets"]
     assert len(alphabets) >= 20
     assert all(SMALL.min_characters_per_alphabet <= a["characters"] <= 12 for a in alphabets.values())
-    on_disk = {part: {p.name for p in (directory / f"images_{part}").iterdir()} for part in ("background", "evaluation")}
+    on_disk = {part: {p.name for p in (directory / f"images_{part}").iterdir()}
+               for part in ("background", "evaluation")}
     assert on_disk["background"] and on_disk["evaluation"] and not on_disk["background"] & on_disk["evaluation"]
     assert on_disk["evaluation"] == {n.replace(" ", "_") for n, a in alphabets.items() if a["part"] == "evaluation"}
     parts = glyph_benchmark.load(directory)
