@@ -19,6 +19,27 @@ from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS, import_su
 GROUPS = ("algorithm", "peft", "shots", "mode", "task", "model")  # the config groups every run chooses from
 
 
+class Protocol(StrEnum):
+    """Whose experimental protocol a task follows where papers and this project differ (``task.protocol``)."""
+
+    project = "project"
+    maml_paper = "maml_paper"  # MAML's reference code, as the Meta-SGD paper's Table 1 used it
+
+
+# Settings outside the task that follow its protocol, as defaults any override still replaces:
+# ${protocol:SETTING,${oc.select:task.protocol,project}} in the schema that owns the setting.
+PROTOCOL_SETTINGS = {
+    "model_init": {Protocol.project: "pytorch", Protocol.maml_paper: "maml_reference"},
+    "metasgd_init_lr_range": {Protocol.project: None, Protocol.maml_paper: [0.005, 0.1]},
+}
+
+
+def protocol_setting(setting: str, protocol: str):
+    require(protocol in Protocol.__members__, "task.protocol",
+            f"unknown protocol '{protocol}'; valid: {', '.join(Protocol.__members__)}")
+    return PROTOCOL_SETTINGS[setting][Protocol(protocol)]
+
+
 @dataclass
 class ShotsConfig:
     name: str = MISSING
@@ -116,6 +137,7 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("by_mode", lambda mode, quick, full: quick if mode == "quick" else full,
                                     replace=True)
     OmegaConf.register_new_resolver("direction", optimization_direction, replace=True)
+    OmegaConf.register_new_resolver("protocol", protocol_setting, replace=True)
     OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
     OmegaConf.register_new_resolver("job_dirname_excluded_keys", lambda: [*NON_IDENTIFYING_KEYS, "experiment"],
                                     replace=True)

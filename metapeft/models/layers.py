@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 
 from metapeft.backend import mx
 
@@ -11,10 +12,19 @@ def affine(params: dict, x: mx.array) -> mx.array:
     return x @ params["weight"] + params["bias"]
 
 
-def init_linear(key: mx.array, fan_in: int, fan_out: int) -> dict:
-    """Weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch's default; zero biases."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return {"weight": mx.random.uniform(-bound, bound, (fan_in, fan_out), key=key), "bias": mx.zeros((fan_out,))}
+class LinearInit(StrEnum):
+    pytorch = "pytorch"  # weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default
+    maml_reference = "maml_reference"  # weights N(0, 0.01^2) truncated at 2 sd, as MAML's TensorFlow code
+
+
+def init_linear(key: mx.array, fan_in: int, fan_out: int, scheme: LinearInit = LinearInit.pytorch) -> dict:
+    """A linear layer's weights by ``scheme``; zero biases in both."""
+    if scheme == LinearInit.maml_reference:
+        weight = 0.01 * mx.random.truncated_normal(-2.0, 2.0, (fan_in, fan_out), key=key)
+    else:
+        bound = 1.0 / math.sqrt(fan_in)
+        weight = mx.random.uniform(-bound, bound, (fan_in, fan_out), key=key)
+    return {"weight": weight, "bias": mx.zeros((fan_out,))}
 
 
 def layer_norm(params: dict, x: mx.array, eps: float = 1e-5) -> mx.array:

@@ -8,7 +8,7 @@ from typing import List
 
 from metapeft.backend import mx
 from metapeft.errors import require
-from metapeft.models.layers import Backbone, init_linear
+from metapeft.models.layers import Backbone, LinearInit, init_linear
 from metapeft.registry import MODELS
 
 
@@ -25,6 +25,7 @@ class MLPConfig:
     name: str = "mlp"
     hidden_sizes: List[int] = field(default_factory=lambda: [40, 40])
     activation: Activation = Activation.relu
+    init: LinearInit = "${protocol:model_init,${oc.select:task.protocol,project}}"  # type: ignore[assignment]
 
 
 @MODELS.register("mlp", MLPConfig)
@@ -37,10 +38,11 @@ class MLP(Backbone):
         self.input_shape = tuple(input_shape)
         self.sizes = [math.prod(input_shape), *cfg.hidden_sizes, output_dim]
         self.activation = ACTIVATIONS[cfg.activation]
+        self.init_scheme = cfg.init
 
     def init(self, key: mx.array) -> dict:
         keys = mx.random.split(key, len(self.sizes) - 1)
-        layers = [init_linear(k, a, b) for k, a, b in zip(keys, self.sizes[:-1], self.sizes[1:])]
+        layers = [init_linear(k, a, b, self.init_scheme) for k, a, b in zip(keys, self.sizes[:-1], self.sizes[1:])]
         return {"hidden": layers[:-1], "head": layers[-1]}
 
     def features(self, params: dict, x: mx.array) -> mx.array:

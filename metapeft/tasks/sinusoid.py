@@ -2,6 +2,10 @@
 
 Each task is y = A sin(x - phase) with A ~ U[0.1, 5.0], phase ~ U[0, pi]; inputs x ~ U[-5, 5]; loss and metric MSE.
 Splits differ only in their random streams: the task distribution is continuous.
+
+``protocol=maml_paper`` follows MAML's reference code, which the Meta-SGD paper's Table 1 used: as many query
+points as support points (K, not ``num_query``), the network initialized with truncated-normal weights of standard
+deviation 0.01 (``model.init``) and Meta-SGD's learning rates drawn from U[0.005, 0.1] (``algorithm.init_lr_range``).
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from metapeft.backend import mx
+from metapeft.config import Protocol
 from metapeft.errors import require
 from metapeft.registry import TASKS
 from metapeft.tasks.base import Episodes, TaskConfig, TaskFamily
@@ -18,7 +23,8 @@ from metapeft.tasks.base import Episodes, TaskConfig, TaskFamily
 @dataclass
 class SinusoidConfig(TaskConfig):
     name: str = "sinusoid"
-    num_query: int = 10
+    num_query: int = 10  # query points per task; under protocol=maml_paper, K (as many as support)
+    protocol: Protocol = Protocol.project
     default_inner_lr: float = 0.01
     default_meta_batch_size: int = 25
     amplitude_min: float = 0.1
@@ -60,7 +66,8 @@ class Sinusoid(TaskFamily):
 
     def sample(self, split: str, num_tasks: int, shots: int, rng: np.random.Generator) -> Episodes:
         amplitude, phase = self.sample_functions(num_tasks, rng)
-        x = rng.uniform(self.cfg.x_min, self.cfg.x_max, size=(num_tasks, shots + self.cfg.num_query, 1))
+        num_query = shots if self.cfg.protocol == Protocol.maml_paper else self.cfg.num_query
+        x = rng.uniform(self.cfg.x_min, self.cfg.x_max, size=(num_tasks, shots + num_query, 1))
         y = amplitude * np.sin(x - phase)
         x, y = mx.array(x, dtype=mx.float32), mx.array(y, dtype=mx.float32)
         return Episodes(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
