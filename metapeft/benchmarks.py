@@ -90,7 +90,8 @@ def table(rows: list[dict], compare: str) -> str:
 
 
 class BenchmarkReport(Callback):
-    """On multirun end: gather the sweep into ``<out_dir>/<name>.json`` and print the comparison table."""
+    """On multirun end: gather the sweep into ``<out_dir>/<name>_<task>_<mode>.json`` and print the comparison
+    table (one file per task and mode: a glyphs benchmark does not overwrite the digits one)."""
 
     def __init__(self, name: str, compare: str, out_dir: str = "outputs/benchmarks"):
         self.name, self.compare, self.out_dir = name, compare, Path(out_dir)
@@ -100,7 +101,7 @@ class BenchmarkReport(Callback):
         rows = benchmark_rows(sweep_dir, self.compare)
         result = {"benchmark": self.name, "mode": config.mode.name, "sweep_dir": str(sweep_dir),
                   "command_overrides": list(config.hydra.overrides.task), "compare": self.compare, "results": rows}
-        path = self.out_dir / f"{self.name}.json"
+        path = self.out_dir / f"{self.name}_{config.task.name}_{config.mode.name}.json"
         io.write_json(path, result)
         print(f"\n{self.name} ({config.mode.name} mode), mean ± 95% CI over evaluation tasks:\n")
         print(table(rows, self.compare))

@@ -1,6 +1,6 @@
 """The validation suite: ``python runners/validate.py [mode=quick|full] [seed=N] [key=value ...]``.
 
-Makes its own runs (MAML on sinusoid and digits, a transfer study) and prints PASS or FAIL for each check:
+Makes its own runs (MAML on sinusoid, digits and glyphs, a transfer study) and prints PASS or FAIL for each check:
 convergence, few-shot, parameter efficiency, task embeddings, task similarity, cross-task transfer, save/load.
 Overrides apply to every run of the suite (the suite chooses each run's task).
 Writes ``outputs/validation/validation_results.json`` and exits 1 if any check fails. Quick mode takes under a
