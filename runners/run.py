@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -40,6 +41,17 @@ def validation_objective(metrics: dict) -> float:
     return train.get("kept_val_metric", train["final_val_metric"])
 
 
+def requeued_by_slurm() -> bool:
+    """A Slurm job run again after preemption or a timeout (submitit requeues it on Slurm's warning signal, with
+    the same overrides into the same directory): it goes on from its last training state, as ``resume=true``."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def under_submitit_slurm() -> bool:
+    # submitit ignores SIGTERM on Slurm (preemption sends it before the USR2 on which submitit requeues the job)
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+
+
 def stop_on_sigterm(signum, frame) -> None:
     """SIGTERM (Slurm's timeout or preemption) stops the run as Ctrl-C does, so that its files are written."""
     raise Interrupted("SIGTERM")
@@ -51,6 +63,9 @@ def main(cfg: DictConfig) -> float | None:
     out_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    if requeued_by_slurm() and not cfg.resume:
+        log.info("requeued by Slurm (restart %s): resuming", os.environ["SLURM_RESTART_COUNT"])
+        cfg.resume = True
     if cfg.resume and (done := completed_metrics(out_dir, overrides)) is not None:
         log.info("resume: %s already completed with these overrides; skipped", out_dir)
         return validation_objective(done)
@@ -67,8 +82,9 @@ def main(cfg: DictConfig) -> float | None:
     for key in ("checkpoint", "task.root"):  # relative to where the command ran, even with hydra.job.chdir=true
         if OmegaConf.select(cfg, key):
             OmegaConf.update(cfg, key, to_absolute_path(str(OmegaConf.select(cfg, key))))
-    with contextlib.suppress(ValueError):  # a launcher that runs jobs off the main thread keeps its own handling
-        signal.signal(signal.SIGTERM, stop_on_sigterm)
+    if not under_submitit_slurm():
+        with contextlib.suppress(ValueError):  # a launcher running jobs off the main thread keeps its own handling
+            signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         metrics = run(cfg, out_dir, overrides=overrides)
     except KeyboardInterrupt as error:  # recorded in metrics.json (status interrupted) and history.csv by run()

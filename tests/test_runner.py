@@ -257,3 +257,12 @@ def test_a_corrupt_training_state_is_refused_on_resume(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match="training state cannot be read") as error:
         run(compose_cfg("mode=tiny", "resume=true"), tmp_path)
     assert error.value.key == "resume"
+
+
+def test_a_job_requeued_by_slurm_resumes_instead_of_starting_over(tmp_path):
+    done = run_cli(f"hydra.run.dir={tmp_path}", "progress=false", "mode=tiny")
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = subprocess.run([sys.executable, "runners/run.py", f"hydra.run.dir={tmp_path}", "progress=false",
+                            "mode=tiny"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "SLURM_RESTART_COUNT": "1"})
+    assert again.returncode == 0 and "already completed with these overrides; skipped" in again.stdout, again.stderr
