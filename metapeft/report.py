@@ -331,6 +331,8 @@ def plot_all(frame: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> list[Pa
         ax = fig.subplots()
         for _, run in runs.iterrows():
             curve = run[f"_{k}shot.meta_learned.curve"]
+            if not isinstance(curve, list):  # a run evaluated at other K (e.g. shots.eval=[${shots.train}])
+                continue
             ax.plot(range(len(curve)), curve, marker=".", label=f"{run.algorithm}+{run.peft} (seed {run.seed})")
         ax.set_xlabel("inner-loop steps on the support set")
         ax.set_ylabel(f"{k}-shot test {metric} ({direction})")

@@ -8,9 +8,10 @@ import pytest
 import yaml
 
 from metapeft.report import ReportError, collect, comparison, write_report
+from metapeft.stats import mean_ci95
 
 
-def fake_job(directory, overrides, seed, ours, nearest, status="completed"):
+def fake_job(directory, overrides, seed, ours, nearest, status="completed", k="5", classes=None):
     """A job directory as the runner writes it, with per-task values ``ours`` and a nearest_centroid baseline."""
     (directory / ".hydra").mkdir(parents=True)
     (directory / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, f"seed={seed}"]))
@@ -18,9 +19,9 @@ def fake_job(directory, overrides, seed, ours, nearest, status="completed"):
                 "model": "mlp", "seed": seed, "overrides": [*overrides, f"seed={seed}"]}
     values = lambda v: {"mean": float(np.mean(v)), "ci95": 0.01, "per_task": list(map(float, v))}
     metrics = {"status": status, "identity": identity,
-               "evaluation": {"metric": "accuracy", "higher_is_better": True, "shots": {"5": {
+               "evaluation": {"metric": "accuracy", "higher_is_better": True, "shots": {k: {
                    "meta_learned": {**values(ours), "curve_mean": [0.2, float(np.mean(ours))]},
-                   "baselines": {"nearest_centroid": values(nearest)}}}},
+                   "baselines": {"nearest_centroid": values(nearest)}, "task_classes": classes}}},
                "train": {"seconds_per_iteration": 0.01}, "parameters": {"adapted": 10}}
     (directory / "metrics.json").write_text(json.dumps(metrics))
 
@@ -75,3 +76,23 @@ def test_a_refused_run_is_listed_but_left_out_of_the_tables(tmp_path):
     result = write_report([tmp_path], tmp_path / "report")
     assert list(result["table"].config) == [""] and result["table"].status.tolist() == ["completed"]
     assert len(result["problems"]) == 1 and result["problems"][0].startswith("refused")
+
+
+def test_runs_evaluated_at_different_k_are_tabled_and_plotted(tmp_path):
+    fake_job(tmp_path / "sweep" / "a", ["shots=5shot"], 0, [0.8, 0.9], [0.7, 0.8], k="5")
+    fake_job(tmp_path / "sweep" / "b", ["shots=10shot"], 0, [0.9, 0.9], [0.8, 0.9], k="10")
+    write_report([tmp_path / "sweep"], tmp_path / "report")
+    assert (tmp_path / "report" / "digits_adaptation.png").exists()
+
+
+def test_pooled_seeds_get_the_interval_of_the_classes_their_tasks_share(tmp_path):
+    rng = np.random.default_rng(0)
+    effects = rng.normal(0, 0.1, 7)
+    for seed in (0, 1):
+        classes = np.stack([rng.choice(7, 5, replace=False) for _ in range(200)])
+        ours = effects[classes].mean(axis=1) + rng.normal(0.8, 0.02, 200)
+        fake_job(tmp_path / "sweep" / str(seed), [], seed, ours, ours - 0.05, classes=classes.tolist())
+    table = comparison(collect([tmp_path / "sweep"]))
+    assert table["_5-shot ci95"].iloc[0] > 5 * mean_ci95(np.concatenate([
+        json.loads((tmp_path / "sweep" / str(s) / "metrics.json").read_text())["evaluation"]["shots"]["5"]
+        ["meta_learned"]["per_task"] for s in (0, 1)]))[1]
