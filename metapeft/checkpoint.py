@@ -22,6 +22,7 @@ from metapeft import io
 from metapeft.backend import mx, utils
 from metapeft.config import GROUPS
 from metapeft.errors import ConfigError
+from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS
 from metapeft.train import TrainLog, TrainState
 
 
@@ -44,7 +45,20 @@ def saved_config(path: str | Path) -> tuple[Path, DictConfig]:
     if missing:
         raise ConfigError("checkpoint", f"{directory / 'config.yaml'} is not a metapeft run config (it has no "
                           f"{', '.join(missing)}): give a run directory or its checkpoint/")
-    return directory, saved
+    return directory, with_later_keys(saved)
+
+
+def with_later_keys(saved: DictConfig) -> DictConfig:
+    """A run saved before a key was added to its algorithm, task, model or PEFT schema gets that key's default
+    (the behaviour the run had then, e.g. ``model.init=pytorch``), so older checkpoints still evaluate."""
+    for group, registry in (("algorithm", ALGORITHMS), ("task", TASKS), ("model", MODELS), ("peft", PEFT_METHODS)):
+        try:
+            defaults = OmegaConf.structured(registry.schema(saved[group].name))
+            OmegaConf.set_struct(defaults, False)
+            saved[group] = OmegaConf.merge(defaults, saved[group])
+        except (ConfigError, OmegaConfBaseException):
+            continue  # an unknown name or a changed type: left as saved, and refused later where it is used
+    return saved
 
 
 def evaluation_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:

@@ -103,8 +103,9 @@ def main(cfg: DictConfig) -> float | None:
     for k, result in evaluation["shots"].items():
         ours = result["meta_learned"]
         baselines = " | ".join(f"{name} {b['mean']:.4f}" for name, b in result["baselines"].items())
-        log.info("%s-shot %s: %s+%s %.4f ± %.4f | %s", k, evaluation["metric"], cfg.algorithm.name, cfg.peft.name,
-                 ours["mean"], ours["ci95"], baselines)
+        identity = metrics["identity"]  # a saved run's own choices under train=false, not this command's defaults
+        log.info("%s-shot %s: %s+%s %.4f ± %.4f | %s", k, evaluation["metric"], identity["algorithm"],
+                 identity["peft"], ours["mean"], ours["ci95"], baselines)
         if "versus_best_baseline" in result:
             best = result["versus_best_baseline"]
             verdict = "better than" if best["better"] else "worse than" if best["worse"] else "not distinguishable from"

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
+from metapeft.checkpoint import saved_config
 from metapeft.errors import ConfigError
 from metapeft.experiment import run
 
@@ -68,3 +70,12 @@ def test_a_folder_whose_config_is_not_a_run_config_is_refused(compose_cfg, tmp_p
             run(compose_cfg("train=false", f"checkpoint={tmp_path}"), tmp_path / "eval",
                 overrides=["train=false", f"checkpoint={tmp_path}"])
         assert error.value.key == "checkpoint"
+
+
+def test_a_run_saved_before_a_schema_key_existed_still_loads_with_that_keys_default(compose_cfg, tmp_path):
+    cfg = OmegaConf.to_container(compose_cfg("task=sinusoid", "algorithm=metasgd", "mode=tiny"), resolve=True)
+    del cfg["model"]["init"], cfg["algorithm"]["init_lr_range"]  # as written before they were added
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    _, saved = saved_config(tmp_path)
+    assert saved.model.init == "pytorch" and saved.algorithm.init_lr_range is None
