@@ -9,7 +9,7 @@ import numpy as np
 from metapeft.backend import mx
 from metapeft.build import Experiment
 from metapeft.stats import ci95_method, class_count, class_set_count, mean_ci95
-from metapeft.tasks.base import Episodes
+from metapeft.tasks.base import Episodes, TaskClasses
 
 StartFn = Callable[["mx.array", "mx.array"], dict]  # (x_support, y_support) -> weights adaptation starts from
 StepFn = Callable[[dict, "mx.array", "mx.array"], dict]  # (weights, x_support, y_support) -> weights
@@ -80,13 +80,18 @@ def versus(ours: np.ndarray, theirs: np.ndarray, higher_is_better: bool, classes
     return {"difference": mean, "ci95": ci, "better": bool(mean - ci > 0), "worse": bool(mean + ci < 0)}
 
 
-def task_structure(classes: np.ndarray | None) -> dict:
-    """What the confidence intervals had to respect: how many classes and class sets the tasks came from, and the
-    classes of each task, which lets aggregation pool seeds with the same interval."""
-    if classes is None:
+def task_structure(drawn: TaskClasses | None) -> dict:
+    """What the confidence intervals had to respect: how many classes, class sets and sources the tasks came
+    from, and each task's sources, which let aggregation pool seeds with the same interval."""
+    if drawn is None:
         return {"ci95_method": ci95_method(None)}
-    return {"ci95_method": ci95_method(classes), "num_classes": class_count(classes),
-            "num_distinct_class_sets": class_set_count(classes), "task_classes": classes.tolist()}
+    return {"ci95_method": ci95_method(drawn.sources), "num_classes": class_count(drawn.classes),
+            "num_distinct_class_sets": class_set_count(drawn.classes), "num_sources": class_count(drawn.sources),
+            "task_sources": drawn.sources.tolist()}
+
+
+def sources_of(drawn: TaskClasses | None) -> np.ndarray | None:
+    return None if drawn is None else drawn.sources
 
 
 BaselineFn = Callable[[Episodes], np.ndarray]  # episodes -> per-task metric (tasks,) or curves (tasks, steps + 1)
@@ -100,13 +105,14 @@ def evaluate_shots(exp: Experiment, meta: dict, frozen: dict, baselines: dict[st
     results = {}
     for k in cfg.shots.eval:
         # The same episodes for every algorithm, PEFT method and baseline of this seed.
-        episodes, classes = exp.task.sample_with_classes("test", cfg.mode.num_eval_tasks, k,
-                                                         np.random.default_rng([cfg.seed, 2, k]))
+        episodes, drawn = exp.task.sample_with_classes("test", cfg.mode.num_eval_tasks, k,
+                                                       np.random.default_rng([cfg.seed, 2, k]))
+        classes = sources_of(drawn)
         ours = summarize(learner_curves(exp, meta, frozen, episodes, curve_steps), steps, classes)
         scored = {name: np.asarray(fn(episodes)) for name, fn in baselines.items()}
         theirs = {name: summarize(v, steps, classes) if v.ndim == 2 else summarize_values(v, classes)
                   for name, v in scored.items()}
-        results[str(k)] = {"meta_learned": ours, "baselines": theirs, **task_structure(classes)}
+        results[str(k)] = {"meta_learned": ours, "baselines": theirs, **task_structure(drawn)}
         if theirs:
             best = (max if higher else min)(theirs, key=lambda name: theirs[name]["mean"])
             results[str(k)]["versus_best_baseline"] = {"baseline": best, **versus(

@@ -81,7 +81,7 @@ def job_record(job_dir: Path) -> dict:
         row["metric"] = evaluation["metric"]
         row["higher_is_better"] = evaluation["higher_is_better"]
         for k, result in evaluation["shots"].items():
-            row[f"_{k}shot.task_classes"] = result.get("task_classes")
+            row[f"_{k}shot.task_sources"] = result.get("task_sources")
             sides = {"meta_learned": result["meta_learned"]}
             sides.update({f"baseline.{name}": b for name, b in result.get("baselines", {}).items()})
             for side, values in sides.items():
@@ -158,10 +158,10 @@ def per_task(runs: pd.DataFrame, k: str, side: str) -> np.ndarray:
     return np.concatenate([np.asarray(v, dtype=float) for v in runs[f"_{k}shot.{side}.per_task"]])
 
 
-def task_classes(runs: pd.DataFrame, k: str) -> np.ndarray | None:
-    """The classes of every task of every run, in ``per_task``'s order; None where a run has none (regression
-    tasks, which are independent draws, or runs written before classes were stored)."""
-    column = f"_{k}shot.task_classes"
+def task_sources(runs: pd.DataFrame, k: str) -> np.ndarray | None:
+    """The class sources of every task of every run, in ``per_task``'s order; None where a run has none
+    (regression tasks, which are independent draws, or runs written before sources were stored)."""
+    column = f"_{k}shot.task_sources"
     if column not in runs or not all(isinstance(v, list) for v in runs[column]):
         return None
     return np.concatenate([np.asarray(v, dtype=np.int64) for v in runs[column]])
@@ -176,7 +176,7 @@ def pooled(runs: pd.DataFrame, k: str, side: str) -> tuple[float, float]:
     """
     column = f"_{k}shot.{side}.per_task"
     if column in runs and all(isinstance(v, list) for v in runs[column]):
-        return mean_ci95(per_task(runs, k, side), task_classes(runs, k))
+        return mean_ci95(per_task(runs, k, side), task_sources(runs, k))
     means = runs[f"{k}shot.{side}.mean"].to_numpy(dtype=float)
     return (float(means[0]), float(runs[f"{k}shot.{side}.ci95"].iloc[0])) if len(means) == 1 else mean_ci95(means)
 
@@ -218,7 +218,7 @@ def comparison(frame: pd.DataFrame) -> pd.DataFrame:
                 if names and all(isinstance(v, list) for v in done[f"_{k}shot.meta_learned.per_task"]):
                     ours, theirs = per_task(done, k, "meta_learned"), per_task(done, k, f"baseline.{best}")
                     difference, difference_ci = mean_ci95((ours - theirs) if higher else (theirs - ours),
-                                                          task_classes(done, k))
+                                                          task_sources(done, k))
                     row[f"{k}-shot vs {best}"] = f"{difference:+.3f} ± {difference_ci:.3f}"
             row["s/iteration"] = done["train.seconds_per_iteration"].mean()
             row["adapted params"] = int(done["parameters.adapted"].iloc[0])

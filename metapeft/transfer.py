@@ -31,10 +31,10 @@ from metapeft.backend import mx
 from metapeft.build import build, initial_state
 from metapeft.embeddings import fisher_embedding, similarity_matrix, statistics_embedding
 from metapeft.errors import ConfigError, require
-from metapeft.evaluate import learner_curves, plain_init_curves, task_structure
+from metapeft.evaluate import learner_curves, plain_init_curves, sources_of, task_structure
 from metapeft.experiment import run
 from metapeft.stats import mean_ci95, mean_ci95_record
-from metapeft.tasks.base import Episodes
+from metapeft.tasks.base import Episodes, TaskClasses
 from metapeft.tasks.classification import ClassImagesTask
 
 log = logging.getLogger("metapeft")
@@ -114,7 +114,8 @@ def transfer_study(cfg: DictConfig, out_dir: Path) -> dict:
         learned = sources[source] = load_run(out_dir / "sources" / source)
         start = initial_state(learned.experiment)
         steps = cfg.evaluation.curve_steps
-        for target, (episodes, classes) in targets.items():
+        for target, (episodes, drawn) in targets.items():
+            classes = sources_of(drawn)
             ours = scores[source, target] = per_task_metric(
                 learner_curves(learned.experiment, learned.meta, learned.frozen, episodes, steps), cfg)
             base = per_task_metric(
@@ -122,7 +123,7 @@ def transfer_study(cfg: DictConfig, out_dir: Path) -> dict:
             gain, gain_ci = mean_ci95(sign * (ours - base), classes)
             matrix.append({"source": source, "target": target, "gain": gain, "gain_ci95": gain_ci,
                            "meta_learned": mean_ci95_record(ours, classes),
-                           "plain_init": mean_ci95_record(base, classes), **task_structure(classes)})
+                           "plain_init": mean_ci95_record(base, classes), **task_structure(drawn)})
     result = {
         "metric": task.metric_name,
         "higher_is_better": sign > 0,
@@ -140,7 +141,7 @@ def transfer_study(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 def guided_choice(cfg: DictConfig, experiments: dict, sources: dict[str, LearnedInitialization],
-                  targets: dict[str, tuple[Episodes, np.ndarray | None]], scores: dict, sign: float) -> dict:
+                  targets: dict[str, tuple[Episodes, TaskClasses | None]], scores: dict, sign: float) -> dict:
     """Adapt each meta-test task from the library source nearest to it; compare with every fixed choice."""
     study, names = cfg.transfer, list(sources)
     probe = sources[names[0]]
@@ -160,7 +161,7 @@ def guided_choice(cfg: DictConfig, experiments: dict, sources: dict[str, Learned
             guided.append(scores[pick, target][i])
     guided = np.array(guided)
     fixed = {name: np.concatenate([scores[name, target] for target in targets]) for name in names}
-    per_target = [classes for _, classes in targets.values()]
+    per_target = [sources_of(drawn) for _, drawn in targets.values()]
     classes = None if any(c is None for c in per_target) else np.concatenate(per_target)
     return {
         "embedding": study.embedding,

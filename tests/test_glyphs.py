@@ -88,7 +88,7 @@ def test_a_glyph_run_records_how_many_class_sets_its_tasks_came_from(compose_cfg
                   tmp_path / "run")
     assert metrics["status"] == "completed"
     shot = metrics["evaluation"]["shots"]["1"]
-    assert shot["ci95_method"] == "delete-one-class jackknife"
+    assert shot["ci95_method"] == "delete-one-class jackknife" and shot["num_sources"] == shot["num_classes"]
     assert shot["num_distinct_class_sets"] == metrics["evaluation"]["num_tasks"]  # 5-sets of ~30 classes rarely repeat
 
 

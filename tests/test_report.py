@@ -21,7 +21,7 @@ def fake_job(directory, overrides, seed, ours, nearest, status="completed", k="5
     metrics = {"status": status, "identity": identity,
                "evaluation": {"metric": "accuracy", "higher_is_better": True, "shots": {k: {
                    "meta_learned": {**values(ours), "curve_mean": [0.2, float(np.mean(ours))]},
-                   "baselines": {"nearest_centroid": values(nearest)}, "task_classes": classes}}},
+                   "baselines": {"nearest_centroid": values(nearest)}, "task_sources": classes}}},
                "train": {"seconds_per_iteration": 0.01}, "parameters": {"adapted": 10}}
     (directory / "metrics.json").write_text(json.dumps(metrics))
 

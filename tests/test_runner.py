@@ -88,9 +88,9 @@ def test_same_seed_same_metrics(compose_cfg, tmp_path):
     first, second = run(cfg, tmp_path / "a"), run(cfg, tmp_path / "b")
     assert first["evaluation"] == second["evaluation"]
     five_shot = first["evaluation"]["shots"]["5"]
-    assert five_shot["ci95_method"] == ci95_method(np.array(five_shot["task_classes"]))
+    assert five_shot["ci95_method"] == ci95_method(np.array(five_shot["task_sources"]))
     assert 1 <= five_shot["num_distinct_class_sets"] <= 21  # 5-way sets of 7 meta-test classes
-    assert len(five_shot["task_classes"]) == len(five_shot["meta_learned"]["per_task"])
+    assert len(five_shot["task_sources"]) == len(five_shot["meta_learned"]["per_task"])
     assert first["train"]["final_loss"] == second["train"]["final_loss"]
     a, b = (load_tree(tmp_path / d / "checkpoint" / "meta.safetensors") for d in "ab")
     assert mx.array_equal(a["weights"]["hidden"][0]["weight"], b["weights"]["hidden"][0]["weight"]).item()

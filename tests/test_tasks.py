@@ -46,7 +46,9 @@ def test_digits_splits_are_disjoint_and_episodes_are_labelled():
 
 def test_digits_tasks_name_the_digits_their_classes_are_made_of():
     task = Digits(OmegaConf.structured(DigitsConfig))
-    episodes, classes = task.sample_with_classes("test", 40, 1, np.random.default_rng(3))
+    episodes, drawn = task.sample_with_classes("test", 40, 1, np.random.default_rng(3))
+    classes = drawn.sources
+    assert drawn.classes.max() < 7 and (task.class_sources["test"][drawn.classes] == classes).all()
     same = task.sample("test", 40, 1, np.random.default_rng(3))
     assert all(np.array_equal(np.array(a), np.array(b)) for a, b in zip(episodes, same))
     assert classes.shape == (40, 5)

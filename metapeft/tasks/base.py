@@ -22,6 +22,15 @@ class Episodes(NamedTuple):
         return self.xs.shape[0]
 
 
+class TaskClasses(NamedTuple):
+    """What each task of a batch was drawn from, (tasks, N) integer arrays: its classes (indices within the split)
+    and their sources (a digit whose rotations are separate classes, a character): tasks sharing a source are not
+    independent, and confidence intervals account for it (``metapeft.stats``)."""
+
+    classes: np.ndarray
+    sources: np.ndarray
+
+
 @dataclass
 class TaskConfig:
     name: str = MISSING
@@ -50,9 +59,8 @@ class TaskFamily:
         raise NotImplementedError
 
     def sample_with_classes(self, split: str, num_tasks: int, shots: int,
-                            rng: np.random.Generator) -> tuple[Episodes, np.ndarray | None]:
-        """``sample`` and, for each task, the classes it was drawn from, an integer array (tasks, classes per task)
-        that confidence intervals use (``metapeft.stats``); None when tasks are independent draws."""
+                            rng: np.random.Generator) -> tuple[Episodes, TaskClasses | None]:
+        """``sample`` and what each task was drawn from; None when tasks are independent draws (regression)."""
         return self.sample(split, num_tasks, shots, rng), None
 
     # Pretraining of a backbone for the PEFT methods, on meta-train data only; ``loss`` is its objective.

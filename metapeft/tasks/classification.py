@@ -7,7 +7,7 @@ import numpy as np
 
 from metapeft.backend import mx
 from metapeft.errors import require
-from metapeft.tasks.base import Episodes, TaskFamily
+from metapeft.tasks.base import Episodes, TaskClasses, TaskFamily
 
 SPLITS = ("train", "val", "test")
 
@@ -58,7 +58,7 @@ class ClassImagesTask(TaskFamily):
         return self.sample_with_classes(split, num_tasks, shots, rng)[0]
 
     def sample_with_classes(self, split: str, num_tasks: int, shots: int,
-                            rng: np.random.Generator) -> tuple[Episodes, np.ndarray]:
+                            rng: np.random.Generator) -> tuple[Episodes, TaskClasses]:
         pool = self.class_images[split]
         n, q = self.cfg.n_way, self.cfg.num_query
         x = np.empty((num_tasks, n, shots + q, *self.input_shape), dtype=np.float32)
@@ -74,7 +74,7 @@ class ClassImagesTask(TaskFamily):
 
         episodes = Episodes(flat(x[:, :, :shots]), flat(labels[:, :, :shots]), flat(x[:, :, shots:]),
                             flat(labels[:, :, shots:]))
-        return episodes, self.class_sources[split][classes]
+        return episodes, TaskClasses(classes, self.class_sources[split][classes])
 
     def pretraining_batch(self, rng: np.random.Generator, batch_size: int) -> tuple[mx.array, mx.array]:
         """Supervised classification over all meta-train classes."""
