@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -17,6 +18,16 @@ from metapeft.errors import require
 from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS, import_submodules
 
 GROUPS = ("algorithm", "peft", "shots", "mode", "task", "model")  # the config groups every run chooses from
+GROUP_HELP = {  # what ``--help`` lists (the schema/* groups are internal, transfer is runners/transfer.py's)
+    "algorithm": "how the initialization is meta-learned",
+    "peft": "what is adapted per task: the whole model (none) or an adapter over a frozen pretrained backbone",
+    "model": "the backbone",
+    "task": "the few-shot task family",
+    "shots": "support examples per class (or per task) in meta-training; shots.eval: the K tested",
+    "mode": "the budget: quick (1,000 meta-iterations), full (70,000), tiny (a smoke test)",
+    "experiment": "named sweeps",
+}
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 class Protocol(StrEnum):
@@ -32,6 +43,17 @@ PROTOCOL_SETTINGS = {
     "model_init": {Protocol.project: "pytorch", Protocol.maml_paper: "maml_reference"},
     "metasgd_init_lr_range": {Protocol.project: None, Protocol.maml_paper: [0.005, 0.1]},
 }
+
+
+def groups_help() -> str:
+    """``--help``'s list of groups: options read from conf/<group>/, one line each with what the group chooses."""
+    lines = []
+    for group, description in GROUP_HELP.items():
+        stems = [p.stem for p in (CONF_DIR / group).glob("*.yaml")]
+        options = ", ".join(sorted(stems, key=lambda stem: (int(digits) if (digits := stem.rstrip("shot")).isdigit()
+                                                             else 0, stem)))  # 1shot, 5shot, 10shot, 20shot
+        lines.append(f"  {group}: {options}\n      {description}")
+    return "\n".join(lines)
 
 
 def protocol_setting(setting: str, protocol: str):
@@ -138,6 +160,7 @@ def register_configs() -> None:
                                     replace=True)
     OmegaConf.register_new_resolver("direction", optimization_direction, replace=True)
     OmegaConf.register_new_resolver("protocol", protocol_setting, replace=True)
+    OmegaConf.register_new_resolver("groups_help", groups_help, replace=True)
     OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
     OmegaConf.register_new_resolver("job_dirname_excluded_keys", lambda: [*NON_IDENTIFYING_KEYS, "experiment"],
                                     replace=True)

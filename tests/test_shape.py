@@ -102,3 +102,15 @@ def test_a_new_algorithm_needs_only_its_file_and_its_yaml(tmp_path):
     metrics = run(cfg, tmp_path / "run")
     assert metrics["status"] == "completed" and metrics["identity"]["algorithm"] == "throwaway"
     assert np.isfinite(metrics["evaluation"]["shots"]["5"]["meta_learned"]["mean"])
+
+
+def test_help_lists_the_groups_a_user_chooses_from_and_what_each_sets():
+    result = subprocess.run([sys.executable, "runners/run.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    groups = text.split("== Groups")[1].split("== Config")[0]
+    assert "schema/" not in groups and "transfer:" not in groups  # internal groups, and runners/transfer.py's own
+    assert "algorithm: anil, fomaml, maml, metasgd, protonet, reptile" in text
+    assert "shots: 1shot, 5shot, 10shot, 20shot" in text and "task: digits, glyphs, image_folder, sinusoid" in text
+    assert "python runners/run.py --multirun" in text and "inner_lr:" in text  # usage, then the config
