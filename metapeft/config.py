@@ -30,21 +30,6 @@ GROUP_HELP = {  # what ``--help`` lists (the schema/* groups are internal, trans
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-class Protocol(StrEnum):
-    """Whose experimental protocol a task follows where papers and this project differ (``task.protocol``)."""
-
-    project = "project"
-    maml_paper = "maml_paper"  # MAML's reference code, as the Meta-SGD paper's Table 1 used it
-
-
-# Settings outside the task that follow its protocol, as defaults any override still replaces:
-# ${protocol:SETTING,${oc.select:task.protocol,project}} in the schema that owns the setting.
-PROTOCOL_SETTINGS = {
-    "model_init": {Protocol.project: "pytorch", Protocol.maml_paper: "maml_reference"},
-    "metasgd_init_lr_range": {Protocol.project: None, Protocol.maml_paper: [0.005, 0.1]},
-}
-
-
 def groups_help() -> str:
     """``--help``'s list of groups: options read from conf/<group>/, one line each with what the group chooses."""
     lines = []
@@ -54,12 +39,6 @@ def groups_help() -> str:
                                                              else 0, stem)))  # 1shot, 5shot, 10shot, 20shot
         lines.append(f"  {group}: {options}\n      {description}")
     return "\n".join(lines)
-
-
-def protocol_setting(setting: str, protocol: str):
-    require(protocol in Protocol.__members__, "task.protocol",
-            f"unknown protocol '{protocol}'; valid: {', '.join(Protocol.__members__)}")
-    return PROTOCOL_SETTINGS[setting][Protocol(protocol)]
 
 
 @dataclass
@@ -159,7 +138,6 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("by_mode", lambda mode, quick, full: quick if mode == "quick" else full,
                                     replace=True)
     OmegaConf.register_new_resolver("direction", optimization_direction, replace=True)
-    OmegaConf.register_new_resolver("protocol", protocol_setting, replace=True)
     OmegaConf.register_new_resolver("groups_help", groups_help, replace=True)
     OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
     OmegaConf.register_new_resolver("job_dirname_excluded_keys", lambda: [*NON_IDENTIFYING_KEYS, "experiment"],

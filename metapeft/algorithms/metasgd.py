@@ -15,6 +15,7 @@ from metapeft.algorithms.base import AlgorithmConfig, sgd_step
 from metapeft.algorithms.maml import MAML
 from metapeft.backend import mx, utils
 from metapeft.errors import require
+from metapeft.protocols import protocol_default
 from metapeft.registry import ALGORITHMS
 
 
@@ -22,8 +23,7 @@ from metapeft.registry import ALGORITHMS
 class MetaSGDConfig(AlgorithmConfig):
     name: str = "metasgd"
     init_lr: float = "${.inner_lr}"  # type: ignore[assignment]  # alpha's initial value, every entry
-    init_lr_range: Optional[List[float]] = (  # type: ignore[assignment]
-        "${protocol:metasgd_init_lr_range,${oc.select:task.protocol,project}}")
+    init_lr_range: Optional[List[float]] = protocol_default("metasgd_init_lr_range")  # type: ignore[assignment]
 
 
 @ALGORITHMS.register("metasgd", MetaSGDConfig)

@@ -9,6 +9,7 @@ from typing import List
 from metapeft.backend import mx
 from metapeft.errors import require
 from metapeft.models.layers import Backbone, LinearInit, init_linear
+from metapeft.protocols import protocol_default
 from metapeft.registry import MODELS
 
 
@@ -25,7 +26,7 @@ class MLPConfig:
     name: str = "mlp"
     hidden_sizes: List[int] = field(default_factory=lambda: [40, 40])
     activation: Activation = Activation.relu
-    init: LinearInit = "${protocol:model_init,${oc.select:task.protocol,project}}"  # type: ignore[assignment]
+    init: LinearInit = protocol_default("model_init")  # type: ignore[assignment]
 
 
 @MODELS.register("mlp", MLPConfig)

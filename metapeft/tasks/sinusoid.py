@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from metapeft.backend import mx
-from metapeft.config import Protocol
 from metapeft.errors import require
+from metapeft.protocols import Protocol
 from metapeft.registry import TASKS
 from metapeft.tasks.base import Episodes, TaskConfig, TaskFamily
 
