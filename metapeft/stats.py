@@ -86,6 +86,26 @@ def class_jackknife_half_width(values: np.ndarray, classes: np.ndarray) -> float
     return float(stdtrit(num_classes - 1, 0.975) * math.sqrt(variance))
 
 
+def difference_ci95(first, first_classes, second, second_classes) -> tuple[float, float]:
+    """mean(first) - mean(second) and the half-width of its 95% CI, for two sets of tasks (e.g. the same
+    meta-test classes at two K). With classes, a delete-one-class jackknife of the difference: the class effects
+    the two sets share cancel, as they do in the truth. Without (independent tasks), the two intervals combined."""
+    first, second = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
+    (m1, h1), (m2, h2) = mean_ci95(first), mean_ci95(second)
+    if first_classes is None or second_classes is None:
+        return m1 - m2, math.hypot(h1, h2)
+    first_classes, second_classes = np.asarray(first_classes), np.asarray(second_classes)
+    holds, num_classes = membership(np.concatenate([first_classes, second_classes]))
+    held_first, held_second = holds[: len(first)], holds[len(first):]
+    if not (jackknife_possible(held_first) and jackknife_possible(held_second)):
+        return m1 - m2, math.hypot(h1, h2)
+    kept_first, kept_second = ~held_first, ~held_second
+    leave_one_class_out = ((first @ kept_first) / kept_first.sum(axis=0)
+                           - (second @ kept_second) / kept_second.sum(axis=0))
+    variance = (num_classes - 1) / num_classes * np.sum((leave_one_class_out - leave_one_class_out.mean()) ** 2)
+    return m1 - m2, float(stdtrit(num_classes - 1, 0.975) * math.sqrt(variance))
+
+
 def mean_ci95_record(values, classes=None) -> dict[str, float]:
     """``mean_ci95`` as ``{"mean": ..., "ci95": ...}``, the shape the result files use."""
     return dict(zip(("mean", "ci95"), mean_ci95(values, classes)))

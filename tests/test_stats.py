@@ -2,7 +2,15 @@
 import numpy as np
 import pytest
 
-from metapeft.stats import CLASS_JACKKNIFE, TASKS_INDEPENDENT, ci95_method, class_count, class_set_count, mean_ci95
+from metapeft.stats import (
+    CLASS_JACKKNIFE,
+    TASKS_INDEPENDENT,
+    ci95_method,
+    class_count,
+    class_set_count,
+    difference_ci95,
+    mean_ci95,
+)
 
 
 def simulated_tasks(rng, num_classes, n_way, num_tasks, class_sd, noise_sd):
@@ -70,3 +78,17 @@ def test_class_sets_are_counted_regardless_of_order():
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="classes for 2 tasks"):
         mean_ci95(np.zeros(3), np.array([[0, 1], [1, 2]]))
+
+
+def test_a_difference_over_the_same_classes_lets_their_effects_cancel():
+    rng = np.random.default_rng(1)
+    effects = rng.normal(0.0, 0.1, 7)
+    first_classes = np.stack([rng.choice(7, 5, replace=False) for _ in range(600)])
+    second_classes = np.stack([rng.choice(7, 5, replace=False) for _ in range(600)])
+    first = effects[first_classes].mean(axis=1) + 0.05 + rng.normal(0, 0.02, 600)  # +0.05 on every class
+    second = effects[second_classes].mean(axis=1) + rng.normal(0, 0.02, 600)
+    gain, joint = difference_ci95(first, first_classes, second, second_classes)
+    separate = np.hypot(mean_ci95(first, first_classes)[1], mean_ci95(second, second_classes)[1])
+    assert abs(gain - 0.05) < joint < 0.5 * separate  # covers the truth, far narrower than the two apart
+    assert difference_ci95(first, None, second, None)[1] == pytest.approx(np.hypot(mean_ci95(first)[1],
+                                                                                    mean_ci95(second)[1]))
