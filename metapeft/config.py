@@ -9,7 +9,7 @@ import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -26,6 +26,7 @@ GROUP_HELP = {  # what ``--help`` lists (the schema/* groups are internal, trans
     "shots": "support examples per class (or per task) in meta-training; shots.eval: the K tested",
     "mode": "the budget: quick (1,000 meta-iterations), full (70,000), tiny (a smoke test)",
     "experiment": "named sweeps",
+    "logger": "where a finished run is also sent, a list: logger=[csv,mlflow] (csv: the run's own files)",
 }
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -86,7 +87,7 @@ class Keep(StrEnum):
 # Keys that do not change what a job computes: ignored when deciding whether a stored result is this job's
 # (``metapeft.sweep``), and left out of a sweep job's directory name together with ``experiment`` (whose own
 # settings a name could not show anyway).
-NON_IDENTIFYING_KEYS = ("resume", "progress", "pretrain.cache_dir", "task.cache_dir")
+NON_IDENTIFYING_KEYS = ("resume", "progress", "pretrain.cache_dir", "task.cache_dir", "logger")
 
 
 @dataclass
@@ -108,6 +109,7 @@ class RunConfig:
     patience: Optional[int] = None  # with keep=best_val: stop after this many validations without improvement
     baselines: Optional[List[str]] = None  # evaluated next to the meta-learned model; null: all that apply
     transfer: Any = None  # a transfer study (runners/transfer.py, which registers its schema)
+    logger: Dict[str, Any] = field(default_factory=dict)  # logger=[csv,tensorboard,mlflow,wandb]: name -> settings
 
 
 def job_dirname(overrides: str, limit: int = 200) -> str:
@@ -132,7 +134,7 @@ def register_configs() -> None:
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="schema/shots", name="shots", node=ShotsConfig)
     cs.store(group="schema/mode", name="mode", node=ModeConfig)
-    for package in ("metapeft.algorithms", "metapeft.tasks", "metapeft.models", "metapeft.peft"):
+    for package in ("metapeft.algorithms", "metapeft.tasks", "metapeft.models", "metapeft.peft", "metapeft.loggers"):
         import_submodules(package)
     # ${by_mode:${mode.name},QUICK,FULL}: a value that depends on the mode, e.g. the number of search trials.
     OmegaConf.register_new_resolver("by_mode", lambda mode, quick, full: quick if mode == "quick" else full,

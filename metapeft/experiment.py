@@ -29,6 +29,7 @@ from metapeft.checkpoint import (
 from metapeft.config import GROUPS, Keep
 from metapeft.errors import ConfigError, DivergedError
 from metapeft.evaluate import evaluate_shots, learner_curves
+from metapeft.loggers.base import active_loggers, log_everywhere
 from metapeft.measure import inference_ms_per_sample, memory_mb
 from metapeft.sweep import identifying
 from metapeft.train import TrainLog, TrainState, meta_train
@@ -48,12 +49,15 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict = {"status": "running", "identity": identity(cfg, overrides)}
     log = TrainLog()
+    loggers = []
     started = time.perf_counter()
     try:
         if not cfg.train and cfg.checkpoint is not None:
             cfg = evaluation_config(cfg, overrides)
             metrics["identity"] = identity(cfg, overrides)
+        loggers = active_loggers(cfg)  # a logger whose package is missing is refused before any work
         exp = build(cfg)
+        io.write_json(out_dir / "metrics.json", metrics)  # status running: a sweep shows what is under way
         metrics.update(train_and_evaluate(exp, out_dir, log, overrides))
         metrics["status"] = "completed"
         return metrics
@@ -75,6 +79,8 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
         if log.rows:
             io.write_csv(out_dir / "history.csv", pd.DataFrame(log.rows))
         io.write_json(out_dir / "metrics.json", metrics)
+        if metrics["status"] != "refused":
+            log_everywhere(loggers, cfg, out_dir, metrics)
 
 
 def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides: Sequence[str] = ()) -> dict:

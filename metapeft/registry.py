@@ -51,6 +51,7 @@ ALGORITHMS = Registry("algorithm")
 TASKS = Registry("task")
 MODELS = Registry("model")
 PEFT_METHODS = Registry("peft")
+LOGGERS = Registry("logger")
 
 
 def import_submodules(package_name: str) -> None:
