@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from metapeft.backend import mx
 from metapeft.build import Experiment
@@ -103,7 +104,7 @@ def evaluate_shots(exp: Experiment, meta: dict, frozen: dict, baselines: dict[st
     cfg, higher = exp.cfg, exp.task.higher_is_better
     steps, curve_steps = cfg.evaluation.num_inner_steps, cfg.evaluation.curve_steps
     results = {}
-    for k in cfg.shots.eval:
+    for k in tqdm(cfg.shots.eval, desc="evaluate (K)", disable=not cfg.progress):
         # The same episodes for every algorithm, PEFT method and baseline of this seed.
         episodes, drawn = exp.task.sample_with_classes("test", cfg.mode.num_eval_tasks, k,
                                                        np.random.default_rng([cfg.seed, 2, k]))

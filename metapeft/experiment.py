@@ -37,6 +37,13 @@ from metapeft.train import TrainLog, TrainState, meta_train
 logger = logging.getLogger("metapeft")
 
 
+def progress_label(cfg: DictConfig, overrides: Sequence[str], width: int = 60) -> str:
+    """What names a run's progress bars: its identifying overrides (in a sweep, what tells the jobs apart), else
+    its algorithm and PEFT method."""
+    label = " ".join(identifying(overrides)) or f"{cfg.algorithm.name}+{cfg.peft.name}"
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
 def identity(cfg: DictConfig, overrides: Sequence[str]) -> dict:
     return {**{g: cfg[g].name for g in GROUPS}, "seed": cfg.get("seed"), "overrides": list(overrides)}
 
@@ -115,7 +122,7 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
             log=log, progress=cfg.progress, after_step=exp.peft.after_meta_step, after_step_state=peft_state,
             better=better, patience=cfg.patience, keep_from=exp.peft.first_keepable_iteration(cfg.mode.num_iterations),
             snapshot=lambda state: save_training_state(directory, state, log, train_rng, job),
-            resume_from=resume_from,
+            resume_from=resume_from, label=progress_label(cfg, job),
         )
         save_checkpoint(directory, meta, frozen, cfg)
         for name in ("training.safetensors", "training.json"):  # done: nothing left to resume

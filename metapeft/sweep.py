@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,9 +46,58 @@ def job_statuses(sweep_dir: Path) -> list[dict]:
     return jobs
 
 
+class SweepProgress(threading.Thread):
+    """While a sweep runs: one line each time a job finishes, "k of N jobs done (F failed, R running), ETA"."""
+
+    def __init__(self, sweep_dir: Path, interval: float = 1.0):
+        super().__init__(daemon=True, name="metapeft-sweep-progress")
+        self.sweep_dir, self.interval = Path(sweep_dir), interval
+        self.started, self.stopped = time.monotonic(), threading.Event()
+        self.last: tuple | None = None
+
+    def line(self) -> str | None:
+        from metapeft.report import expected_jobs  # pandas and matplotlib: only once a sweep runs
+
+        expected = expected_jobs(self.sweep_dir)
+        statuses = []
+        for hydra_dir in self.sweep_dir.glob("**/.hydra"):
+            try:
+                statuses.append(json.loads((hydra_dir.parent / "metrics.json").read_text())["status"])
+            except (OSError, ValueError, KeyError):
+                statuses.append("running")  # started, not yet past writing its first metrics.json
+        running = statuses.count("running")
+        done = len(statuses) - running
+        failed = done - statuses.count("completed")
+        counts = (done, failed, running)
+        if counts == self.last or done == 0:
+            self.last = counts
+            return None
+        self.last = counts
+        total = len(expected) if expected else None
+        elapsed = time.monotonic() - self.started
+        eta = ""
+        if total and done < total:
+            eta = f", about {elapsed / done * (total - done) / 60:.1f} min left"
+        return (f"sweep: {done} of {total or '?'} jobs done ({failed} failed, {running} running), "
+                f"{elapsed / 60:.1f} min{eta}")
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                message = self.line()
+            except Exception:  # noqa: BLE001 - a progress line must never stop a sweep
+                continue
+            if message:
+                log.info(message)
+
+
+RUNNING_PROGRESS: dict[str, SweepProgress] = {}
+
+
 class SweepReport(Callback):
-    """Before a multirun: refuse a launcher or sweeper whose plugin is not installed, saying what to install.
-    At its end: list every job that failed or diverged, and exit non-zero if there was one."""
+    """Before a multirun: refuse a launcher or sweeper whose plugin is not installed, saying what to install, and
+    start the "k of N jobs done" line. At its end: list every job that failed or diverged, and exit non-zero if
+    there was one."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         for role in ("launcher", "sweeper"):
@@ -54,8 +105,14 @@ class SweepReport(Callback):
             if message:
                 log.error("hydra/%s=%s: %s", role, config.hydra.runtime.choices.get(f"hydra/{role}"), message)
                 raise SystemExit(2)
+        # Kept outside the callback: launchers pickle the callbacks to send them to their workers.
+        RUNNING_PROGRESS[str(config.hydra.sweep.dir)] = progress = SweepProgress(Path(config.hydra.sweep.dir))
+        progress.start()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        progress = RUNNING_PROGRESS.pop(str(config.hydra.sweep.dir), None)
+        if progress is not None:
+            progress.stopped.set()
         jobs = job_statuses(Path(config.hydra.sweep.dir))
         bad = [j for j in jobs if j["status"] != "completed"]
         log.info("sweep finished: %d of %d jobs completed in %s", len(jobs) - len(bad), len(jobs),

@@ -71,6 +71,7 @@ def meta_train(
     keep_from: int = 0,
     snapshot: Callable[[TrainState], None] | None = None,
     resume_from: TrainState | None = None,
+    label: str = "",
 ) -> tuple[dict, dict]:
     """Run ``num_iterations`` outer updates from ``meta``; return the meta-learned parameters and the frozen tree:
     the last ones, or, given ``better(new, old)``, those with the best validation metric (early stopping's choice).
@@ -93,8 +94,8 @@ def meta_train(
                                                resume_from.validations_since_kept)
     optimizer.init(meta)
     step = compiled_meta_step(learner, optimizer)
-    bar = tqdm(range(first, num_iterations), initial=first, total=num_iterations, desc=f"meta-train {learner.cfg.name}",
-               disable=not progress, mininterval=1.0)
+    bar = tqdm(range(first, num_iterations), initial=first, total=num_iterations,
+               desc=f"meta-train {label or learner.cfg.name}", disable=not progress, mininterval=1.0)
     for iteration in bar:
         start = time.perf_counter()
         loss, meta, grads = step(meta, frozen, *sample_batch())

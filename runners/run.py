@@ -73,6 +73,7 @@ def main(cfg: DictConfig) -> float | None:
     side_by_side = sweeping and (threads := threads_per_job(hydra_cfg.launcher)) is not None
     if side_by_side:
         blas.set_threads(threads)  # parallel jobs share the cores
+        cfg.progress = False  # bars of jobs side by side overwrite each other: the sweep prints k of N instead
     affinity.colocate(enabled=not side_by_side)  # side by side, two jobs could pin themselves to one core
     log.info("BLAS for MLX's CPU matmuls: %s; MLX thread placement: %s", blas.status(), affinity.status())
     if blas.status()["backend"] == "bundled" and blas.status()["reason"] != "METAPEFT_BLAS=bundled":

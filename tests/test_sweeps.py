@@ -8,7 +8,7 @@ import sys
 
 import pandas as pd
 
-from helpers import REPO, compose_config
+from helpers import REPO, compose_config, run_cli
 from runners.aggregate import main as aggregate
 
 TINY = ["mode=tiny", "evaluation.curve_steps=5", "pretrain.iterations=20", "progress=false"]
@@ -89,3 +89,16 @@ def test_a_sweep_with_a_long_override_gets_short_stable_job_directories(tmp_path
     assert len(jobs) == 2 and all(len(job.name.encode()) <= 200 for job in jobs)
     again = sweep(tmp_path / "sweep", long, "seed=0,1", "resume=true")
     assert (again.stdout + again.stderr).count("already completed with these overrides; skipped") == 2
+
+
+def test_a_parallel_sweep_prints_how_many_jobs_are_done_and_a_sequential_one_names_each_bar(tmp_path):
+    parallel = run_cli("--multirun", "hydra/launcher=joblib", "algorithm=maml,reptile", "seed=0,1",
+                       f"hydra.sweep.dir={tmp_path / 'parallel'}")
+    assert parallel.returncode == 0, parallel.stderr[-2000:]
+    console = parallel.stdout + parallel.stderr
+    assert re.search(r"sweep: [1-3] of 4 jobs done \(0 failed, \d running\)", console), console[-3000:]
+    assert "meta-train" not in console  # bars of jobs side by side are off
+    sequential = run_cli("--multirun", "algorithm=maml,reptile", "mode=tiny", f"hydra.sweep.dir={tmp_path / 'seq'}")
+    assert sequential.returncode == 0, sequential.stderr[-2000:]
+    assert "meta-train algorithm=maml mode=tiny" in sequential.stderr
+    assert "meta-train algorithm=reptile mode=tiny" in sequential.stderr
