@@ -133,3 +133,12 @@ def test_metrics_json_says_running_while_the_run_runs(compose_cfg, tmp_path, mon
     monkeypatch.setattr(experiment, "train_and_evaluate", spy)
     assert run(compose_cfg(*TINY), tmp_path)["status"] == "completed"
     assert seen == ["running"]
+
+
+def test_wandb_writes_an_offline_run_with_the_runs_files(compose_cfg, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="pip install -e '.[wandb]'")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(compose_cfg(*TINY, "logger=[csv,wandb]"), tmp_path)
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert (offline / "files" / "metrics.json").read_text() == (tmp_path / "metrics.json").read_text()
+    assert list(offline.glob("run-*.wandb"))
