@@ -6,6 +6,7 @@ never from folder names.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Iterable
 
@@ -14,10 +15,10 @@ import pandas as pd
 import yaml
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from matplotlib.figure import Figure
 
 from metapeft import io
 from metapeft.config import GROUPS
+from metapeft.plots import plot_all
 from metapeft.stats import mean_ci95
 from metapeft.sweep import identifying
 
@@ -77,9 +78,14 @@ def job_record(job_dir: Path) -> dict:
             row[f"override.{key}"] = value
     row["config"] = config_label(overrides)
     evaluation = metrics.get("evaluation")
+    n_way = None
+    if (hydra_dir / "config.yaml").exists():
+        n_way = (yaml.safe_load((hydra_dir / "config.yaml").read_text()).get("task") or {}).get("n_way")
     if evaluation:
         row["metric"] = evaluation["metric"]
         row["higher_is_better"] = evaluation["higher_is_better"]
+        row["inner_steps"] = evaluation.get("num_inner_steps")
+        row["_chance"] = 1.0 / n_way if evaluation["metric"] == "accuracy" and isinstance(n_way, int) else None
         for k, result in evaluation["shots"].items():
             row[f"_{k}shot.task_sources"] = result.get("task_sources")
             sides = {"meta_learned": result["meta_learned"]}
@@ -90,6 +96,7 @@ def job_record(job_dir: Path) -> dict:
                 row[f"_{k}shot.{side}.per_task"] = values.get("per_task")
                 if "curve_mean" in values:
                     row[f"_{k}shot.{side}.curve"] = values["curve_mean"]
+                    row[f"_{k}shot.{side}.curve_ci95"] = values.get("curve_ci95")
     for section in ("train", "parameters", "memory"):
         for key, value in (metrics.get(section) or {}).items():
             row[f"{section}.{key}"] = value
@@ -154,6 +161,13 @@ def baseline_names(frame: pd.DataFrame, k: str) -> list[str]:
                    and frame[c].notna().all()})
 
 
+def with_ci(mean: float, ci: float, signed: bool = False) -> str:
+    """``mean ± ci`` with as many decimals as the CI's first two significant digits need (0.78 ± 0.15,
+    0.500 ± 0.021), the same for both numbers."""
+    decimals = 3 if not (ci > 0 and math.isfinite(ci)) else min(6, max(1, 1 - math.floor(math.log10(ci))))
+    return f"{mean:{'+' if signed else ''}.{decimals}f} ± {ci:.{decimals}f}"
+
+
 def per_task(runs: pd.DataFrame, k: str, side: str) -> np.ndarray:
     return np.concatenate([np.asarray(v, dtype=float) for v in runs[f"_{k}shot.{side}.per_task"]])
 
@@ -203,23 +217,25 @@ def comparison(frame: pd.DataFrame) -> pd.DataFrame:
         row["status"] = "; ".join(notes) or "completed"
         if not done.empty:
             row["metric"] = done.metric.iloc[0]
+            row["inner steps"] = done["inner_steps"].iloc[0] if "inner_steps" in done else None
+            row["_chance"] = done["_chance"].iloc[0] if "_chance" in done else None
             higher = bool(done.higher_is_better.iloc[0])
             for k in eval_shots(done):
                 names = baseline_names(done, k)
                 if names:
                     means = {name: pooled(done, k, f"baseline.{name}") for name in names}
                     best = (max if higher else min)(names, key=lambda name: means[name][0])
-                    row[f"{k}-shot best baseline"] = f"{best} {means[best][0]:.3f} ± {means[best][1]:.3f}"
+                    row[f"{k}-shot best baseline"] = f"{best} {with_ci(*means[best])}"
                     row[f"_{k}-shot baseline mean"], row[f"_{k}-shot baseline ci95"] = means[best]
                     row[f"_{k}-shot baseline"] = best
                 mean, ci = pooled(done, k, "meta_learned")
-                row[f"{k}-shot"] = f"{mean:.3f} ± {ci:.3f}"
+                row[f"{k}-shot"] = with_ci(mean, ci)
                 row[f"_{k}-shot mean"], row[f"_{k}-shot ci95"] = mean, ci
                 if names and all(isinstance(v, list) for v in done[f"_{k}shot.meta_learned.per_task"]):
                     ours, theirs = per_task(done, k, "meta_learned"), per_task(done, k, f"baseline.{best}")
                     difference, difference_ci = mean_ci95((ours - theirs) if higher else (theirs - ours),
                                                           task_sources(done, k))
-                    row[f"{k}-shot vs {best}"] = f"{difference:+.3f} ± {difference_ci:.3f}"
+                    row[f"{k}-shot vs {best}"] = with_ci(difference, difference_ci, signed=True)
             row["s/iteration"] = done["train.seconds_per_iteration"].mean()
             row["adapted params"] = int(done["parameters.adapted"].iloc[0])
         rows.append(row)
@@ -235,7 +251,7 @@ def baselines_table(frame: pd.DataFrame) -> pd.DataFrame:
             for name in baseline_names(runs, k):
                 mean, ci = pooled(runs, k, f"baseline.{name}")
                 rows.append({**dict(zip(GROUP_KEYS, identity)), "K": int(k), "baseline": name,
-                             "value": f"{mean:.3f} ± {ci:.3f}"})
+                             "value": with_ci(mean, ci)})
     return pd.DataFrame(rows)
 
 
@@ -253,99 +269,7 @@ def write_report(sweep_dirs: list[Path], out_dir: Path) -> dict:
     io.write_csv(out_dir / "baselines.csv", baselines)
     io.write_text(out_dir / "comparison.md", public(table).to_markdown(index=False) + "\n\n" +
                   (baselines.to_markdown(index=False) if not baselines.empty else "") + "\n")
-    plots = plot_all(frame, table, out_dir)
+    plots = plot_all(frame, table, out_dir, eval_shots)
     problems = frame[frame.status.isin(["unreadable", "missing", "refused"])]
     return {"runs": len(frame), "completed": int((frame.status == "completed").sum()), "table": table,
             "plots": plots, "problems": [f"{r.status}: {r.job_dir}: {r.reason}" for r in problems.itertuples()]}
-
-
-def _labels(table: pd.DataFrame) -> list[str]:
-    return [f"{r.algorithm}+{r.peft} ({r.model}){' ' + r.config if r.config else ''}" for r in table.itertuples()]
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    io.save_figure(fig, path)
-    return path
-
-
-def plot_all(frame: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> list[Path]:
-    plots = []
-    done = frame[frame.status == "completed"]
-    for task, task_table in table[table.completed > 0].groupby("task"):
-        runs = done[done.task == task]
-        metric = task_table.metric.iloc[0]
-        direction = "higher is better" if metric == "accuracy" else "lower is better"
-        shots = eval_shots(runs)
-        labels = _labels(task_table)
-        x = np.arange(len(labels))
-
-        fig = Figure(figsize=(max(6, 0.9 * len(labels) + 2), 4))
-        ax = fig.subplots()
-        width = 0.8 / (2 * len(shots))
-        for i, k in enumerate(shots):
-            if f"_{k}-shot baseline mean" in task_table:  # the best baseline of each row, just before its result
-                ax.bar(x + 2 * i * width, task_table[f"_{k}-shot baseline mean"], width, hatch="//",
-                       yerr=task_table[f"_{k}-shot baseline ci95"], capsize=3, color="lightgray", edgecolor="gray",
-                       label=f"{k}-shot best baseline" if i == 0 else f"{k}-shot best baseline ")
-            ax.bar(x + (2 * i + 1) * width, task_table[f"_{k}-shot mean"], width, yerr=task_table[f"_{k}-shot ci95"],
-                   capsize=3, label=f"{k}-shot meta-learned")
-        ax.set_xticks(x + width * (2 * len(shots) - 1) / 2, labels, rotation=30, ha="right")
-        ax.set_ylabel(f"test {metric} after adaptation ({direction})")
-        ax.set_title(f"{task}: K-shot {metric}, mean ± 95% CI over evaluation tasks")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        plots.append(_save(fig, out_dir / f"{task}_kshot.png"))
-
-        fig = Figure(figsize=(7, 4))
-        ax = fig.subplots()
-        for _, run in runs.iterrows():
-            history = Path(run.job_dir) / "history.csv"
-            if history.exists():
-                loss = pd.read_csv(history)["loss"]
-                window = max(1, len(loss) // 50)
-                ax.plot(loss.rolling(window, min_periods=1).mean(),
-                        label=f"{run.algorithm}+{run.peft} (seed {run.seed})")
-        ax.set_xlabel("meta-iteration")
-        ax.set_ylabel("meta-training query loss (moving average)")
-        ax.set_yscale("log")
-        ax.set_title(f"{task}: meta-training curves")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        plots.append(_save(fig, out_dir / f"{task}_training_curves.png"))
-
-        fig = Figure(figsize=(6, 4))
-        ax = fig.subplots()
-        k = shots[len(shots) // 2]
-        ax.errorbar(task_table["adapted params"], task_table[f"_{k}-shot mean"], yerr=task_table[f"_{k}-shot ci95"],
-                    fmt="o", capsize=3)
-        for label, px, py in zip(labels, task_table["adapted params"], task_table[f"_{k}-shot mean"]):
-            ax.annotate(label, (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("adapted parameters per task (log scale)")
-        ax.set_ylabel(f"{k}-shot test {metric} ({direction})")
-        ax.set_title(f"{task}: parameter efficiency")
-        plots.append(_save(fig, out_dir / f"{task}_efficiency.png"))
-
-        fig = Figure(figsize=(7, 4))
-        ax = fig.subplots()
-        for _, run in runs.iterrows():
-            curve = run[f"_{k}shot.meta_learned.curve"]
-            if not isinstance(curve, list):  # a run evaluated at other K (e.g. shots.eval=[${shots.train}])
-                continue
-            ax.plot(range(len(curve)), curve, marker=".", label=f"{run.algorithm}+{run.peft} (seed {run.seed})")
-        ax.set_xlabel("inner-loop steps on the support set")
-        ax.set_ylabel(f"{k}-shot test {metric} ({direction})")
-        ax.set_title(f"{task}: adaptation curves")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        plots.append(_save(fig, out_dir / f"{task}_adaptation.png"))
-
-        fig = Figure(figsize=(max(6, 0.6 * len(labels) + 2), 4))
-        ax = fig.subplots()
-        ax.bar(labels, 1e3 * task_table["s/iteration"])
-        ax.set_ylabel("milliseconds per meta-iteration")
-        ax.set_title(f"{task}: meta-training time per iteration")
-        ax.tick_params(axis="x", rotation=30)
-        plots.append(_save(fig, out_dir / f"{task}_time_per_iteration.png"))
-    return plots

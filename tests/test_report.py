@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
-from metapeft.report import ReportError, collect, comparison, write_report
+from metapeft.report import ReportError, collect, comparison, with_ci, write_report
 from metapeft.stats import mean_ci95
 
 
@@ -96,3 +98,37 @@ def test_pooled_seeds_get_the_interval_of_the_classes_their_tasks_share(tmp_path
     assert table["_5-shot ci95"].iloc[0] > 5 * mean_ci95(np.concatenate([
         json.loads((tmp_path / "sweep" / str(s) / "metrics.json").read_text())["evaluation"]["shots"]["5"]
         ["meta_learned"]["per_task"] for s in (0, 1)]))[1]
+
+
+def test_every_plot_renders_from_a_fixture_sweep_without_a_layout_warning(tmp_path):
+    rng = np.random.default_rng(0)
+    for i, algorithm in enumerate(["maml", "reptile", "protonet"]):
+        job = tmp_path / "sweep" / algorithm
+        fake_job(job, [f"algorithm={algorithm}"], 0, rng.uniform(0.5, 0.9, 20), rng.uniform(0.5, 0.9, 20))
+        metrics = json.loads((job / "metrics.json").read_text())
+        metrics["identity"]["algorithm"] = algorithm
+        metrics["evaluation"]["num_inner_steps"] = [1, 5, 0][i]
+        shot = metrics["evaluation"]["shots"]["5"]
+        shot["meta_learned"]["curve_mean"] = list(np.linspace(0.2, 0.8, 11))
+        shot["meta_learned"]["curve_ci95"] = [0.05] * 11
+        shot["baselines"]["plain_init"] = {"mean": 0.3, "ci95": 0.02, "per_task": [0.3] * 20,
+                                           "curve_mean": list(np.linspace(0.2, 0.4, 11))}
+        (job / "metrics.json").write_text(json.dumps(metrics))
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"task": {"name": "digits", "n_way": 5}}))
+        pd.DataFrame({"iteration": range(200), "loss": np.linspace(2, 0.1, 200),
+                      "val_metric": [0.5 if j % 50 == 0 else np.nan for j in range(200)]}).to_csv(
+            job / "history.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # constrained layout warns when it cannot fit labels or legends
+        result = write_report([tmp_path / "sweep"], tmp_path / "report")
+    names = ("kshot", "training_curves", "efficiency", "adaptation", "time_per_iteration")
+    assert sorted(p.name for p in result["plots"]) == sorted(f"digits_{n}.png" for n in names)
+    assert all((tmp_path / "report" / f"digits_{n}.pdf").stat().st_size > 0 for n in names)
+    table = (tmp_path / "report" / "comparison.md").read_text()
+    assert "inner steps" in table
+
+
+@pytest.mark.parametrize("mean, ci, text", [(0.5, 0.021, "0.500 ± 0.021"), (0.78, 0.15, "0.78 ± 0.15"),
+                                            (0.1234, 0.0034, "0.1234 ± 0.0034"), (2.5, 1.2, "2.5 ± 1.2")])
+def test_table_figures_carry_the_decimals_their_interval_supports(mean, ci, text):
+    assert with_ci(mean, ci) == text
