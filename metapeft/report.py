@@ -13,14 +13,12 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 import yaml
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from metapeft import io
 from metapeft.config import GROUPS
 from metapeft.plots import plot_all
 from metapeft.stats import mean_ci95
-from metapeft.sweep import identifying
+from metapeft.sweep import expected_jobs, identifying
 
 
 class ReportError(ValueError):
@@ -110,21 +108,6 @@ def config_label(overrides: list[str]) -> str:
     return " ".join(o for o in identifying(overrides)
                     if (key := o.lstrip("+~").partition("=")[0]) not in (*GROUPS, "seed", "experiment")
                     and not key.startswith("hydra"))
-
-
-def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
-    """The override lists of every job a basic-sweeper multirun was asked for (``multirun.yaml``); None for other
-    sweepers (an Optuna study decides its trials as it goes)."""
-    path = sweep_dir / "multirun.yaml"
-    if not path.exists():
-        return None
-    hydra_cfg = yaml.safe_load(path.read_text()).get("hydra", {})
-    if "BasicSweeper" not in str(hydra_cfg.get("sweeper", {}).get("_target_", "")):
-        return None
-    params = hydra_cfg.get("sweeper", {}).get("params") or {}
-    lines = [*(f"{k}={v}" for k, v in params.items()), *hydra_cfg.get("overrides", {}).get("task", [])]
-    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(lines), max_batch_size=None)
-    return [list(job) for batch in batches for job in batch]
 
 
 def collect(sweep_dirs: Iterable[Path]) -> pd.DataFrame:

@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -30,6 +33,21 @@ def completed_metrics(out_dir: Path, overrides: Sequence[str]) -> dict | None:
         return None
     same_job = identifying(metrics.get("identity", {}).get("overrides", [])) == identifying(overrides)
     return metrics if metrics.get("status") == "completed" and same_job else None
+
+
+def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """The override lists of every job a basic-sweeper multirun was asked for (``multirun.yaml``); None for other
+    sweepers (an Optuna study decides its trials as it goes)."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.exists():
+        return None
+    hydra_cfg = yaml.safe_load(path.read_text()).get("hydra", {})
+    if "BasicSweeper" not in str(hydra_cfg.get("sweeper", {}).get("_target_", "")):
+        return None
+    params = hydra_cfg.get("sweeper", {}).get("params") or {}
+    lines = [*(f"{k}={v}" for k, v in params.items()), *hydra_cfg.get("overrides", {}).get("task", [])]
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(lines), max_batch_size=None)
+    return [list(job) for batch in batches for job in batch]
 
 
 def job_statuses(sweep_dir: Path) -> list[dict]:
@@ -56,8 +74,6 @@ class SweepProgress(threading.Thread):
         self.last: tuple | None = None
 
     def line(self) -> str | None:
-        from metapeft.report import expected_jobs  # pandas and matplotlib: only once a sweep runs
-
         expected = expected_jobs(self.sweep_dir)
         statuses = []
         for hydra_dir in self.sweep_dir.glob("**/.hydra"):
