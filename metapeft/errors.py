@@ -31,3 +31,15 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signal_name: str):
         self.signal_name = signal_name
         super().__init__(f"stopped by {signal_name}")
+
+
+# Signals the runner received. Its handler raises ``Interrupted`` and records the signal here too, because an
+# exception raised while MLX is tracing a function for ``mx.compile`` can be lost inside MLX; the training loop
+# checks this list every iteration, so a stop always lands.
+STOP_REQUESTS: list[str] = []
+
+
+def stop_requested() -> None:
+    """Raise ``Interrupted`` if a stop signal arrived and its exception did not end the run."""
+    if STOP_REQUESTS:
+        raise Interrupted(STOP_REQUESTS[0])

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from metapeft.backend import mx
 from metapeft.build import Experiment
+from metapeft.errors import stop_requested
 from metapeft.stats import ci95_method, class_count, class_set_count, mean_ci95
 from metapeft.tasks.base import Episodes, TaskClasses
 
@@ -105,6 +106,7 @@ def evaluate_shots(exp: Experiment, meta: dict, frozen: dict, baselines: dict[st
     steps, curve_steps = cfg.evaluation.num_inner_steps, cfg.evaluation.curve_steps
     results = {}
     for k in tqdm(cfg.shots.eval, desc="evaluate (K)", disable=not cfg.progress):
+        stop_requested()
         # The same episodes for every algorithm, PEFT method and baseline of this seed.
         episodes, drawn = exp.task.sample_with_classes("test", cfg.mode.num_eval_tasks, k,
                                                        np.random.default_rng([cfg.seed, 2, k]))

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from metapeft.algorithms.base import MetaLearner
 from metapeft.backend import mx
-from metapeft.errors import DivergedError
+from metapeft.errors import DivergedError, stop_requested
 from metapeft.tasks.base import Episodes
 
 
@@ -97,6 +97,7 @@ def meta_train(
     bar = tqdm(range(first, num_iterations), initial=first, total=num_iterations,
                desc=f"meta-train {label or learner.cfg.name}", disable=not progress, mininterval=1.0)
     for iteration in bar:
+        stop_requested()
         start = time.perf_counter()
         loss, meta, grads = step(meta, frozen, *sample_batch())
         mx.eval(loss, meta, grads)

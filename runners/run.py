@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metapeft import affinity, backend, blas
 from metapeft.config import register_configs
-from metapeft.errors import ConfigError, DivergedError, Interrupted
+from metapeft.errors import STOP_REQUESTS, ConfigError, DivergedError, Interrupted
 from metapeft.experiment import run
 from metapeft.launchers import threads_per_job
 from metapeft.sweep import completed_metrics
@@ -52,9 +52,11 @@ def under_submitit_slurm() -> bool:
     return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
 
 
-def stop_on_sigterm(signum, frame) -> None:
-    """SIGTERM (Slurm's timeout or preemption) stops the run as Ctrl-C does, so that its files are written."""
-    raise Interrupted("SIGTERM")
+def stop_on_signal(signum, frame) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (Slurm's timeout or preemption) stop the run so that its files are written."""
+    name = signal.Signals(signum).name
+    STOP_REQUESTS.append(name)
+    raise Interrupted(name)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -83,9 +85,10 @@ def main(cfg: DictConfig) -> float | None:
     for key in ("checkpoint", "task.root"):  # relative to where the command ran, even with hydra.job.chdir=true
         if OmegaConf.select(cfg, key):
             OmegaConf.update(cfg, key, to_absolute_path(str(OmegaConf.select(cfg, key))))
-    if not under_submitit_slurm():
-        with contextlib.suppress(ValueError):  # a launcher running jobs off the main thread keeps its own handling
-            signal.signal(signal.SIGTERM, stop_on_sigterm)
+    with contextlib.suppress(ValueError):  # a launcher running jobs off the main thread keeps its own handling
+        signal.signal(signal.SIGINT, stop_on_signal)
+        if not under_submitit_slurm():
+            signal.signal(signal.SIGTERM, stop_on_signal)
     try:
         metrics = run(cfg, out_dir, overrides=overrides)
     except KeyboardInterrupt as error:  # recorded in metrics.json (status interrupted) and history.csv by run()
