@@ -60,8 +60,9 @@ def write_csv(path: Path, frame) -> None:
     _replace_atomically(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def save_figure(fig, path: Path, dpi: int = 120) -> None:
-    _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png"))
+def save_figure(fig, path: Path, dpi: int = 120, **savefig_options) -> None:
+    _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png",
+                                                      **savefig_options))
 
 
 def save_tree(path: Path, tree: dict, metadata: dict[str, str] | None = None) -> None:

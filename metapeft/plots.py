@@ -4,6 +4,7 @@ wherever a mean is shown, the inner-step budget marked on adaptation curves, eac
 own axes above its validation metric, a colour-blind-safe palette (Okabe and Ito), and PNG plus PDF."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +24,19 @@ def colour(i: int) -> str:
 
 
 def labels(table: pd.DataFrame) -> list[str]:
-    return [f"{r.algorithm}+{r.peft} ({r.model}){' ' + r.config if r.config else ''}" for r in table.itertuples()]
+    """Each configuration's name with the overrides that tell it apart (those every row shares are left to
+    ``shared_overrides``), wrapped so that long ones stay readable."""
+    shared = set(shared_overrides(table).split())
+    names = []
+    for r in table.itertuples():
+        own = " ".join(o for o in (r.config or "").split() if o not in shared)
+        names.append(f"{r.algorithm}+{r.peft} ({r.model})" + ("\n" + textwrap.fill(own, 34) if own else ""))
+    return names
+
+
+def shared_overrides(table: pd.DataFrame) -> str:
+    configs = [set((c or "").split()) for c in table.config]
+    return " ".join(sorted(set.intersection(*configs))) if configs else ""
 
 
 def run_label(run) -> str:
@@ -32,8 +45,9 @@ def run_label(run) -> str:
 
 def save(fig: Figure, path: Path) -> Path:
     """PNG for screens, PDF for papers."""
-    io.save_figure(fig, path.with_suffix(".png"), dpi=150)
-    io.save_figure(fig, path.with_suffix(".pdf"))
+    # Constrained layout places everything; the tight bounding box keeps legends outside the axes in the file.
+    io.save_figure(fig, path.with_suffix(".png"), dpi=150, bbox_inches="tight")
+    io.save_figure(fig, path.with_suffix(".pdf"), bbox_inches="tight")
     return path.with_suffix(".png")
 
 
@@ -53,24 +67,30 @@ def legend_outside(ax) -> None:
 
 
 def kshot(task: str, table: pd.DataFrame, shots: list[str], out_dir: Path) -> Path:
-    """One panel per K: each configuration's meta-learned figure next to its best baseline, with 95% CIs."""
+    """One panel per K: each configuration's meta-learned figure under its best baseline, with 95% CIs."""
     names, higher = labels(table), bool(table.metric.iloc[0] == "accuracy")
-    x = np.arange(len(names))
-    fig = Figure(figsize=(max(4.0, 1.1 * len(names) + 1.5) * len(shots) / 1.5 + 2, 4.2), layout="constrained")
+    y = np.arange(len(names))
+    lines = sum(n.count("\n") + 1 for n in names)
+    fig = Figure(figsize=(3.2 * len(shots) + 4, 1.2 + 0.32 * lines + 0.25 * len(names)), layout="constrained")
     axes = fig.subplots(1, len(shots), sharey=True, squeeze=False)[0]
     for ax, k in zip(axes, shots):
         if f"_{k}-shot baseline mean" in table:
-            ax.bar(x - 0.2, table[f"_{k}-shot baseline mean"], 0.4, yerr=table[f"_{k}-shot baseline ci95"],
-                   capsize=3, color=BASELINE_GREY, hatch="//", edgecolor="black", linewidth=0.5,
-                   label="best baseline, same episodes")
-        ax.bar(x + 0.2, table[f"_{k}-shot mean"], 0.4, yerr=table[f"_{k}-shot ci95"], capsize=3, color=colour(0),
-               edgecolor="black", linewidth=0.5, label="meta-learned")
-        chance_line(ax, table["_chance"].iloc[0] if "_chance" in table else None)
-        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+            ax.barh(y - 0.2, table[f"_{k}-shot baseline mean"], 0.4, xerr=table[f"_{k}-shot baseline ci95"],
+                    capsize=3, color=BASELINE_GREY, hatch="//", edgecolor="black", linewidth=0.5,
+                    label="best baseline, same episodes")
+        ax.barh(y + 0.2, table[f"_{k}-shot mean"], 0.4, xerr=table[f"_{k}-shot ci95"], capsize=3, color=colour(0),
+                edgecolor="black", linewidth=0.5, label="meta-learned")
+        chance = table["_chance"].iloc[0] if "_chance" in table else None
+        if chance:
+            ax.axvline(chance, color="black", linestyle=":", linewidth=1, label=f"chance ({chance:.2f})")
         ax.set_title(f"{k}-shot")
-    axes[0].set_ylabel(metric_label(table.metric.iloc[0], higher))
+        ax.set_xlabel(metric_label(table.metric.iloc[0], higher), fontsize=8)
+    axes[0].set_yticks(y, names, fontsize=8)
+    axes[0].invert_yaxis()
     legend_outside(axes[-1])
-    fig.suptitle(f"{task}: mean ± 95% CI over evaluation tasks")
+    shared = shared_overrides(table)
+    fig.suptitle(f"{task}: mean ± 95% CI over evaluation tasks" + (f"\n(all: {shared})" if shared else ""),
+                 fontsize=10)
     return save(fig, out_dir / f"{task}_kshot.png")
 
 
@@ -159,12 +179,15 @@ def efficiency(task: str, table: pd.DataFrame, k: str, out_dir: Path) -> Path:
 
 def time_per_iteration(task: str, table: pd.DataFrame, out_dir: Path) -> Path:
     names = labels(table)
-    fig = Figure(figsize=(max(5.0, 0.8 * len(names) + 2), 4.2), layout="constrained")
+    lines = sum(n.count("\n") + 1 for n in names)
+    fig = Figure(figsize=(8, 1.2 + 0.32 * lines + 0.25 * len(names)), layout="constrained")
     ax = fig.subplots()
-    ax.bar(np.arange(len(names)), 1e3 * table["s/iteration"], color=[colour(i) for i in range(len(names))],
-           edgecolor="black", linewidth=0.5)
-    ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("milliseconds per meta-iteration\n(lower is better; first iteration left out)")
+    y = np.arange(len(names))
+    ax.barh(y, 1e3 * table["s/iteration"], color=[colour(i) for i in range(len(names))], edgecolor="black",
+            linewidth=0.5)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("milliseconds per meta-iteration (lower is better; first iteration left out)")
     ax.set_title(f"{task}: meta-training time per iteration")
     return save(fig, out_dir / f"{task}_time_per_iteration.png")
 
