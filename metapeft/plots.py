@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, NullFormatter
+from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter
 
 from metapeft import io
 
@@ -153,6 +153,7 @@ def training_curves(task: str, runs: pd.DataFrame, out_dir: Path) -> Path:
         loss_ax.set_ylabel(f"{algorithm} meta-training loss\n(moving average, log scale)")
         val_ax.set_ylabel(f"validation {runs.metric.iloc[0]}")
         val_ax.set_xlabel("meta-iteration")
+        val_ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # five-digit iteration numbers collide otherwise
         if len(loss_ax.get_lines()) > 1:  # one run needs no legend: the title names it
             loss_ax.legend(fontsize=7)
     fig.suptitle(f"{task}: meta-training and validation")
