@@ -26,6 +26,7 @@ GROUP_HELP = {  # what ``--help`` lists (the schema/* groups are internal, trans
     "shots": "support examples per class (or per task) in meta-training; shots.eval: the K tested",
     "mode": "the budget: quick (1,000 meta-iterations), full (70,000), tiny (a smoke test)",
     "experiment": "named sweeps",
+    "paths": "where runs, sweeps, benchmarks and caches go (paths.output_dir, paths.multirun_dir, paths.cache_dir)",
     "logger": "where a finished run is also sent, a list: logger=[csv,mlflow] (csv: the run's own files)",
 }
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -74,7 +75,7 @@ class PretrainConfig:
     iterations: int = 1000
     batch_size: int = 128
     lr: float = 0.001  # Adam
-    cache_dir: str = "${oc.env:METAPEFT_CACHE_DIR,'~/.cache/metapeft'}"
+    cache_dir: str = "${oc.select:paths.cache_dir,'~/.cache/metapeft'}"
 
 
 class Keep(StrEnum):
@@ -87,7 +88,18 @@ class Keep(StrEnum):
 # Keys that do not change what a job computes: ignored when deciding whether a stored result is this job's
 # (``metapeft.sweep``), and left out of a sweep job's directory name together with ``experiment`` (whose own
 # settings a name could not show anyway).
-NON_IDENTIFYING_KEYS = ("resume", "progress", "pretrain.cache_dir", "task.cache_dir", "logger")
+NON_IDENTIFYING_KEYS = ("resume", "progress", "pretrain.cache_dir", "task.cache_dir", "logger", "paths")
+
+
+@dataclass
+class PathsConfig:
+    """Where everything is read and written (``paths=default``; add ``conf/paths/<site>.yaml`` for a cluster).
+    Relative paths are relative to where the command runs."""
+
+    name: str = "default"
+    output_dir: str = "outputs"  # single runs (outputs/<date>/<time>), benchmarks/ and validation/
+    multirun_dir: str = "multirun"  # sweeps (multirun/<date>/<time>/<job>)
+    cache_dir: str = "${oc.env:METAPEFT_CACHE_DIR,'~/.cache/metapeft'}"  # pretrained backbones, the glyph benchmark
 
 
 @dataclass
@@ -109,6 +121,7 @@ class RunConfig:
     patience: Optional[int] = None  # with keep=best_val: stop after this many validations without improvement
     baselines: Optional[List[str]] = None  # evaluated next to the meta-learned model; null: all that apply
     transfer: Any = None  # a transfer study (runners/transfer.py, which registers its schema)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     logger: Dict[str, Any] = field(default_factory=dict)  # logger=[csv,tensorboard,mlflow,wandb]: name -> settings
 
 
@@ -134,6 +147,7 @@ def register_configs() -> None:
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="schema/shots", name="shots", node=ShotsConfig)
     cs.store(group="schema/mode", name="mode", node=ModeConfig)
+    cs.store(group="schema/paths", name="paths", node=PathsConfig)
     for package in ("metapeft.algorithms", "metapeft.tasks", "metapeft.models", "metapeft.peft", "metapeft.loggers"):
         import_submodules(package)
     # ${by_mode:${mode.name},QUICK,FULL}: a value that depends on the mode, e.g. the number of search trials.

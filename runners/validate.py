@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> None:
     suite = Suite(compose_config, runs, common=tuple(HydraConfig.get().overrides.task))
     results = validate(suite, lambda name, result: log.info("%-22s %s%s", name, result["status"],
                                                              f"  ({result['error']})" if "error" in result else ""))
-    path = Path(get_original_cwd()) / "outputs" / "validation" / "validation_results.json"
+    path = Path(get_original_cwd()) / cfg.paths.output_dir / "validation" / "validation_results.json"
     io.write_json(path, results)
     log.info("%s: %d of %d checks passed; results in %s, runs in %s", "PASS" if results["passed"] else "FAIL",
              sum(r["status"] == "PASS" for r in results["checks"].values()), len(results["checks"]), path, runs)

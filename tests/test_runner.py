@@ -266,3 +266,11 @@ def test_a_job_requeued_by_slurm_resumes_instead_of_starting_over(tmp_path):
                             "mode=tiny"], cwd=REPO, capture_output=True, text=True, timeout=300,
                            env={**os.environ, "SLURM_RESTART_COUNT": "1"})
     assert again.returncode == 0 and "already completed with these overrides; skipped" in again.stdout, again.stderr
+
+
+def test_paths_decide_where_runs_and_caches_go(tmp_path):
+    result = run_cli("mode=tiny", "progress=false", f"paths.output_dir={tmp_path / 'out'}",
+                     f"paths.cache_dir={tmp_path / 'cache'}", "peft=lora", "pretrain.iterations=5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (metrics,) = (tmp_path / "out").glob("*/*/metrics.json")
+    assert json.loads(metrics.read_text())["pretraining"]["cache_file"].startswith(str(tmp_path / "cache"))

@@ -38,7 +38,7 @@ class GlyphsConfig(TaskConfig):
     min_characters_per_alphabet: int = 10
     evaluation_fraction: float = 0.3
     generation_seed: int = 0
-    cache_dir: str = "${oc.env:METAPEFT_CACHE_DIR,'~/.cache/metapeft'}"
+    cache_dir: str = "${oc.select:paths.cache_dir,'~/.cache/metapeft'}"
 
 
 @TASKS.register("glyphs", GlyphsConfig)
