@@ -84,6 +84,7 @@ def mlflow_server(tmp_path):
     server.wait(timeout=30)
 
 
+@pytest.mark.slow  # starting the server takes 10-15 s
 def test_a_run_logged_to_an_mlflow_server_reads_back_through_the_client(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
