@@ -16,8 +16,8 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from metapeft import io
 from metapeft.backend import mx, utils
+from metapeft.plots import save
 
 MEASURES = ("cosine", "rbf")
 
@@ -62,13 +62,11 @@ def similarity_matrix(embeddings: Sequence[np.ndarray], measure: str = "cosine")
 
 
 def plot_similarity(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str) -> Path:
-    fig = Figure(figsize=(1.2 + 0.45 * len(labels), 1.0 + 0.4 * len(labels)))
+    fig = Figure(figsize=(1.2 + 0.45 * len(labels), 1.0 + 0.4 * len(labels)), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(matrix, cmap="viridis")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     fig.colorbar(image, ax=ax, label="similarity")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    io.save_figure(fig, path)
-    return path
+    return save(fig, Path(path))  # PNG and PDF

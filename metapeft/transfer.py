@@ -33,6 +33,7 @@ from metapeft.embeddings import fisher_embedding, similarity_matrix, statistics_
 from metapeft.errors import ConfigError, require
 from metapeft.evaluate import learner_curves, plain_init_curves, sources_of, task_structure
 from metapeft.experiment import run
+from metapeft.plots import save
 from metapeft.stats import mean_ci95, mean_ci95_record
 from metapeft.tasks.base import Episodes, TaskClasses
 from metapeft.tasks.classification import ClassImagesTask
@@ -180,7 +181,7 @@ def plot_transfer(result: dict, names: list[str], path: Path) -> None:
     cells = {(c["source"], c["target"]): c for c in result["matrix"]}
     gains = np.array([[cells[s, t]["gain"] for t in names] for s in names])
     limit = max(np.abs(gains).max(), 1e-12)
-    fig = Figure(figsize=(2.5 + 1.2 * len(names), 1.8 + 0.9 * len(names)))
+    fig = Figure(figsize=(2.5 + 1.2 * len(names), 1.8 + 0.9 * len(names)), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(gains, cmap="RdBu", vmin=-limit, vmax=limit)
     for i, s in enumerate(names):
@@ -194,5 +195,4 @@ def plot_transfer(result: dict, names: list[str], path: Path) -> None:
     better = "higher" if result["higher_is_better"] else "lower"
     fig.colorbar(image, ax=ax, label=f"gain over plain_init ({result['metric']}, {better} is better)")
     ax.set_title(f"{result['shots']}-shot transfer, {result['num_tasks']} tasks per target", fontsize=9)
-    fig.tight_layout()
-    io.save_figure(fig, path)
+    save(fig, path)  # PNG and PDF
