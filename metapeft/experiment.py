@@ -30,7 +30,7 @@ from metapeft.config import GROUPS, Keep
 from metapeft.errors import ConfigError, DivergedError
 from metapeft.evaluate import evaluate_shots, learner_curves
 from metapeft.loggers.base import active_loggers, log_everywhere
-from metapeft.measure import inference_ms_per_sample, memory_mb
+from metapeft.measure import PhaseTimes, inference_ms_per_sample, memory_mb
 from metapeft.sweep import identifying
 from metapeft.train import TrainLog, TrainState, meta_train
 
@@ -48,16 +48,20 @@ def identity(cfg: DictConfig, overrides: Sequence[str]) -> dict:
     return {**{g: cfg[g].name for g in GROUPS}, "seed": cfg.get("seed"), "overrides": list(overrides)}
 
 
-def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
+def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), start_up_seconds: float | None = None) -> dict:
     """Run one experiment into ``out_dir``. Writes ``metrics.json`` whatever happens, then re-raises failures.
 
-    With ``train=false`` the saved run's own config is evaluated, with ``overrides`` (the command line) on top."""
+    With ``train=false`` the saved run's own config is evaluated, with ``overrides`` (the command line) on top.
+    ``start_up_seconds``: how long the process ran before this run began (the runner says; see ``seconds``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict = {"status": "running", "identity": identity(cfg, overrides)}
     log = TrainLog()
     loggers = []
     started = time.perf_counter()
+    phases = PhaseTimes()
+    if start_up_seconds is not None:
+        phases.seconds["start_up"] = start_up_seconds
     try:
         if not cfg.train and cfg.checkpoint is not None:
             cfg = evaluation_config(cfg, overrides)
@@ -65,7 +69,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
         loggers = active_loggers(cfg)  # a logger whose package is missing is refused before any work
         exp = build(cfg)
         io.write_json(out_dir / "metrics.json", metrics)  # status running: a sweep shows what is under way
-        metrics.update(train_and_evaluate(exp, out_dir, log, overrides))
+        metrics.update(train_and_evaluate(exp, out_dir, log, overrides, phases))
         metrics["status"] = "completed"
         return metrics
     except DivergedError as error:
@@ -82,20 +86,39 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict:
         metrics.update(status="failed", reason=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
         raise
     finally:
+        with phases.phase("writing_results"):
+            if log.rows:
+                io.write_csv(out_dir / "history.csv", pd.DataFrame(log.rows))
         metrics["total_seconds"] = time.perf_counter() - started
-        if log.rows:
-            io.write_csv(out_dir / "history.csv", pd.DataFrame(log.rows))
+        metrics["seconds"] = time_breakdown(phases, metrics["total_seconds"])
         io.write_json(out_dir / "metrics.json", metrics)
         if metrics["status"] != "refused":
             log_everywhere(loggers, cfg, out_dir, metrics)
 
 
-def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides: Sequence[str] = ()) -> dict:
+def time_breakdown(phases: PhaseTimes, total: float) -> dict:
+    """Where a run's time went: start-up (the runner's imports, composition, MLX; when the runner says when it
+    started), pretraining and initialization, meta-training (the steps alone), validation, training-state
+    writes, checkpoint, evaluation (the model and every baseline), inference timing, writing results, other."""
+    seconds = dict(phases.seconds)
+    if "meta_training_with_checks" in seconds:
+        seconds["meta_training"] = seconds.pop("meta_training_with_checks") - seconds.get("validation", 0.0) - \
+            seconds.get("training_state_writes", 0.0)
+    run_total = total + seconds.get("start_up", 0.0)
+    seconds["other"] = max(0.0, run_total - sum(seconds.values()))
+    seconds["total"] = run_total
+    return seconds
+
+
+def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides: Sequence[str] = (),
+                       phases: PhaseTimes | None = None) -> dict:
     cfg, learner, task = exp.cfg, exp.learner, exp.task
+    phases = phases or PhaseTimes()
     chosen(exp)  # a bad `baselines` list is refused before any work
     mx.random.seed(cfg.seed)
     mx.reset_peak_memory()
-    start = initial_state(exp)
+    with phases.phase("pretraining_and_initialization"):
+        start = initial_state(exp)
     meta, frozen = learner.meta_parameters(start.adapted), start.frozen
     train_rng = np.random.default_rng([cfg.seed, 0])
     val_episodes = task.sample("val", cfg.mode.num_val_tasks, cfg.shots.train, np.random.default_rng([cfg.seed, 1]))
@@ -103,6 +126,8 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
     def validate(meta: dict, frozen: dict) -> float:
         curves = learner_curves(exp, meta, frozen, val_episodes, cfg.algorithm.num_inner_steps)
         return float(curves[:, -1].mean())
+
+    validate = phases.timed("validation", validate)
 
     if cfg.train:
         better = None if cfg.keep == Keep.last else (lambda new, old: new > old if task.higher_is_better else new < old)
@@ -115,16 +140,20 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
             expected = TrainState(0, meta, frozen, optimizer.state, peft_state, None, 0)
             resume_from = load_training_state(directory, expected, log, train_rng, job)
             logger.info("resuming meta-training at iteration %d from %s", resume_from.iteration, directory)
-        meta, frozen = meta_train(
-            learner, meta, frozen,
-            sample_batch=lambda: task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, train_rng),
-            num_iterations=cfg.mode.num_iterations, validate=validate, val_interval=cfg.mode.val_interval,
-            log=log, progress=cfg.progress, after_step=exp.peft.after_meta_step, after_step_state=peft_state,
-            better=better, patience=cfg.patience, keep_from=exp.peft.first_keepable_iteration(cfg.mode.num_iterations),
-            snapshot=lambda state: save_training_state(directory, state, log, train_rng, job),
-            resume_from=resume_from, label=progress_label(cfg, job),
-        )
-        save_checkpoint(directory, meta, frozen, cfg)
+        with phases.phase("meta_training_with_checks"):
+            meta, frozen = meta_train(
+                learner, meta, frozen,
+                sample_batch=lambda: task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, train_rng),
+                num_iterations=cfg.mode.num_iterations, validate=validate, val_interval=cfg.mode.val_interval,
+                log=log, progress=cfg.progress, after_step=exp.peft.after_meta_step, after_step_state=peft_state,
+                better=better, patience=cfg.patience,
+                keep_from=exp.peft.first_keepable_iteration(cfg.mode.num_iterations),
+                snapshot=phases.timed("training_state_writes",
+                                      lambda state: save_training_state(directory, state, log, train_rng, job)),
+                resume_from=resume_from, label=progress_label(cfg, job),
+            )
+        with phases.phase("checkpoint_writing"):
+            save_checkpoint(directory, meta, frozen, cfg)
         for name in ("training.safetensors", "training.json"):  # done: nothing left to resume
             (directory / name).unlink(missing_ok=True)
         train = {
@@ -146,14 +175,16 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
         meta, frozen = load_checkpoint(Path(cfg.checkpoint), meta, frozen)
         train = {"iterations": 0, "from_checkpoint": str(cfg.checkpoint), "final_val_metric": validate(meta, frozen)}
     mx.random.seed(cfg.seed)  # evaluation draws the same dropout masks whether trained now or loaded
-    baselines = make_baselines(exp, start.plain, frozen, lambda: pretrained(exp)[0])
-    evaluation = evaluate_shots(exp, meta, frozen, baselines)
+    with phases.phase("evaluation"):
+        baselines = make_baselines(exp, start.plain, frozen, lambda: pretrained(exp)[0])
+        evaluation = evaluate_shots(exp, meta, frozen, baselines)
+    with phases.phase("inference_timing"):
+        inference_ms = inference_ms_per_sample(exp.peft.__call__, meta["weights"], frozen, start.sample_inputs)
     return {
         "evaluation": evaluation,
         "train": train,
         "parameters": parameter_counts(exp, start.backbone, start.adapted, meta),
-        "inference_ms_per_sample": inference_ms_per_sample(exp.peft.__call__, meta["weights"], frozen,
-                                                           start.sample_inputs),
+        "inference_ms_per_sample": inference_ms,
         "memory": memory_mb(),
         "blas": blas.status(),
         "cpu_affinity": affinity.status(),

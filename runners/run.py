@@ -26,6 +26,7 @@ from metapeft.config import register_configs
 from metapeft.errors import STOP_REQUESTS, ConfigError, DivergedError, Interrupted
 from metapeft.experiment import run
 from metapeft.launchers import threads_per_job
+from metapeft.measure import seconds_since_process_start
 from metapeft.sweep import completed_metrics
 
 log = logging.getLogger("metapeft")
@@ -90,7 +91,7 @@ def main(cfg: DictConfig) -> float | None:
         if not under_submitit_slurm():
             signal.signal(signal.SIGTERM, stop_on_signal)
     try:
-        metrics = run(cfg, out_dir, overrides=overrides)
+        metrics = run(cfg, out_dir, overrides=overrides, start_up_seconds=seconds_since_process_start())
     except KeyboardInterrupt as error:  # recorded in metrics.json (status interrupted) and history.csv by run()
         signal_name = getattr(error, "signal_name", "SIGINT")
         log.error("interrupted by %s: metrics.json and history.csv written to %s", signal_name, out_dir)

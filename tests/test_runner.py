@@ -274,3 +274,14 @@ def test_paths_decide_where_runs_and_caches_go(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     (metrics,) = (tmp_path / "out").glob("*/*/metrics.json")
     assert json.loads(metrics.read_text())["pretraining"]["cache_file"].startswith(str(tmp_path / "cache"))
+
+
+def test_metrics_say_where_a_runs_time_went(tmp_path):
+    result = run_cli("mode=tiny", "progress=false", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    seconds = json.loads((tmp_path / "metrics.json").read_text())["seconds"]
+    phases = {"start_up", "pretraining_and_initialization", "meta_training", "validation", "training_state_writes",
+              "checkpoint_writing", "evaluation", "inference_timing", "writing_results", "other"}
+    assert set(seconds) == phases | {"total"}
+    assert all(v >= 0 for v in seconds.values()) and seconds["start_up"] > 0 and seconds["meta_training"] > 0
+    assert sum(seconds[p] for p in phases) == pytest.approx(seconds["total"], rel=1e-6)
