@@ -114,3 +114,13 @@ def test_help_lists_the_groups_a_user_chooses_from_and_what_each_sets():
     assert "algorithm: anil, fomaml, maml, metasgd, protonet, reptile" in text
     assert "shots: 1shot, 5shot, 10shot, 20shot" in text and "task: digits, glyphs, image_folder, sinusoid" in text
     assert "python runners/run.py --multirun" in text and "inner_lr:" in text  # usage, then the config
+
+
+def test_the_runners_modules_leave_pandas_and_matplotlib_for_when_they_are_needed():
+    code = ("import sys\n"
+            "import metapeft.experiment, metapeft.sweep, metapeft.config\n"
+            "metapeft.config.register_configs()\n"
+            "heavy = [m for m in ('pandas', 'matplotlib') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    result = python(code)
+    assert result.returncode == 0, result.stderr

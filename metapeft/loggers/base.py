@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from metapeft.errors import ConfigError
 from metapeft.registry import LOGGERS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("metapeft")
 
@@ -80,6 +83,10 @@ def active_loggers(run_cfg: DictConfig) -> list[Logger]:
 
 def log_everywhere(loggers: list[Logger], run_cfg: DictConfig, out_dir: Path, metrics: dict) -> None:
     """Each logger in turn; one that fails is reported and skipped: the run's own files are already written."""
+    if not loggers:
+        return
+    import pandas as pd  # only when a logger needs the history: pandas slows the runner's start-up
+
     history = pd.read_csv(out_dir / "history.csv") if (out_dir / "history.csv").exists() else None
     for logger in loggers:
         try:
