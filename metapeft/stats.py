@@ -55,18 +55,18 @@ def ci95_method(classes) -> str:
     """Which interval ``mean_ci95`` computes for tasks drawn from these classes."""
     if classes is None:
         return TASKS_INDEPENDENT
-    holds, _ = membership(np.asarray(classes))
+    holds = membership(np.asarray(classes))
     return CLASS_JACKKNIFE if jackknife_possible(holds) else TASKS_INDEPENDENT + ": a class is in every task"
 
 
-def membership(classes: np.ndarray) -> tuple[np.ndarray, int]:
+def membership(classes: np.ndarray) -> np.ndarray:
     """(tasks, distinct classes) boolean: does task t hold class c."""
     if classes.ndim != 2:
         raise ValueError(f"classes must be (tasks, classes per task), got shape {classes.shape}")
     labels, index = np.unique(classes, return_inverse=True)
     holds = np.zeros((classes.shape[0], labels.size), dtype=bool)
     holds[np.arange(classes.shape[0])[:, None], index.reshape(classes.shape)] = True
-    return holds, labels.size
+    return holds
 
 
 def jackknife_possible(holds: np.ndarray) -> bool:
@@ -77,13 +77,23 @@ def jackknife_possible(holds: np.ndarray) -> bool:
 def class_jackknife_half_width(values: np.ndarray, classes: np.ndarray) -> float | None:
     if classes.shape[0] != values.size:
         raise ValueError(f"{values.size} values but classes for {classes.shape[0]} tasks")
-    holds, num_classes = membership(classes)
+    holds = membership(classes)
     if not jackknife_possible(holds):
         return None
+    return jackknife_half_width(leave_one_class_out_means(values, holds))
+
+
+def leave_one_class_out_means(values: np.ndarray, holds: np.ndarray) -> np.ndarray:
+    """For each class, the mean over the tasks that do not hold it."""
     kept = ~holds
-    leave_one_class_out = (values @ kept) / kept.sum(axis=0)
-    variance = (num_classes - 1) / num_classes * np.sum((leave_one_class_out - leave_one_class_out.mean()) ** 2)
-    return float(stdtrit(num_classes - 1, 0.975) * math.sqrt(variance))
+    return (values @ kept) / kept.sum(axis=0)
+
+
+def jackknife_half_width(leave_one_out: np.ndarray) -> float:
+    """The 95% half-width from delete-one jackknife estimates, with one degree of freedom fewer than units."""
+    units = leave_one_out.size
+    variance = (units - 1) / units * np.sum((leave_one_out - leave_one_out.mean()) ** 2)
+    return float(stdtrit(units - 1, 0.975) * math.sqrt(variance))
 
 
 def difference_ci95(first, first_classes, second, second_classes) -> tuple[float, float]:
@@ -95,15 +105,12 @@ def difference_ci95(first, first_classes, second, second_classes) -> tuple[float
     if first_classes is None or second_classes is None:
         return m1 - m2, math.hypot(h1, h2)
     first_classes, second_classes = np.asarray(first_classes), np.asarray(second_classes)
-    holds, num_classes = membership(np.concatenate([first_classes, second_classes]))
+    holds = membership(np.concatenate([first_classes, second_classes]))
     held_first, held_second = holds[: len(first)], holds[len(first):]
     if not (jackknife_possible(held_first) and jackknife_possible(held_second)):
         return m1 - m2, math.hypot(h1, h2)
-    kept_first, kept_second = ~held_first, ~held_second
-    leave_one_class_out = ((first @ kept_first) / kept_first.sum(axis=0)
-                           - (second @ kept_second) / kept_second.sum(axis=0))
-    variance = (num_classes - 1) / num_classes * np.sum((leave_one_class_out - leave_one_class_out.mean()) ** 2)
-    return m1 - m2, float(stdtrit(num_classes - 1, 0.975) * math.sqrt(variance))
+    return m1 - m2, jackknife_half_width(leave_one_class_out_means(first, held_first)
+                                         - leave_one_class_out_means(second, held_second))
 
 
 def mean_ci95_record(values, classes=None) -> dict[str, float]:

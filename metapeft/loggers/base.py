@@ -2,6 +2,7 @@
 (``history.csv``: loss every meta-iteration, validation every ``mode.val_interval``) and ``metrics.json``."""
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,10 +19,12 @@ log = logging.getLogger("metapeft")
 
 
 class Logger:
-    extra: str = ""  # the optional dependency group that installs what it needs
+    requires: str = ""  # the module it needs, imported when the logger is built (a missing one is refused then)
+    extra: str = ""  # the optional dependency group that installs it
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.package = importlib.import_module(self.requires) if self.requires else None
 
     def log_run(self, run_cfg: DictConfig, out_dir: Path, metrics: dict, history: pd.DataFrame | None) -> None:
         raise NotImplementedError
@@ -40,6 +43,17 @@ def flat_params(run_cfg: DictConfig) -> dict[str, str]:
 
     walk(OmegaConf.to_container(run_cfg, resolve=True), "")
     return flat
+
+
+def history_series(history: pd.DataFrame | None) -> dict[str, list[tuple[int, float]]]:
+    """``loss`` at every meta-iteration and ``val_metric`` at every check, as (iteration, value) pairs."""
+    if history is None:
+        return {"loss": [], "val_metric": []}
+    series = {}
+    for name in ("loss", "val_metric"):
+        rows = history.dropna(subset=[name]) if name in history else history.iloc[:0]
+        series[name] = [(int(i), float(v)) for i, v in zip(rows.iteration, rows[name])]
+    return series
 
 
 def final_figures(metrics: dict) -> dict[str, float]:

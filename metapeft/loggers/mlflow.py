@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from metapeft.loggers.base import Logger, artifacts, final_figures, flat_params
+from metapeft.loggers.base import Logger, artifacts, final_figures, flat_params, history_series
 from metapeft.registry import LOGGERS
 
 BATCH = 1000  # MLflow accepts at most 1,000 metrics per log_batch call
@@ -28,19 +28,13 @@ class MlflowConfig:
 
 @LOGGERS.register("mlflow", MlflowConfig)
 class MlflowLogger(Logger):
-    extra = "mlflow"
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        from mlflow.tracking import MlflowClient
-
-        self.client_class = MlflowClient
+    requires, extra = "mlflow.tracking", "mlflow"
 
     def log_run(self, run_cfg, out_dir, metrics, history) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         here = launch_directory()
-        client = self.client_class(tracking_uri=self.cfg.tracking_uri or f"sqlite:///{here / 'mlflow.db'}")
+        client = self.package.MlflowClient(tracking_uri=self.cfg.tracking_uri or f"sqlite:///{here / 'mlflow.db'}")
         experiment = client.get_experiment_by_name(self.cfg.experiment_name)
         if experiment is not None:
             experiment_id = experiment.experiment_id
@@ -53,13 +47,10 @@ class MlflowLogger(Logger):
                                 tags={"metapeft.status": metrics.get("status", ""), "metapeft.run_dir": str(out_dir)})
         run_id, now = run.info.run_id, int(time.time() * 1000)
         params = [Param(k, v[:6000]) for k, v in flat_params(run_cfg).items()]
-        entries = []
-        if history is not None:
-            entries += [Metric("loss", float(r.loss), now, int(r.iteration)) for r in history.itertuples(index=False)]
-            if "val_metric" in history:
-                entries += [Metric("val_metric", float(r.val_metric), now, int(r.iteration))
-                            for r in history.itertuples(index=False) if r.val_metric == r.val_metric]
-        last = int(history.iteration.max()) if history is not None else 0
+        series = history_series(history)
+        entries = [Metric(name, value, now, iteration) for name, points in series.items()
+                   for iteration, value in points]
+        last = series["loss"][-1][0] if series["loss"] else 0
         entries += [Metric(name, float(value), now, last) for name, value in final_figures(metrics).items()]
         for lo in range(0, max(len(params), len(entries)), BATCH):
             client.log_batch(run_id, metrics=entries[lo: lo + BATCH], params=params[lo: lo + 100],

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from metapeft.loggers.base import Logger, final_figures, flat_params
+from metapeft.loggers.base import Logger, final_figures, flat_params, history_series
 from metapeft.registry import LOGGERS
 
 
@@ -19,26 +19,18 @@ class TensorBoardConfig:
 
 @LOGGERS.register("tensorboard", TensorBoardConfig)
 class TensorBoardLogger(Logger):
-    extra = "tensorboard"
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        from tensorboardX import SummaryWriter
-
-        self.writer_class = SummaryWriter
+    requires, extra = "tensorboardX", "tensorboard"
 
     def log_run(self, run_cfg, out_dir, metrics, history) -> None:
-        writer = self.writer_class(logdir=str(self.cfg.log_dir or out_dir / "tensorboard"))
+        writer = self.package.SummaryWriter(logdir=str(self.cfg.log_dir or out_dir / "tensorboard"))
         try:
             params = flat_params(run_cfg)
             writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in params.items()), 0)
-            last = 0
-            if history is not None:
-                for row in history.itertuples(index=False):
-                    writer.add_scalar("train/loss", row.loss, row.iteration)
-                    if "val_metric" in history and row.val_metric == row.val_metric:  # not NaN
-                        writer.add_scalar("val/metric", row.val_metric, row.iteration)
-                last = int(history.iteration.max())
+            series = history_series(history)
+            for name, tag in (("loss", "train/loss"), ("val_metric", "val/metric")):
+                for iteration, value in series[name]:
+                    writer.add_scalar(tag, value, iteration)
+            last = series["loss"][-1][0] if series["loss"] else 0
             for name, value in final_figures(metrics).items():
                 writer.add_scalar(name.replace(".", "/", 1), value, last)
         finally:
