@@ -136,11 +136,11 @@ def select_characters(renderer: Renderer, settings: Settings) -> dict[str, list[
         alphabet = block_of(code_point)
         if alphabet is None or not is_letter(code_point):
             continue
-        fonts = [f for f in renderer.coverage[code_point]
-                 if renderer.draw(code_point, f).getbbox() is not None]  # some fonts map a blank glyph
+        drawn = {f: renderer.draw(code_point, f) for f in renderer.coverage[code_point]}
+        fonts = [f for f, image in drawn.items() if image.getbbox() is not None]  # some fonts map a blank glyph
         if not fonts:
             continue
-        ink = renderer.reduce(renderer.draw(code_point, fonts[0]), settings.image_size) > 96
+        ink = renderer.reduce(drawn[fonts[0]], settings.image_size) > 96
         digest = hashlib.sha1(ink.tobytes()).hexdigest()
         if ink.sum() < 4 or digest in seen:  # blank at this resolution, or a look-alike of a kept character
             continue

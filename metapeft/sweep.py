@@ -65,16 +65,18 @@ def job_statuses(sweep_dir: Path) -> list[dict]:
 
 
 class SweepProgress(threading.Thread):
-    """While a sweep runs: one line each time a job finishes, "k of N jobs done (F failed, R running), ETA"."""
+    """While a sweep runs: a line each time a job starts or ends, "k of N jobs done (F failed, R running), ETA"."""
 
     def __init__(self, sweep_dir: Path, interval: float = 1.0):
         super().__init__(daemon=True, name="metapeft-sweep-progress")
         self.sweep_dir, self.interval = Path(sweep_dir), interval
         self.started, self.stopped = time.monotonic(), threading.Event()
         self.last: tuple | None = None
+        self.total: int | None = None  # from multirun.yaml, once Hydra has written it
 
     def line(self) -> str | None:
-        expected = expected_jobs(self.sweep_dir)
+        if self.total is None and (expected := expected_jobs(self.sweep_dir)):
+            self.total = len(expected)
         statuses = []
         for hydra_dir in self.sweep_dir.glob("**/.hydra"):
             try:
@@ -89,7 +91,7 @@ class SweepProgress(threading.Thread):
             self.last = counts
             return None
         self.last = counts
-        total = len(expected) if expected else None
+        total = self.total
         elapsed = time.monotonic() - self.started
         eta = ""
         if total and done < total:
