@@ -14,24 +14,17 @@ from dataclasses import dataclass
 from metapeft import glyph_benchmark
 from metapeft.errors import require
 from metapeft.registry import TASKS
-from metapeft.tasks.base import TaskConfig
 from metapeft.tasks.classification import ClassImagesTask
-from metapeft.tasks.image_folder import omniglot_splits
+from metapeft.tasks.image_folder import OmniglotLayoutConfig, check_split, omniglot_splits
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class GlyphsConfig(TaskConfig):
+class GlyphsConfig(OmniglotLayoutConfig):
     name: str = "glyphs"
-    n_way: int = 5
-    num_query: int = 5  # per class, as Omniglot benchmarks use with 20 images per character
-    image_size: int = 28
     rotations: bool = False  # with two thousand characters, quarter-turns are not needed to make classes
-    val_fraction: float = 0.33  # of the evaluation characters, for meta-validation; the rest are meta-test
-    split_seed: int = 0
-    default_inner_lr: float = 0.4  # MAML's Omniglot inner learning rate
-    default_meta_batch_size: int = 4
+    val_fraction: float = 0.33  # 200 meta-validation characters, 406 meta-test
     # What the benchmark is generated with (its cache folder is named by a hash of these and the font files).
     instances: int = 20
     max_characters_per_alphabet: int = 100
@@ -53,7 +46,7 @@ class Glyphs(ClassImagesTask):
                 f"({cfg.min_characters_per_alphabet}), got {cfg.max_characters_per_alphabet}")
         require(0 < cfg.evaluation_fraction < 1, "task.evaluation_fraction",
                 f"must be in (0, 1), got {cfg.evaluation_fraction}")
-        require(0 < cfg.val_fraction < 1, "task.val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
+        check_split(cfg)
         settings = glyph_benchmark.Settings(cfg.image_size, cfg.instances, cfg.max_characters_per_alphabet,
                                             cfg.min_characters_per_alphabet, cfg.evaluation_fraction,
                                             cfg.generation_seed)

@@ -25,9 +25,9 @@ EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
 @dataclass
-class ImageFolderConfig(TaskConfig):
-    name: str = "image_folder"
-    root: Optional[str] = None
+class OmniglotLayoutConfig(TaskConfig):
+    """What every task in the Omniglot layout shares: episodes, image size and the evaluation split."""
+
     n_way: int = 5
     num_query: int = 5  # per class; Omniglot has 20 images per character
     image_size: int = 28
@@ -36,6 +36,12 @@ class ImageFolderConfig(TaskConfig):
     split_seed: int = 0
     default_inner_lr: float = 0.4  # MAML's Omniglot inner learning rate
     default_meta_batch_size: int = 4
+
+
+@dataclass
+class ImageFolderConfig(OmniglotLayoutConfig):
+    name: str = "image_folder"
+    root: Optional[str] = None
 
 
 def read_image(path: Path, size: int) -> np.ndarray:
@@ -70,13 +76,18 @@ class ImageFolder(ClassImagesTask):
         root = Path(cfg.root).expanduser()
         require(root.is_dir(), "task.root", f"{root} does not exist or is not a folder")
         require(cfg.image_size >= 4, "task.image_size", f"must be >= 4, got {cfg.image_size}")
-        require(0 < cfg.val_fraction < 1, "task.val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
+        check_split(cfg)
         background = read_part(root / PARTS["train"], cfg.image_size)
         evaluation = read_part(root / PARTS["eval"], cfg.image_size)
         require(len(evaluation) >= 2, "task.root", f"{root / PARTS['eval']} needs at least two characters "
                 "(meta-validation and meta-test)")
         classes, sources = omniglot_splits(cfg, background, evaluation)
         super().__init__(cfg, classes, (cfg.image_size, cfg.image_size), class_sources=sources)
+
+
+def check_split(cfg: OmniglotLayoutConfig) -> None:
+    """Refuse an impossible evaluation split before any image is read or generated."""
+    require(0 < cfg.val_fraction < 1, "task.val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
 
 
 def omniglot_splits(cfg, background: dict[str, np.ndarray], evaluation: dict[str, np.ndarray]):
