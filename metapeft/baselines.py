@@ -1,7 +1,8 @@
 """Strong simple baselines, scored on the very episodes the meta-learned model is evaluated on.
 
 Classification (N-way K-shot):
-- ``nearest_centroid``: each query goes to the class whose mean raw input (flattened) is nearest (Euclidean).
+- ``nearest_centroid``: each query goes to the class whose mean raw input is nearest (Euclidean). Raw input:
+  the flattened image, or for text a bag of tokens (``TaskFamily.raw_features``).
 - ``logistic_regression``: scikit-learn's ``LogisticRegression`` (defaults, L2, C=1) fit on the raw support set.
 - ``prototype``: nearest centroid on the features of the pretrained backbone (frozen, its head removed).
 - ``linear_probe``: logistic regression on those features, each L2-normalized (as Tian et al., 2020, "a good
@@ -100,6 +101,14 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
             last[:] = e, (flat(embed(e.xs)), flat(embed(e.xq)))
         return last[1]
 
+    raw_last: list = [None, None]
+
+    def raw(e: Episodes) -> tuple[np.ndarray, np.ndarray]:
+        """The task's raw-input features (flattened pixels; a bag of tokens for text), shared by both baselines."""
+        if raw_last[0] is not e:
+            raw_last[:] = e, exp.task.raw_features(e.xs, e.xq)
+        return raw_last[1]
+
     def prototype(e: Episodes) -> np.ndarray:
         support, query = features(e)
         return nearest_centroid(support, e.ys, query, e.yq, classes)
@@ -112,8 +121,8 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
 
     table: dict[str, BaselineFn] = {
         "plain_init": lambda e: plain_init_curves(exp, plain, frozen, e, exp.cfg.evaluation.curve_steps),
-        "nearest_centroid": lambda e: nearest_centroid(flat(e.xs), e.ys, flat(e.xq), e.yq, classes),
-        "logistic_regression": lambda e: logistic_regression(flat(e.xs), e.ys, flat(e.xq), e.yq),
+        "nearest_centroid": lambda e: nearest_centroid(raw(e)[0], e.ys, raw(e)[1], e.yq, classes),
+        "logistic_regression": lambda e: logistic_regression(raw(e)[0], e.ys, raw(e)[1], e.yq),
         "prototype": prototype,
         "linear_probe": linear_probe,
         "zero": lambda e: np.mean(flat(e.yq) ** 2, axis=(1, 2)),

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from metapeft.algorithms.base import MetaLearner
 from metapeft.backend import mx
 from metapeft.config import register_configs, validate_common
+from metapeft.errors import require
 from metapeft.peft.base import PeftMethod
 from metapeft.pretrain import pretrained_backbone
 from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS
@@ -50,6 +51,12 @@ def build(cfg: DictConfig) -> Experiment:
     task = TASKS.get(cfg.task.name)(cfg.task)
     task.validate(sorted({cfg.shots.train, *cfg.shots.eval}))
     model = MODELS.get(cfg.model.name)(cfg.model, task.input_shape, task.output_dim)
+    reads_text, reads_tokens = getattr(task, "reads_text", False), getattr(model, "reads_tokens", False)
+    require(reads_text == reads_tokens, "model", f"task={cfg.task.name} reads text, which model={cfg.model.name} "
+            "cannot: use model=hf_encoder" if reads_text else f"model={cfg.model.name} reads text; task="
+            f"{cfg.task.name} is not a text task: use task=text or task=text_folder")
+    if reads_text:
+        task.tokenize(model.tokenize, model.pad_id)  # once, in one batch: episodes are token ids from here on
     peft = PEFT_METHODS.get(cfg.peft.name)(cfg.peft, model)
     peft.check(model.init(mx.random.key(0)))  # target layers and ranks against the real layer shapes
     experiment = Experiment(cfg, task, model, peft, learner=None)  # type: ignore[arg-type]
@@ -71,7 +78,10 @@ def backbone_key(cfg: DictConfig) -> mx.array:
 
 
 def pretrained(exp: Experiment) -> tuple[dict, dict]:
-    """The backbone pretrained on the meta-train split (cached) and where it came from."""
+    """The backbone a PEFT method adapts and where it came from: a model's own pretrained weights (a Hugging Face
+    checkpoint), or else the backbone pretrained on the meta-train split (cached)."""
+    if hasattr(exp.model, "pretrained"):
+        return exp.model.pretrained(backbone_key(exp.cfg), exp.task.pretraining_outputs)
     return pretrained_backbone(exp.cfg, type(exp.model), exp.task, backbone_key(exp.cfg), exp.cfg.progress)
 
 

@@ -52,13 +52,15 @@ def memory_mb() -> dict:
             "max_rss_mb": rss / 2**20 if sys.platform == "darwin" else rss / 2**10}
 
 
-def inference_ms_per_sample(forward: Callable, weights: dict, frozen: dict, x: mx.array, repeats: int = 20) -> float:
-    """Median milliseconds per example of the compiled ``forward(weights, frozen, x)``, after warm-up."""
+def inference_ms_per_sample(forward: Callable, weights: dict, frozen: dict, x: mx.array, repeats: int = 20,
+                            max_seconds: float = 2.0) -> float:
+    """Median milliseconds per example of the compiled ``forward(weights, frozen, x)``, after warm-up: ``repeats``
+    timings, or as many as fit in ``max_seconds`` (at least 3), so a large model's run does not spend its time here."""
     forward = mx.compile(forward)
-    for _ in range(3):  # warm-up, including compilation
+    for _ in range(2):  # warm-up, including compilation
         mx.eval(forward(weights, frozen, x))
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < 3 or sum(times) < max_seconds):
         start = time.perf_counter()
         mx.eval(forward(weights, frozen, x))
         times.append(time.perf_counter() - start)

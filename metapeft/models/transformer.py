@@ -38,6 +38,7 @@ class Transformer(Backbone):
         self.input_shape = tuple(input_shape)
         self.num_tokens, self.token_dim = (1, input_shape[0]) if len(input_shape) == 1 else input_shape
         self.output_dim = output_dim
+        self.width = cfg.hidden_size
 
     def init(self, key: mx.array) -> dict:
         h, f = self.cfg.hidden_size, self.cfg.mlp_ratio * self.cfg.hidden_size
@@ -59,6 +60,11 @@ class Transformer(Backbone):
     def tokens(self, x: mx.array) -> mx.array:
         """(..., *input_shape) -> (..., num_tokens, token_dim)."""
         return x.reshape(*x.shape[: x.ndim - len(self.input_shape)], self.num_tokens, self.token_dim)
+
+    def token_embeddings(self, params: dict, x: mx.array) -> mx.array:
+        """Every input token of ``x`` embedded without its position, (tokens, width): what sampled prompts start from."""
+        tokens = self.linear(params["embed"], self.tokens(x))
+        return tokens.reshape(-1, tokens.shape[-1])
 
     def embed(self, params: dict, x: mx.array) -> mx.array:
         return self.linear(params["embed"], self.tokens(x)) + params["position"]

@@ -31,16 +31,14 @@ class PromptTuning(PeftMethod):
     def __init__(self, cfg: PromptTuningConfig, model):
         require(cfg.num_virtual_tokens >= 1, "peft.num_virtual_tokens", f"must be >= 1, got {cfg.num_virtual_tokens}")
         require(model.supports_prompts, "model",
-                f"prompt tuning prepends tokens, which {type(model).__name__} does not read; use model=transformer")
+                f"prompt tuning prepends tokens, which {type(model).__name__} does not read; use model=transformer or model=hf_encoder")
         super().__init__(cfg, model)
 
     def init_adapter(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
         n = self.cfg.num_virtual_tokens
         if self.cfg.init == PromptInit.random:
-            width = backbone["position"].shape[-1]
-            return {"prompt": 0.02 * mx.random.normal((n, width), key=key)}
-        tokens = self.model.linear(backbone["embed"], self.model.tokens(sample_inputs))  # without positions
-        tokens = tokens.reshape(-1, tokens.shape[-1])
+            return {"prompt": 0.02 * mx.random.normal((n, self.model.width), key=key)}
+        tokens = self.model.token_embeddings(backbone, sample_inputs)
         picks = mx.random.randint(0, tokens.shape[0], (n,), key=key)
         return {"prompt": tokens[picks]}
 

@@ -2,7 +2,8 @@
 (as Hugging Face peft's ``tuners_utils`` is).
 
 A target names a path component (``query``, ``attention``, ``mlp``, ``hidden``), a whole path (``layers.0.mlp.fc1``,
-``hidden.1``) or ``all-linear``: every linear layer but the one reading the raw input and the head.
+``hidden.1``), the end of a path (``attention.output.dense``: as Hugging Face peft matches module names) or
+``all-linear``: every linear layer but the one reading the raw input and the head.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def without_head(backbone: dict) -> dict:
 def matches(target: str, path: Path, input_layer: Path) -> bool:
     if target == "all-linear":
         return path[: len(input_layer)] != input_layer
-    return target == path_name(path) or target in {str(k) for k in path}
+    name = path_name(path)
+    return target == name or name.endswith(f".{target}") or target in {str(k) for k in path}
 
 
 def target_layers(model: Backbone, backbone: dict, targets: Sequence[str],

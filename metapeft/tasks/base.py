@@ -63,6 +63,16 @@ class TaskFamily:
         """``sample`` and what each task was drawn from; None when tasks are independent draws (regression)."""
         return self.sample(split, num_tasks, shots, rng), None
 
+    def raw_features(self, xs, xq) -> tuple[np.ndarray, np.ndarray]:
+        """Support and query inputs as (tasks, examples, features) float64, for the baselines on raw input
+        (nearest centroid, logistic regression): the flattened input unless a family says otherwise."""
+
+        def flat(a):
+            a = np.asarray(a, dtype=np.float64)
+            return a.reshape(a.shape[0], a.shape[1], -1)
+
+        return flat(xs), flat(xq)
+
     # Pretraining of a backbone for the PEFT methods, on meta-train data only; ``loss`` is its objective.
     pretraining_outputs: int
 

@@ -61,7 +61,7 @@ class ClassImagesTask(TaskFamily):
                             rng: np.random.Generator) -> tuple[Episodes, TaskClasses]:
         pool = self.class_images[split]
         n, q = self.cfg.n_way, self.cfg.num_query
-        x = np.empty((num_tasks, n, shots + q, *self.input_shape), dtype=np.float32)
+        x = np.empty((num_tasks, n, shots + q, *self.input_shape), dtype=pool[0].dtype)
         classes = np.empty((num_tasks, n), dtype=np.int64)
         for t in range(num_tasks):
             classes[t] = rng.choice(len(pool), size=n, replace=False)
