@@ -5,8 +5,8 @@
     weights = learned.adapt(x_support, y_support)                   # the algorithm's own inner loop
     predictions = learned.predict(weights, x_query)
 
-Inputs are arrays shaped like the task family's examples (sinusoid: (n, 1); digits: (n, 8, 8)) with labels
-0..n_way-1 for classification.
+Inputs are arrays shaped like the task family's examples (sinusoid: (n, 1); digits: (n, 8, 8)), or lists of
+strings for a text model (``model=hf_encoder``), with labels 0..n_way-1 for classification.
 """
 from __future__ import annotations
 
@@ -44,8 +44,14 @@ class LearnedInitialization:
         return self.experiment.peft(weights, self.frozen, self.inputs(x, "x"))
 
     def inputs(self, x, name: str) -> mx.array:
-        """``x`` as the model reads it, or a ValueError saying which shape the run's task expects."""
-        x, shape = np.asarray(x), tuple(self.experiment.task.input_shape)
+        """``x`` as the model reads it (texts are tokenized for a text model), or a ValueError saying which shape
+        the run's task expects."""
+        exp = self.experiment
+        if getattr(exp.model, "reads_tokens", False) and len(x) and all(isinstance(t, str) for t in x):
+            length = exp.task.input_shape[0]
+            ids = exp.model.tokenize(list(x))[:, :length]
+            x = np.pad(ids, ((0, 0), (0, length - ids.shape[1])), constant_values=exp.model.pad_id)
+        x, shape = np.asarray(x), tuple(exp.task.input_shape)
         if x.shape[1:] != shape or x.ndim != len(shape) + 1 or not np.issubdtype(x.dtype, np.number):
             raise ValueError(f"{name}: expected numbers of shape (n, {', '.join(map(str, shape))}) for "
                              f"task={self.experiment.cfg.task.name}, got {x.dtype} of shape {x.shape}")

@@ -48,13 +48,14 @@ def build(cfg: DictConfig) -> Experiment:
     """Construct every component; each checks its own keys, so bad input fails here, before any training."""
     register_configs()
     validate_common(cfg)
-    task = TASKS.get(cfg.task.name)(cfg.task)
-    task.validate(sorted({cfg.shots.train, *cfg.shots.eval}))
-    model = MODELS.get(cfg.model.name)(cfg.model, task.input_shape, task.output_dim)
-    reads_text, reads_tokens = getattr(task, "reads_text", False), getattr(model, "reads_tokens", False)
+    task_class, model_class = TASKS.get(cfg.task.name), MODELS.get(cfg.model.name)
+    reads_text, reads_tokens = getattr(task_class, "reads_text", False), getattr(model_class, "reads_tokens", False)
     require(reads_text == reads_tokens, "model", f"task={cfg.task.name} reads text, which model={cfg.model.name} "
             "cannot: use model=hf_encoder" if reads_text else f"model={cfg.model.name} reads text; task="
             f"{cfg.task.name} is not a text task: use task=text or task=text_folder")
+    task = task_class(cfg.task)
+    task.validate(sorted({cfg.shots.train, *cfg.shots.eval}))
+    model = model_class(cfg.model, task.input_shape, task.output_dim)
     if reads_text:
         task.tokenize(model.tokenize, model.pad_id)  # once, in one batch: episodes are token ids from here on
     peft = PEFT_METHODS.get(cfg.peft.name)(cfg.peft, model)

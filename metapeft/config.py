@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from metapeft.errors import require
-from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS, import_submodules
+from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS, import_submodules, load_plugins
 
 GROUPS = ("algorithm", "peft", "shots", "mode", "task", "model")  # the config groups every run chooses from
 GROUP_HELP = {  # what ``--help`` lists (the schema/* groups are internal, transfer is runners/transfer.py's)
@@ -151,6 +151,7 @@ def register_configs() -> None:
     cs.store(group="schema/paths", name="paths", node=PathsConfig)
     for package in ("metapeft.algorithms", "metapeft.tasks", "metapeft.models", "metapeft.peft", "metapeft.loggers"):
         import_submodules(package)
+    load_plugins()
     # ${by_mode:${mode.name},QUICK,FULL}: a value that depends on the mode, e.g. the number of search trials.
     OmegaConf.register_new_resolver("by_mode", lambda mode, quick, full: quick if mode == "quick" else full,
                                     replace=True)

@@ -2,11 +2,18 @@
 
 Each implementation module registers itself and its structured-config schema, so adding an algorithm, task,
 model or PEFT method means one new Python file and one new YAML file under ``conf/<group>/``.
+
+Code outside the package registers the same way (``load_plugins``): an installed package names its modules in the
+entry point group ``metapeft.plugins``, or ``METAPEFT_PLUGINS=module[,module...]`` names importable modules (the
+directory the command runs in is searched too); their YAML files come through ``hydra.searchpath``.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import os
 import pkgutil
+import sys
 from typing import Any, Callable
 
 from hydra.core.config_store import ConfigStore
@@ -60,3 +67,30 @@ def import_submodules(package_name: str) -> None:
     for info in pkgutil.iter_modules(package.__path__):
         if not info.name.startswith("_"):
             importlib.import_module(f"{package_name}.{info.name}")
+
+
+PLUGIN_GROUP = "metapeft.plugins"
+
+
+def load_plugins() -> list[str]:
+    """Import every plugin module (entry points in ``metapeft.plugins``, then ``$METAPEFT_PLUGINS``) so that their
+    ``register`` decorators run; a plugin that fails to import is refused naming it. Returns the modules loaded."""
+    loaded = []
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            entry.load()
+        except Exception as error:
+            raise ConfigError(PLUGIN_GROUP, f"the plugin entry point '{entry.name} = {entry.value}' failed to load: "
+                              f"{type(error).__name__}: {error}") from error
+        loaded.append(entry.value)
+    names = [n.strip() for n in os.environ.get("METAPEFT_PLUGINS", "").split(",") if n.strip()]
+    if names and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # a module beside where the command runs, as ``python -m`` would find it
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as error:
+            raise ConfigError("METAPEFT_PLUGINS", f"module '{name}' failed to import ({type(error).__name__}: "
+                              f"{error}); give importable module names, comma-separated") from error
+        loaded.append(name)
+    return loaded

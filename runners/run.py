@@ -30,7 +30,11 @@ from metapeft.measure import seconds_since_process_start
 from metapeft.sweep import completed_metrics
 
 log = logging.getLogger("metapeft")
-register_configs()
+try:
+    register_configs()
+except ConfigError as error:  # a plugin that does not import: before Hydra, so said here
+    print(f"invalid configuration: {error}", file=sys.stderr)
+    sys.exit(2)
 # conf/hydra/launcher/{ray,submitit_*}.yaml are complete configs that share their names with the plugins' schemas;
 # Hydra 1.3 validates them against those schemas and warns that it will stop doing so. Either way they work.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")

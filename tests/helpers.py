@@ -26,3 +26,57 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python runners/run.py ARGS`` from the repository root, output captured."""
     return subprocess.run([sys.executable, "runners/run.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def tiny_bert(directory: Path) -> Path:
+    """A randomly initialized two-layer BERT (hidden 16) in the Hugging Face layout, with a character-level WordPiece
+    tokenizer: what ``model=hf_encoder model.path=DIR`` reads, small enough for the default test run."""
+    import json
+    import string
+
+    import mlx.core as mx
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    from metapeft.models.hf_encoder import HFEncoder, HFEncoderConfig, to_hf_names
+
+    directory.mkdir(parents=True, exist_ok=True)
+    letters = string.ascii_lowercase + string.digits
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters,
+                                          *(f"##{c}" for c in letters)])}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                             special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 16, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
+              "vocab_size": len(vocab), "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+              "pad_token_id": 0, "initializer_range": 0.2}
+    (directory / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(directory / "model.safetensors"), {"placeholder": mx.zeros((1,))})
+    model = HFEncoder(HFEncoderConfig(path=str(directory)), None, 2)
+    mx.save_safetensors(str(directory / "model.safetensors"), to_hf_names(model.init(mx.random.key(0))))
+    return directory
+
+
+def text_classes(num_classes: int = 15, per_class: int = 20, seed: int = 0) -> dict[str, list[str]]:
+    """label -> texts: each class writes words from its own few letters, so a text's class can be learned."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    alphabet = list("abcdefghijklmnopqrstuvwxyz")
+    classes = {}
+    for c in range(num_classes):
+        letters = rng.choice(alphabet, size=4, replace=False)
+        classes[f"class{c}"] = [" ".join("".join(rng.choice(letters, size=rng.integers(2, 5)))
+                                          for _ in range(rng.integers(1, 4))) for _ in range(per_class)]
+    return classes
+
+
+def write_text_csv(path: Path, classes: dict[str, list[str]]) -> Path:
+    import pandas as pd
+
+    rows = [{"text": t, "label": label} for label, texts in classes.items() for t in texts]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path

@@ -226,7 +226,8 @@ def from_hf_names(flat: dict, expected: dict, directory: Path) -> dict:
         if isinstance(node, list):
             return [fill(child, (*path, i)) for i, child in enumerate(node)]
         if isinstance(node, dict):
-            return {k: fill(v, (*path, k)) if isinstance(v, (dict, list)) else load(v, path, k) for k, v in node.items()}
+            return {k: fill(v, (*path, k)) if isinstance(v, (dict, list)) else load(v, path, k)
+                    for k, v in node.items()}
         raise TypeError(node)
 
     def load(like: mx.array, path: tuple, leaf: str) -> mx.array:

@@ -62,7 +62,7 @@ class Transformer(Backbone):
         return x.reshape(*x.shape[: x.ndim - len(self.input_shape)], self.num_tokens, self.token_dim)
 
     def token_embeddings(self, params: dict, x: mx.array) -> mx.array:
-        """Every input token of ``x`` embedded without its position, (tokens, width): what sampled prompts start from."""
+        """Every input token of ``x`` embedded without its position, (tokens, width): where sampled prompts start."""
         tokens = self.linear(params["embed"], self.tokens(x))
         return tokens.reshape(-1, tokens.shape[-1])
 

@@ -31,7 +31,8 @@ class PromptTuning(PeftMethod):
     def __init__(self, cfg: PromptTuningConfig, model):
         require(cfg.num_virtual_tokens >= 1, "peft.num_virtual_tokens", f"must be >= 1, got {cfg.num_virtual_tokens}")
         require(model.supports_prompts, "model",
-                f"prompt tuning prepends tokens, which {type(model).__name__} does not read; use model=transformer or model=hf_encoder")
+                f"prompt tuning prepends tokens, which {type(model).__name__} does not read; use model=transformer or "
+                "model=hf_encoder")
         super().__init__(cfg, model)
 
     def init_adapter(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:

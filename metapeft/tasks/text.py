@@ -14,7 +14,6 @@ License: CLDR data is under the Unicode License v3 (permissive, attribution); Ba
 from __future__ import annotations
 
 import hashlib
-import json
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass

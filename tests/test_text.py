@@ -1,0 +1,219 @@
+"""model=hf_encoder (a Hugging Face BERT in MLX) and the text tasks: equal to the reference implementation, exact at
+initialization, targeted by Hugging Face names, and refusing bad data clearly."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+from helpers import REPO, run_cli, text_classes, tiny_bert, write_text_csv
+from metapeft.build import build, initial_state
+from metapeft.errors import ConfigError
+from metapeft.models.hf_encoder import HFEncoder, HFEncoderConfig, erf, from_hf_names, to_hf_names
+from metapeft.peft.targets import target_layers
+from metapeft.trees import path_name
+
+REFERENCE = json.loads((REPO / "tests" / "fixtures" / "minilm_reference.json").read_text())
+needs_packaged_model = pytest.mark.skipif(importlib.util.find_spec("all_minilm_l6_v2") is None,
+                                          reason='the packaged MiniLM is not installed (pip install -e ".[text]")')
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    return tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("texts")
+    write_text_csv(directory / "data.csv", text_classes())
+    return directory
+
+
+def text_setup(compose_cfg, bert_dir, text_dir, *overrides):
+    cfg = compose_cfg("model=hf_encoder", f"model.path={bert_dir}", "task=text_folder", f"task.root={text_dir}",
+                      "task.n_way=3", "task.val_fraction=0.34", "task.test_fraction=0.34", *overrides)
+    exp = build(cfg)
+    return exp, initial_state(exp)
+
+
+@needs_packaged_model
+def test_minilm_matches_the_reference_implementation(tmp_path):
+    model = HFEncoder(HFEncoderConfig(max_length=REFERENCE["max_length"], cache_dir=str(tmp_path)), None, 5)
+    ids = model.tokenize(REFERENCE["sentences"])
+    assert ids.tolist() == REFERENCE["input_ids"]
+    params, _ = model.pretrained(mx.random.key(0), 5)
+    pooled = np.array(model.features(params, mx.array(ids)))
+    np.testing.assert_allclose(pooled, np.array(REFERENCE["mean_pooled"]), atol=1e-4, rtol=0)
+    model.cfg.pooling = "cls"
+    np.testing.assert_allclose(np.array(model.features(params, mx.array(ids))), np.array(REFERENCE["cls"]),
+                               atol=1e-4, rtol=0)
+
+
+@needs_packaged_model
+def test_minilm_matches_transformers_where_installed(tmp_path):
+    pytest.importorskip("torch", reason="the reference library's backend (torch) is not installed")
+    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
+    import torch
+
+    model = HFEncoder(HFEncoderConfig(max_length=32, cache_dir=str(tmp_path)), None, 5)
+    texts = ["Few-shot learning from a handful of examples.", "Ufaransa", "Alemanya", "日本語のテキスト"]
+    reference = transformers.AutoModel.from_pretrained(str(model.directory)).eval()
+    batch = transformers.AutoTokenizer.from_pretrained(str(model.directory))(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = reference(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    expected = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    params, _ = model.pretrained(mx.random.key(0), 5)
+    ours = np.array(model.features(params, mx.array(model.tokenize(texts))))
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_fast_erf_is_accurate_and_finite_with_its_derivatives():
+    from scipy.special import erf as reference
+
+    x = np.linspace(-12, 12, 20001).astype(np.float32)
+    assert np.abs(np.array(erf(mx.array(x))) - reference(x.astype(np.float64))).max() < 2e-6
+    far = mx.array(np.array([-1e4, -30.0, 30.0, 1e4], dtype=np.float32))
+    second = mx.grad(lambda v: mx.grad(lambda u: erf(u).sum())(v).sum())(far)
+    assert np.isfinite(np.array(second)).all()
+
+
+def test_hugging_face_names_round_trip(bert_dir):
+    model = HFEncoder(HFEncoderConfig(path=str(bert_dir)), None, 2)
+    tree = model.init(mx.random.key(3))
+    flat = to_hf_names(tree)
+    assert "encoder.layer.1.attention.self.query.weight" in flat and "embeddings.LayerNorm.weight" in flat
+    assert flat["encoder.layer.0.intermediate.dense.weight"].shape == (32, 16)  # PyTorch's (out, in)
+    back = from_hf_names(flat, tree, bert_dir)
+    assert all(mx.array_equal(a, b).item() for (_, a), (_, b) in zip(tree_flatten(back),
+                                                                     tree_flatten({k: v for k, v in tree.items()
+                                                                                   if k != "head"})))
+
+
+@pytest.mark.parametrize("targets, expected", [
+    (["query", "value"], 4), (["attention.output.dense"], 2), (["output.dense"], 4), (["intermediate.dense"], 2),
+    (["all-linear"], 12), (["encoder.layer.1.attention.self.key"], 1)])
+def test_peft_targets_layers_by_hugging_face_names(bert_dir, targets, expected):
+    model = HFEncoder(HFEncoderConfig(path=str(bert_dir)), None, 2)
+    chosen = target_layers(model, model.init(mx.random.key(0)), targets)
+    assert len(chosen) == expected
+    if targets == ["attention.output.dense"]:
+        assert {path_name(p) for p, _ in chosen} == {f"encoder.layer.{i}.attention.output.dense" for i in (0, 1)}
+
+
+def test_padding_does_not_change_a_texts_embedding(bert_dir):
+    model = HFEncoder(HFEncoderConfig(path=str(bert_dir)), None, 2)
+    params = model.init(mx.random.key(1))
+    ids = model.tokenize(["abc de", "a much longer text than the first one"])
+    padded = np.concatenate([ids, np.zeros((2, 5), dtype=np.int32)], axis=1)
+    np.testing.assert_allclose(np.array(model.features(params, mx.array(ids))),
+                               np.array(model.features(params, mx.array(padded))), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_low_rank_methods_start_exactly_at_the_encoder(compose_cfg, bert_dir, text_dir, method):
+    exp, start = text_setup(compose_cfg, bert_dir, text_dir, f"peft={method}")
+    x = exp.task.sample("test", 1, 2, np.random.default_rng(0)).xq[0]
+    with_head = {**start.adapted, "head": start.backbone["head"]}
+    assert mx.array_equal(exp.peft.features(with_head, start.frozen, x),
+                          exp.model.features(start.backbone, x)).item()
+    moved = {**tree_map(lambda a: a + 0.1, start.adapted), "head": start.backbone["head"]}
+    assert not mx.allclose(exp.peft.features(moved, start.frozen, x), exp.model.features(start.backbone, x)).item()
+
+
+def test_prompt_tuning_on_the_encoder_acts_through_attention_only(compose_cfg, bert_dir, text_dir):
+    exp, start = text_setup(compose_cfg, bert_dir, text_dir, "peft=prompt_tuning")
+    prompt = start.adapted["prompt"]
+    assert prompt.shape == (4, 16)
+    x = exp.task.sample("test", 1, 2, np.random.default_rng(0)).xq[0]
+    with_prompt = exp.peft.features(start.adapted, start.frozen, x)
+    assert with_prompt.shape == (15, 16)  # 3-way x 5 query texts: prompts are not pooled
+    assert not mx.allclose(with_prompt, exp.model.features(start.backbone, x)).item()
+
+
+def test_text_folder_reads_split_files_and_jsonl(compose_cfg, bert_dir, tmp_path):
+    classes = text_classes(num_classes=9)
+    names = sorted(classes)
+    for split, part in zip(("train", "val", "test"), (names[:3], names[3:6], names[6:])):
+        rows = [json.dumps({"sentence": t, "y": label}) for label in part for t in classes[label]]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = compose_cfg("model=hf_encoder", f"model.path={bert_dir}", "task=text_folder", f"task.root={tmp_path}",
+                      "task.text_column=sentence", "task.label_column=y", "task.n_way=3")
+    exp = build(cfg)
+    assert exp.task.class_names == {"train": names[:3], "val": names[3:6], "test": names[6:]}
+    episodes = exp.task.sample("train", 2, 1, np.random.default_rng(0))
+    assert episodes.xs.dtype == mx.int32 and episodes.xs.shape[:2] == (2, 3)
+
+
+@pytest.mark.parametrize("problem, key, words", [
+    ("missing_column", "task.text_column", "'text' is not a column"),
+    ("empty_class", "task.root", "has no non-empty text"),
+    ("too_few", "shots", "exceed the"),
+    ("shared_label", "task.root", "must be disjoint"),
+])
+def test_text_folder_refuses_bad_data_naming_the_key(compose_cfg, bert_dir, tmp_path, problem, key, words):
+    classes = text_classes(num_classes=9)
+    if problem == "missing_column":
+        (tmp_path / "data.csv").write_text("sentence,label\nabc,x\n")
+    elif problem == "empty_class":
+        classes["class3"] = ["", "  "]
+        write_text_csv(tmp_path / "data.csv", classes)
+    elif problem == "too_few":
+        classes["class3"] = classes["class3"][:4]
+        write_text_csv(tmp_path / "data.csv", classes)
+    else:
+        names = sorted(classes)
+        for split, part in zip(("train", "val", "test"), (names[:4], names[3:6], names[6:])):
+            write_text_csv(tmp_path / f"{split}.csv", {n: classes[n] for n in part})
+    cfg = compose_cfg("model=hf_encoder", f"model.path={bert_dir}", "task=text_folder", f"task.root={tmp_path}",
+                      "task.n_way=2", "task.val_fraction=0.34", "task.test_fraction=0.34")
+    with pytest.raises(ConfigError) as error:
+        build(cfg)
+    assert error.value.key == key and words in str(error.value)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (("task=digits", "model=hf_encoder"), "use task=text or task=text_folder"),
+    (("task=text_folder", "task.root=/tmp", "model=transformer", "peft=lora"), "use model=hf_encoder"),
+])
+def test_text_and_non_text_parts_do_not_mix(compose_cfg, bert_dir, overrides, words):
+    with pytest.raises(ConfigError) as error:
+        build(compose_cfg(*overrides, f"model.path={bert_dir}" if "model=hf_encoder" in overrides else "seed=0"))
+    assert words in str(error.value)
+
+
+def test_a_model_directory_without_its_files_is_refused(compose_cfg, tmp_path, text_dir):
+    with pytest.raises(ConfigError) as error:
+        build(compose_cfg("model=hf_encoder", f"model.path={tmp_path}", "task=text_folder", f"task.root={text_dir}",
+                          "task.n_way=3", "task.val_fraction=0.34", "task.test_fraction=0.34"))
+    assert error.value.key == "model.path" and "config.json, model.safetensors, tokenizer.json" in str(error.value)
+
+
+def test_language_identification_task_is_built_from_babel(compose_cfg, bert_dir, tmp_path):
+    pytest.importorskip("babel", reason='task=text reads Babel\'s CLDR data (pip install -e ".[text]")')
+    exp = build(compose_cfg("model=hf_encoder", f"model.path={bert_dir}", "task=text", f"paths.cache_dir={tmp_path}"))
+    names = exp.task.class_names
+    assert len(names["test"]) == 50 and len(names["val"]) == 30 and len(names["train"]) >= 100
+    assert not set(names["train"]) & set(names["test"]) and not set(names["val"]) & set(names["test"])
+    assert {"fr", "de", "sw"} <= set(names["train"]) | set(names["val"]) | set(names["test"])
+    assert all(len(c) == 100 for split in ("train", "val", "test") for c in exp.task.class_images[split])
+    again = build(compose_cfg("model=hf_encoder", f"model.path={bert_dir}", "task=text", f"paths.cache_dir={tmp_path}"))
+    assert again.task.class_names == names  # the cached corpus gives the same split
+
+
+def test_the_runner_meta_trains_on_your_text_and_reports_baselines(bert_dir, text_dir, tmp_path):
+    result = run_cli("model=hf_encoder", f"model.path={bert_dir}", "task=text_folder", f"task.root={text_dir}",
+                     "task.n_way=3", "task.val_fraction=0.34", "task.test_fraction=0.34", "peft=lora", "mode=tiny",
+                     "progress=false", f"hydra.run.dir={tmp_path / 'run'}", "shots.eval=[1,5]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    five = metrics["evaluation"]["shots"]["5"]
+    assert {"nearest_centroid", "logistic_regression", "prototype", "linear_probe", "plain_init"} <= set(
+        five["baselines"])
+    assert 0 <= five["meta_learned"]["mean"] <= 1 and five["versus_best_baseline"]["baseline"] in five["baselines"]
