@@ -217,3 +217,92 @@ def test_the_runner_meta_trains_on_your_text_and_reports_baselines(bert_dir, tex
     assert {"nearest_centroid", "logistic_regression", "prototype", "linear_probe", "plain_init"} <= set(
         five["baselines"])
     assert 0 <= five["meta_learned"]["mean"] <= 1 and five["versus_best_baseline"]["baseline"] in five["baselines"]
+
+
+@pytest.fixture(scope="module")
+def text_runs(bert_dir, text_dir, tmp_path_factory) -> dict[str, Path]:
+    """A tiny meta-trained run per low-rank method on the tiny BERT."""
+    runs = {}
+    for method in ("lora", "adalora"):
+        run_dir = tmp_path_factory.mktemp(f"run_{method}")
+        result = run_cli("model=hf_encoder", f"model.path={bert_dir}", "task=text_folder", f"task.root={text_dir}",
+                         "task.n_way=3", "task.val_fraction=0.34", "task.test_fraction=0.34", f"peft={method}",
+                         "mode=tiny", "shots.eval=[1]", "baselines=[]", "progress=false", f"hydra.run.dir={run_dir}",
+                         *(["peft.prune_end=0.5"] if method == "adalora" else []))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[method] = run_dir
+    return runs
+
+
+def adapted_features(learned, x):
+    return np.array(learned.experiment.peft.features(learned.meta["weights"], learned.frozen, x))
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_an_exported_adapter_has_peft_names_and_layouts(text_runs, tmp_path, method):
+    from metapeft.api import load_run
+    from runners.export import main as export_main
+
+    assert export_main([str(text_runs[method]), "--format", "peft", "--out", str(tmp_path / "adapter")]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    tensors = mx.load(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    learned = load_run(text_runs[method])
+    assert config["peft_type"] == method.upper() and len(config["target_modules"]) == 12
+    module = "encoder.layer.0.attention.self.query"
+    if method == "lora":
+        a = tensors[f"base_model.model.{module}.lora_A.weight"]
+        assert a.shape == (config["r"], 16) and tensors[f"base_model.model.{module}.lora_B.weight"].shape == (16, 4)
+        assert mx.array_equal(a, learned.meta["weights"]["encoder"]["layer"][0]["attention"]["self"]["query"]
+                              ["lora_a"].T).item()
+    else:
+        assert tensors[f"base_model.model.{module}.lora_E"].shape == (config["init_r"], 1)
+        masked = int((np.array(tensors[f"base_model.model.{module}.lora_E"]) == 0).sum())
+        kept = learned.experiment.peft.report(learned.frozen)["final_rank_per_layer"][module]
+        assert masked >= config["init_r"] - kept  # pruned triplets are exported as zeros
+    assert mx.load(str(tmp_path / "adapter" / "head.safetensors"))["weight"].shape == (3, 16)
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_a_merged_model_reproduces_the_adapted_one(text_runs, tmp_path, method):
+    from metapeft.api import load_run
+    from runners.export import main as export_main
+
+    assert export_main([str(text_runs[method]), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    learned = load_run(text_runs[method])
+    merged = HFEncoder(HFEncoderConfig(path=str(tmp_path / "merged")), None, 3)
+    params, _ = merged.pretrained(mx.random.key(0), 3)
+    x = learned.inputs(["abc def", "ghij", "a b c d e f"], "x")
+    np.testing.assert_allclose(np.array(merged.features(params, x)), adapted_features(learned, x), atol=1e-5)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_an_exported_adapter_loads_in_hugging_face_peft(text_runs, tmp_path, method):
+    torch = pytest.importorskip("torch", reason="peft needs torch, not installed here")
+    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
+    peft = pytest.importorskip("peft", reason="Hugging Face peft is not installed")
+    from metapeft.api import load_run
+    from runners.export import main as export_main
+
+    assert export_main([str(text_runs[method]), "--out", str(tmp_path / "adapter")]) == 0
+    learned = load_run(text_runs[method])
+    base = transformers.AutoModel.from_pretrained(str(learned.experiment.model.directory))
+    model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    texts = ["abc def", "ghij", "a b c d e f"]
+    x = learned.inputs(texts, "x")
+    ids = torch.tensor(np.array(x).astype(np.int64))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
+    mask = (ids != 0)[..., None].float()
+    ours = adapted_features(learned, x)
+    np.testing.assert_allclose(((hidden * mask).sum(1) / mask.sum(1)).numpy(), ours, atol=1e-4)
+    backbone = learned.experiment.model.features(learned.experiment.model.pretrained(mx.random.key(0), 3)[0], x)
+    assert np.abs(ours - np.array(backbone)).max() > 1e-3  # the meta-learned update is not zero: a real check
+
+
+def test_export_refuses_a_run_it_cannot_write(text_runs, tmp_path):
+    from runners.export import main as export_main
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    assert export_main([str(text_runs["lora"]), "--out", str(tmp_path / "taken")]) == 2
