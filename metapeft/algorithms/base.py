@@ -47,7 +47,8 @@ class AlgorithmConfig:
     name: str = MISSING
     inner_lr: float = "${task.default_inner_lr}"  # type: ignore[assignment]
     num_inner_steps: int = 1
-    outer_lr: float = 0.001  # Adam's learning rate
+    # Adam's learning rate: 0.001, or what a model needs (model.default_outer_lr: a pretrained encoder, 1e-4)
+    outer_lr: float = "${oc.select:model.default_outer_lr,0.001}"  # type: ignore[assignment]
     meta_batch_size: int = "${task.default_meta_batch_size}"  # type: ignore[assignment]
     head_init: HeadInit = HeadInit.learned
 
