@@ -3,6 +3,8 @@
     python runners/bench.py [--repeats 5] [--out outputs/benchmarks/bench.json]
     METAPEFT_BLAS=bundled python runners/bench.py        # the same with MLX's bundled reference BLAS
     python runners/bench.py --memory 1000,10000          # memory after 1k and 10k iterations of (a) and (c)
+    python runners/bench.py --runs                       # where whole quick runs spend their time
+    python runners/bench.py --encoder                    # MAML / FOMAML / Reptile + LoRA on model=hf_encoder
 
 Workloads (issue 6): (a) sinusoid, MLP 1-40-40-1, meta-batch 25, K=10 support + 10 query, 1 inner SGD step
 (lr 0.01), second-order MAML, Adam; (b) the same with 5 inner steps; (c) digits 5-way 5-shot, transformer + LoRA
@@ -152,6 +154,70 @@ def time_workload(name: str, overrides: list[str], repeats: int, seconds: float)
             "peers": peers}
 
 
+# Whole runs whose time --runs splits into phases (metrics.json "seconds"), quick mode.
+RUNS = {
+    "sinusoid_maml_mlp": [],
+    "digits_maml_mlp": ["task=digits"],
+    "digits_maml_lora": ["task=digits", "peft=lora"],
+    "digits_maml_adalora": ["task=digits", "peft=adalora"],
+    "digits_maml_prompt_tuning": ["task=digits", "peft=prompt_tuning"],
+}
+# (issue 18) second-order MAML + LoRA over the pretrained encoder: meta-batch 4, 5 inner steps, 5-way 5-shot,
+# 64 tokens per text; FOMAML and Reptile beside it.
+ENCODER = ["model=hf_encoder", "task=text", "peft=lora", "algorithm.meta_batch_size=4", "algorithm.num_inner_steps=5",
+           "shots.train=5", "model.max_length=64"]
+
+
+def run_breakdown(out_dir: Path) -> dict:
+    """Each quick run of RUNS, started as a user starts it, and the seconds it spent per phase."""
+    import subprocess
+
+    results = {}
+    for name, overrides in RUNS.items():
+        run_dir = out_dir / name
+        started = time.perf_counter()
+        subprocess.run([sys.executable, str(Path(__file__).with_name("run.py")), *overrides, "progress=false",
+                        f"hydra.run.dir={run_dir}"], check=True, capture_output=True)
+        seconds = io.read_json(run_dir / "metrics.json")["seconds"]
+        seconds["wall_from_outside"] = time.perf_counter() - started
+        results[name] = seconds
+    return results
+
+
+def print_breakdown(results: dict) -> None:
+    phases = [p for p in next(iter(results.values())) if p not in ("total", "wall_from_outside")]
+    print(f"{'run':28s} {'total s':>8s} {'meta-train':>10s} {'not meta-training':>18s}  largest other phases")
+    for name, seconds in results.items():
+        total = seconds["total"]
+        others = sorted(((seconds[p], p) for p in phases if p != "meta_training"), reverse=True)[:3]
+        print(f"{name:28s} {total:8.1f} {seconds['meta_training']:10.1f} {1 - seconds['meta_training'] / total:17.0%}"
+              f"  " + ", ".join(f"{p} {v:.1f}" for v, p in others))
+
+
+def encoder_workloads(repeats: int) -> dict:
+    """ms per meta-iteration and peak MLX memory of ENCODER under MAML, FOMAML and Reptile."""
+    results = {}
+    for algorithm in ("maml", "fomaml", "reptile"):
+        exp, meta, frozen = setup([*ENCODER, f"algorithm={algorithm}"])
+        optimizer = exp.learner.make_optimizer(10**6)
+        optimizer.init(meta)
+        step = compiled_meta_step(exp.learner, optimizer)
+        rng = np.random.default_rng(0)
+        batches = [exp.task.sample("train", 4, 5, rng) for _ in range(repeats + 1)]
+        mx.eval(meta, frozen)
+        mx.reset_peak_memory()
+        times = []
+        for batch in batches:
+            start = time.perf_counter()
+            loss, meta, grads = step(meta, frozen, *batch)
+            mx.eval(loss, meta, grads)
+            times.append(time.perf_counter() - start)
+        results[algorithm] = {"ms_per_iteration": 1e3 * float(np.median(times[1:])), "first_ms": 1e3 * times[0],
+                              "mlx_peak_mb": mx.get_peak_memory() / 2**20, "rss_mb": current_rss_mb(),
+                              "sequence_length": int(batches[0].xs.shape[-1])}
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -159,8 +225,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/bench.json"))
     parser.add_argument("--memory", type=str, default=None, metavar="N1,N2",
                         help="instead of timing: memory after N1 and N2 iterations of (a) and (c), e.g. 1000,10000")
+    parser.add_argument("--runs", action="store_true", help="instead of timing steps: phases of whole quick runs")
+    parser.add_argument("--encoder", action="store_true", help="instead: MAML / FOMAML / Reptile on model=hf_encoder")
     args = parser.parse_args(argv)
     register_configs()
+    if args.runs:
+        results = run_breakdown(args.out.parent / "runs")
+        io.write_json(args.out.with_name("bench_runs.json"), {"blas": blas.status(), "runs": results,
+                                                              "overrides": RUNS})
+        print_breakdown(results)
+        print(f"written to {args.out.with_name('bench_runs.json')}")
+        return 0
+    if args.encoder:
+        results = encoder_workloads(args.repeats)
+        io.write_json(args.out.with_name("bench_encoder.json"), {"blas": blas.status(), "workloads": results,
+                                                                 "overrides": ENCODER})
+        for name, r in results.items():
+            print(f"encoder {name:8s} {r['ms_per_iteration']:10.0f} ms per iteration, MLX peak {r['mlx_peak_mb']:8.0f} "
+                  f"MB (texts of {r['sequence_length']} tokens)")
+        print(f"written to {args.out.with_name('bench_encoder.json')}")
+        return 0
     if args.memory:
         checkpoints = sorted(int(n) for n in args.memory.split(","))
         memory = {name: memory_workload(WORKLOADS[name], checkpoints)
