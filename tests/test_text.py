@@ -306,3 +306,23 @@ def test_export_refuses_a_run_it_cannot_write(text_runs, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     assert export_main([str(text_runs["lora"]), "--out", str(tmp_path / "taken")]) == 2
+
+
+def test_roberta_matches_transformers_where_installed(bert_dir, tmp_path):
+    torch = pytest.importorskip("torch", reason="the reference library's backend (torch) is not installed")
+    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(vocab_size=80, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=32, max_position_embeddings=40, pad_token_id=0)
+    reference = transformers.RobertaModel(config, add_pooling_layer=False).eval()
+    reference.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_bytes((bert_dir / "tokenizer.json").read_bytes())
+    model = HFEncoder(HFEncoderConfig(path=str(tmp_path)), None, 2)
+    ids = model.tokenize(["abc def", "a much longer text", "x"])
+    with torch.no_grad():
+        tensor = torch.tensor(ids.astype(np.int64))
+        hidden = reference(input_ids=tensor, attention_mask=(tensor != 0).long()).last_hidden_state
+    mask = (tensor != 0)[..., None].float()
+    params, _ = model.pretrained(mx.random.key(0), 2)
+    np.testing.assert_allclose(np.array(model.features(params, mx.array(ids))),
+                               ((hidden * mask).sum(1) / mask.sum(1)).numpy(), atol=1e-4)

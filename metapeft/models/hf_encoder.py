@@ -1,5 +1,5 @@
-"""A Hugging Face BERT-family encoder (BERT, MiniLM) in MLX, read from a model directory, with a task head on the
-pooled output.
+"""A Hugging Face BERT-family encoder (BERT, MiniLM, RoBERTa) in MLX, read from a model directory, with a task head
+on the pooled output.
 
 The directory holds ``config.json``, ``model.safetensors`` and ``tokenizer.json`` (the ``tokenizers`` library reads
 it). Parameters keep Hugging Face's module names (``encoder.layer.0.attention.self.query``, ...), so PEFT methods
@@ -31,7 +31,9 @@ from metapeft.models.hf_files import REQUIRED_FILES, model_directory
 from metapeft.models.layers import Backbone, init_linear
 from metapeft.registry import MODELS
 
-SUPPORTED_TYPES = ("bert",)  # MiniLM checkpoints are BERT models (model_type "bert")
+# MiniLM checkpoints are BERT models (model_type "bert"). RoBERTa differs only in numbering positions from the pad
+# id + 1 and in its checkpoints' "roberta." prefix.
+SUPPORTED_TYPES = ("bert", "roberta")
 
 
 class Pooling(StrEnum):
@@ -66,11 +68,12 @@ class HFEncoder(Backbone):
         model_type = self.config.get("model_type")
         require(model_type in SUPPORTED_TYPES, "model.path", f"{self.directory} holds a '{model_type}' model; "
                 f"supported model types: {list(SUPPORTED_TYPES)}")
-        require(cfg.max_length <= self.config["max_position_embeddings"], "model.max_length",
-                f"must be <= {self.config['max_position_embeddings']} (the model's position embeddings), "
-                f"got {cfg.max_length}")
+        positions = self.config["max_position_embeddings"] - (self.pad_id + 1 if model_type == "roberta" else 0)
+        require(cfg.max_length <= positions, "model.max_length",
+                f"must be <= {positions} (the model's position embeddings), got {cfg.max_length}")
         require(self.config.get("hidden_act", "gelu") == "gelu", "model.path",
                 f"only hidden_act 'gelu' is implemented, {self.directory} uses '{self.config.get('hidden_act')}'")
+        self.position_offset = self.pad_id + 1 if model_type == "roberta" else 0
         self.width = self.config["hidden_size"]
         self.num_heads = self.config["num_attention_heads"]
         self.eps = self.config.get("layer_norm_eps", 1e-12)
@@ -148,7 +151,8 @@ class HFEncoder(Backbone):
 
     def embed(self, params: dict, ids: mx.array) -> mx.array:
         e = params["embeddings"]
-        h = e["word_embeddings"][ids] + e["position_embeddings"][: ids.shape[-1]] + e["token_type_embeddings"][0]
+        positions = e["position_embeddings"][self.position_offset: self.position_offset + ids.shape[-1]]
+        h = e["word_embeddings"][ids] + positions + e["token_type_embeddings"][0]
         return self.layer_norm(e["LayerNorm"], h)
 
     def token_embeddings(self, params: dict, x: mx.array) -> mx.array:
@@ -224,7 +228,7 @@ def hf_name(path: tuple, leaf: str) -> str:
 def from_hf_names(flat: dict, expected: dict, directory: Path) -> dict:
     """The tree shaped like ``expected`` (without its head) filled from Hugging Face-named arrays; a missing or
     misshapen array is refused, naming it."""
-    flat = {k.removeprefix("bert."): v for k, v in flat.items()}
+    flat = {k.removeprefix("bert.").removeprefix("roberta."): v for k, v in flat.items()}
 
     def fill(node, path):
         if isinstance(node, list):
