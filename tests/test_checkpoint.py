@@ -18,7 +18,8 @@ def evaluate_saved(compose_cfg, run_dir, out_dir, *overrides):
 
 
 @pytest.mark.parametrize("overrides", [["algorithm=metasgd"],
-                                       ["algorithm=fomaml", "peft=adalora", "peft.prune_start=0.1"]])
+                                       pytest.param(["algorithm=fomaml", "peft=adalora", "peft.prune_start=0.1"],
+                                                    marks=pytest.mark.slow)])  # about a minute on 2 cores
 def test_evaluating_a_checkpoint_reproduces_the_run(compose_cfg, tmp_path, overrides):
     cache = f"pretrain.cache_dir={tmp_path / 'cache'}"
     trained = run(compose_cfg(*TINY, cache, *overrides), tmp_path / "run")

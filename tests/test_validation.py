@@ -11,6 +11,7 @@ from helpers import REPO, compose_config
 from metapeft.validation import CHECKS, Suite, validate
 
 
+@pytest.mark.slow  # the whole validation suite in quick mode: over a minute on 2 cores
 def test_every_check_passes_in_quick_mode(tmp_path):
     results = validate(Suite(compose_config, tmp_path))
     assert {name: r["status"] for name, r in results["checks"].items()} == {name: "PASS" for name in CHECKS}
