@@ -40,6 +40,18 @@ except ConfigError as error:  # a plugin that does not import: before Hydra, so 
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
 
 
+_first_job_in_process = [True]
+
+
+def start_up_seconds() -> float | None:
+    """How long this process ran before its first job began; later jobs of a sweep run in the same process (the
+    basic launcher) have no start-up of their own: 0."""
+    if not _first_job_in_process[0]:
+        return 0.0
+    _first_job_in_process[0] = False
+    return seconds_since_process_start()
+
+
 def validation_objective(metrics: dict) -> float:
     """What a sweeper optimizes: the validation metric of the meta-parameters the run kept (keep=last|best_val)."""
     train = metrics["train"]
@@ -95,7 +107,7 @@ def main(cfg: DictConfig) -> float | None:
         if not under_submitit_slurm():
             signal.signal(signal.SIGTERM, stop_on_signal)
     try:
-        metrics = run(cfg, out_dir, overrides=overrides, start_up_seconds=seconds_since_process_start())
+        metrics = run(cfg, out_dir, overrides=overrides, start_up_seconds=start_up_seconds())
     except KeyboardInterrupt as error:  # recorded in metrics.json (status interrupted) and history.csv by run()
         signal_name = getattr(error, "signal_name", "SIGINT")
         log.error("interrupted by %s: metrics.json and history.csv written to %s", signal_name, out_dir)

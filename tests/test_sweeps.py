@@ -102,3 +102,7 @@ def test_a_parallel_sweep_prints_how_many_jobs_are_done_and_a_sequential_one_nam
     assert sequential.returncode == 0, sequential.stderr[-2000:]
     assert "meta-train algorithm=maml mode=tiny" in sequential.stderr
     assert "meta-train algorithm=reptile mode=tiny" in sequential.stderr
+    # one process runs both jobs: only the first had a start-up (the second's is not the first job's run time)
+    start_up = {job: json.loads((tmp_path / "seq" / f"algorithm={job},mode=tiny" / "metrics.json").read_text())
+                ["seconds"]["start_up"] for job in ("maml", "reptile")}
+    assert start_up["maml"] > 0 and start_up["reptile"] == 0, start_up
