@@ -194,10 +194,10 @@ def print_breakdown(results: dict) -> None:
               f"  " + ", ".join(f"{p} {v:.1f}" for v, p in others))
 
 
-def encoder_workloads(repeats: int) -> dict:
-    """ms per meta-iteration and peak MLX memory of ENCODER under MAML, FOMAML and Reptile."""
+def encoder_workloads(repeats: int, algorithms: list[str]) -> dict:
+    """ms per meta-iteration and peak MLX memory of ENCODER under each algorithm (MAML, FOMAML, Reptile)."""
     results = {}
-    for algorithm in ("maml", "fomaml", "reptile"):
+    for algorithm in algorithms:
         exp, meta, frozen = setup([*ENCODER, f"algorithm={algorithm}"])
         optimizer = exp.learner.make_optimizer(10**6)
         optimizer.init(meta)
@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", type=str, default=None, metavar="N1,N2",
                         help="instead of timing: memory after N1 and N2 iterations of (a) and (c), e.g. 1000,10000")
     parser.add_argument("--runs", action="store_true", help="instead of timing steps: phases of whole quick runs")
-    parser.add_argument("--encoder", action="store_true", help="instead: MAML / FOMAML / Reptile on model=hf_encoder")
+    parser.add_argument("--encoder", nargs="?", const="maml,fomaml,reptile", default=None, metavar="ALGORITHMS",
+                        help="instead: these algorithms (default maml,fomaml,reptile) + LoRA on model=hf_encoder")
     args = parser.parse_args(argv)
     register_configs()
     if args.runs:
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"written to {args.out.with_name('bench_runs.json')}")
         return 0
     if args.encoder:
-        results = encoder_workloads(args.repeats)
+        results = encoder_workloads(args.repeats, args.encoder.split(","))
         io.write_json(args.out.with_name("bench_encoder.json"), {"blas": blas.status(), "workloads": results,
                                                                  "overrides": ENCODER})
         for name, r in results.items():
