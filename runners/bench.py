@@ -131,7 +131,7 @@ def time_workload(name: str, overrides: list[str], repeats: int, seconds: float)
     step = compiled_meta_step(exp.learner, optimizer)
     rng = np.random.default_rng(0)
     batches = [exp.task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, rng) for _ in range(8)]
-    our_first_loss = exp.learner.meta_loss(meta, frozen, batches[0]).item()
+    our_first_loss = exp.learner.meta_value_and_grad(meta, frozen, batches[0])[0].item()  # every algorithm has it
     initial_meta, state = meta, {"meta": meta}
 
     def run_step(i: int) -> mx.array:
