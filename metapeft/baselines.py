@@ -85,6 +85,18 @@ def ridge_mse(xs, ys, xq, yq) -> np.ndarray:
                      for t in range(len(xs))])
 
 
+def last_episodes(compute: Callable[[Episodes], tuple]) -> Callable[[Episodes], tuple]:
+    """``compute`` remembering its result for the last episodes it saw."""
+    last: list = [None, None]
+
+    def cached(e: Episodes) -> tuple:
+        if last[0] is not e:
+            last[:] = e, compute(e)
+        return last[1]
+
+    return cached
+
+
 def make_baselines(exp: Experiment, plain: dict, frozen: dict,
                    pretrained: Callable[[], dict]) -> dict[str, BaselineFn]:
     """name -> episodes -> per-task metric (``plain_init``: its adaptation curves). ``pretrained()`` gives the
@@ -94,20 +106,10 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
     if any(name in NEEDS_PRETRAINED for name in names):
         backbone = pretrained()
         embed = mx.vmap(lambda x: exp.model.features(backbone, x))  # task by task, as the model sees a task
-    last: list = [None, None]  # the last episodes and their features: prototype and linear_probe share them
-
-    def features(e: Episodes) -> tuple[np.ndarray, np.ndarray]:
-        if last[0] is not e:
-            last[:] = e, (flat(embed(e.xs)), flat(embed(e.xq)))
-        return last[1]
-
-    raw_last: list = [None, None]
-
-    def raw(e: Episodes) -> tuple[np.ndarray, np.ndarray]:
-        """The task's raw-input features (flattened pixels; a bag of tokens for text), shared by both baselines."""
-        if raw_last[0] is not e:
-            raw_last[:] = e, exp.task.raw_features(e.xs, e.xq)
-        return raw_last[1]
+    # The pretrained features (prototype, linear_probe) and the raw-input features (nearest_centroid,
+    # logistic_regression) of the last episodes: each pair of baselines shares one computation.
+    features = last_episodes(lambda e: (flat(embed(e.xs)), flat(embed(e.xq))))
+    raw = last_episodes(lambda e: exp.task.raw_features(e.xs, e.xq))
 
     def prototype(e: Episodes) -> np.ndarray:
         support, query = features(e)

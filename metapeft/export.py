@@ -31,7 +31,7 @@ PEFT_FORMATS = ("lora", "adalora")
 PREFIX = "base_model.model."
 
 
-def check_exportable(learned: LearnedInitialization, merge_weights: bool) -> None:
+def check_exportable(learned: LearnedInitialization) -> None:
     cfg = learned.experiment.cfg
     require(cfg.model.name == "hf_encoder", "model", f"export writes Hugging Face formats, for model=hf_encoder runs; "
             f"this run used model={cfg.model.name}")
@@ -52,11 +52,6 @@ def low_rank_factors(learned: LearnedInitialization) -> dict[str, tuple[mx.array
             layer, mask = get_in(weights, path), get_in(frozen, path)["ada_mask"]
             factors[path_name(path)] = (layer["ada_p"], layer["ada_lambda"] * mask, layer["ada_q"])
     return factors
-
-
-def scale(learned: LearnedInitialization) -> float:
-    peft = learned.experiment.cfg.peft
-    return peft.alpha / (peft.rank if peft.name == "lora" else peft.init_r)
 
 
 def write_head(learned: LearnedInitialization, out: Path) -> None:
@@ -99,7 +94,7 @@ def peft_adapter(learned: LearnedInitialization, out: Path) -> Path:
 
 def merged_backbone(learned: LearnedInitialization) -> dict:
     """The frozen backbone with each targeted layer's weight replaced by W + scale * down diag(s) up."""
-    frozen, factors, s = learned.frozen, low_rank_factors(learned), scale(learned)
+    frozen, factors, s = learned.frozen, low_rank_factors(learned), learned.experiment.peft.scale
     updates: dict = {}
     for path in paths_holding(frozen, "weight"):
         if path_name(path) in factors:
@@ -135,7 +130,7 @@ def export(run: str | Path, out: str | Path, merge_weights: bool = False) -> Pat
     from metapeft.api import load_run
 
     learned = load_run(run)
-    check_exportable(learned, merge_weights)
+    check_exportable(learned)
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", f"{out} exists and is not empty; give a new directory")

@@ -62,7 +62,7 @@ class AdaLoRA(LowRankMethod):
             require(0 <= getattr(cfg, key) < 1, f"peft.{key}", f"must be in [0, 1), got {getattr(cfg, key)}")
         require(cfg.orth_reg_weight >= 0, "peft.orth_reg_weight", f"must be >= 0, got {cfg.orth_reg_weight}")
         super().__init__(cfg, model)
-        scale = cfg.alpha / cfg.init_r
+        scale = self.scale
 
         def adalora_linear(params: dict, x: mx.array) -> mx.array:
             out = affine(params, x)

@@ -85,6 +85,11 @@ class LowRankMethod(PeftMethod):
 
     rank_key: str  # the config key of the rank each targeted layer gets
 
+    @property
+    def scale(self) -> float:
+        """The update's factor, alpha / rank (the rank at ``rank_key``)."""
+        return self.cfg.alpha / getattr(self.cfg, self.rank_key.split(".")[-1])
+
     def check(self, backbone: dict) -> None:
         self.target_layers(backbone)
 

@@ -34,7 +34,7 @@ class LoRA(LowRankMethod):
         require(cfg.rank >= 1, "peft.rank", f"must be >= 1, got {cfg.rank}")
         require(0 <= cfg.dropout < 1, "peft.dropout", f"must be in [0, 1), got {cfg.dropout}")
         super().__init__(cfg, model)
-        scale, keep = cfg.alpha / cfg.rank, 1.0 - cfg.dropout
+        scale, keep = self.scale, 1.0 - cfg.dropout
 
         def lora_linear(params: dict, x: mx.array, dropout: bool = False) -> mx.array:
             out = affine(params, x)
