@@ -18,6 +18,7 @@ import sys
 import types
 
 from metapeft import affinity, blas
+from metapeft.errors import require
 
 
 class DeferredModule(types.ModuleType):
@@ -44,3 +45,15 @@ def load() -> None:
     for stand_in in (mx, optim, utils):
         stand_in.__dict__.update(importlib.import_module(stand_in.__name__).__dict__)
     affinity.record_mlx_threads(mx)
+
+
+def use_device(requested: str) -> str:
+    """Make ``requested`` (``auto``, ``cpu`` or ``gpu``) MLX's default device and return the one used: ``auto`` is
+    the GPU where this MLX build has one, else the CPU; ``gpu`` without one is refused, naming the key."""
+    load()
+    has_gpu = mx.is_available(mx.gpu)
+    require(requested != "gpu" or has_gpu, "device", "gpu: this MLX build has no GPU backend here (Linux: "
+            "pip install -e '.[cuda]', see the README; Apple silicon: Metal); valid: auto, cpu")
+    device = "gpu" if has_gpu and requested != "cpu" else "cpu"
+    mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+    return device

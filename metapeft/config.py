@@ -78,6 +78,14 @@ class PretrainConfig:
     cache_dir: str = "${oc.select:paths.cache_dir,'~/.cache/metapeft'}"
 
 
+class Device(StrEnum):
+    """Where MLX computes (``metapeft.backend.use_device``)."""
+
+    auto = "auto"  # the GPU where MLX has one (Metal on Apple silicon, CUDA with .[cuda]), else the CPU
+    cpu = "cpu"
+    gpu = "gpu"
+
+
 class Keep(StrEnum):
     """The meta-parameters a run evaluates and saves."""
 
@@ -88,8 +96,8 @@ class Keep(StrEnum):
 # Keys that do not change what a job computes: ignored when deciding whether a stored result is this job's
 # (``metapeft.sweep``), and left out of a sweep job's directory name together with ``experiment`` (whose own
 # settings a name could not show anyway).
-NON_IDENTIFYING_KEYS = ("resume", "progress", "pretrain.cache_dir", "task.cache_dir", "model.cache_dir", "logger",
-                        "paths")
+NON_IDENTIFYING_KEYS = ("resume", "progress", "pretrain.cache_dir", "task.cache_dir", "model.cache_dir",
+                        "logger", "paths")
 
 
 @dataclass
@@ -114,6 +122,7 @@ class RunConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     seed: int = 0
+    device: Device = Device.auto
     progress: bool = True  # tqdm progress bars
     resume: bool = False  # in a sweep: skip jobs whose directory holds a completed result for the same overrides
     train: bool = True  # false (with checkpoint=<run dir>): evaluate a saved run instead of meta-training

@@ -15,7 +15,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from metapeft import affinity, blas, io
-from metapeft.backend import mx
+from metapeft.backend import mx, use_device
 from metapeft.baselines import chosen, make_baselines
 from metapeft.build import Experiment, build, initial_state, parameter_counts, pretrained
 from metapeft.checkpoint import (
@@ -66,6 +66,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), start_up_
             cfg = evaluation_config(cfg, overrides)
             metrics["identity"] = identity(cfg, overrides)
         loggers = active_loggers(cfg)  # a logger whose package is missing is refused before any work
+        metrics["device"] = use_device(cfg.device)
         exp = build(cfg)
         io.write_json(out_dir / "metrics.json", metrics)  # status running: a sweep shows what is under way
         metrics.update(train_and_evaluate(exp, out_dir, log, overrides, phases))
@@ -141,6 +142,7 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
             expected = TrainState(0, meta, frozen, optimizer.state, peft_state, None, 0)
             resume_from = load_training_state(directory, expected, log, train_rng, job)
             logger.info("resuming meta-training at iteration %d from %s", resume_from.iteration, directory)
+        until_meta_training = phases.since_process_start()  # start-up as a user waits for it
         with phases.phase("meta_training_with_checks"):
             meta, frozen = meta_train(
                 learner, meta, frozen,
@@ -163,6 +165,7 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
             "seconds_per_iteration": (log.step_seconds - log.first_step_seconds) / max(1, log.iterations - 1)
             if log.iterations > 1 else log.step_seconds,
             "first_iteration_seconds": log.first_step_seconds,
+            "seconds_to_first_iteration": until_meta_training,  # from the process's start; null in later sweep jobs
             "train_seconds": log.step_seconds,
             "final_loss": log.rows[-1]["loss"],
             "final_val_metric": log.rows[-1]["val_metric"],

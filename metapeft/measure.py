@@ -19,6 +19,13 @@ class PhaseTimes:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def since_process_start(self) -> float | None:
+        """Seconds since the process started: start-up (when the runner said) plus the time since these phases
+        began; None for a later job of a sweep process, which has no start-up of its own."""
+        start_up = self.seconds.get("start_up")
+        return start_up + time.perf_counter() - self.started if start_up else None
 
     @contextmanager
     def phase(self, name: str):

@@ -4,7 +4,8 @@
     METAPEFT_BLAS=bundled python runners/bench.py        # the same with MLX's bundled reference BLAS
     python runners/bench.py --memory 1000,10000          # memory after 1k and 10k iterations of (a) and (c)
     python runners/bench.py --runs                       # where whole quick runs spend their time
-    python runners/bench.py --encoder                    # MAML / FOMAML / Reptile + LoRA on model=hf_encoder
+    python runners/bench.py --start-up                   # seconds to the first meta-iteration vs imports alone
+    python runners/bench.py --encoder                    # MAML task by task, FOMAML, Reptile + LoRA, hf_encoder
 
 Workloads (issue 6): (a) sinusoid, MLP 1-40-40-1, meta-batch 25, K=10 support + 10 query, 1 inner SGD step
 (lr 0.01), second-order MAML, Adam; (b) the same with 5 inner steps; (c) digits 5-way 5-shot, transformer + LoRA
@@ -166,6 +167,16 @@ RUNS = {
 # 64 tokens per text; FOMAML and Reptile beside it.
 ENCODER = ["model=hf_encoder", "task=text", "peft=lora", "algorithm.meta_batch_size=4", "algorithm.num_inner_steps=5",
            "shots.train=5", "model.max_length=64"]
+ENCODER_VARIANTS = {
+    # all 4 tasks vmapped at once: killed by the out-of-memory killer at 24 GB; run only when named
+    "maml": ["algorithm=maml"],
+    "maml_task_by_task": ["algorithm=maml", "algorithm.tasks_per_pass=1"],
+    "maml_task_by_task_checkpointed": ["algorithm=maml", "algorithm.tasks_per_pass=1",
+                                       "algorithm.checkpoint_inner_steps=true"],
+    "fomaml": ["algorithm=fomaml"],
+    "reptile": ["algorithm=reptile"],
+}
+ENCODER_DEFAULT = "maml_task_by_task,maml_task_by_task_checkpointed,fomaml,reptile"
 
 
 def run_breakdown(out_dir: Path) -> dict:
@@ -184,6 +195,31 @@ def run_breakdown(out_dir: Path) -> dict:
     return results
 
 
+# The same clock for both sides: seconds from the process's start (/proc), read where each is done.
+IMPORTS_ONLY = ("import os, mlx.core, hydra; "
+                "ticks = int(open('/proc/self/stat').read().rsplit(')', 1)[1].split()[19]); "
+                "print(float(open('/proc/uptime').read().split()[0]) - ticks / os.sysconf('SC_CLK_TCK'))")
+
+
+def start_up(repeats: int, out_dir: Path) -> dict:
+    """Seconds from process start to the first meta-iteration of the default job (mode=tiny), against the
+    seconds to ``import mlx.core, hydra`` alone; medians of ``repeats`` alternating runs."""
+    import subprocess
+
+    imports, runner = [], []
+    for repeat in range(repeats):
+        done = subprocess.run([sys.executable, "-c", IMPORTS_ONLY], check=True, capture_output=True, text=True)
+        imports.append(float(done.stdout))
+        run_dir = out_dir / f"start_up_{repeat}"
+        subprocess.run([sys.executable, str(Path(__file__).with_name("run.py")), "mode=tiny", "progress=false",
+                        f"hydra.run.dir={run_dir}"], check=True, capture_output=True)
+        runner.append(io.read_json(run_dir / "metrics.json")["train"]["seconds_to_first_iteration"])
+    result = {"import_mlx_hydra_seconds": float(np.median(imports)), "to_first_iteration_seconds":
+              float(np.median(runner)), "all_imports": imports, "all_runner": runner}
+    result["ratio"] = result["to_first_iteration_seconds"] / result["import_mlx_hydra_seconds"]
+    return result
+
+
 def print_breakdown(results: dict) -> None:
     phases = [p for p in next(iter(results.values())) if p not in ("total", "wall_from_outside")]
     print(f"{'run':28s} {'total s':>8s} {'meta-train':>10s} {'not meta-training':>18s}  largest other phases")
@@ -194,11 +230,12 @@ def print_breakdown(results: dict) -> None:
               f"  " + ", ".join(f"{p} {v:.1f}" for v, p in others))
 
 
-def encoder_workloads(repeats: int, algorithms: list[str]) -> dict:
-    """ms per meta-iteration and peak MLX memory of ENCODER under each algorithm (MAML, FOMAML, Reptile)."""
+def encoder_workloads(repeats: int, variants: list[str]) -> dict:
+    """ms per meta-iteration and peak MLX memory of ENCODER under each of ENCODER_VARIANTS, the runner's own step
+    on the same batches."""
     results = {}
-    for algorithm in algorithms:
-        exp, meta, frozen = setup([*ENCODER, f"algorithm={algorithm}"])
+    for variant in variants:
+        exp, meta, frozen = setup([*ENCODER, *ENCODER_VARIANTS[variant]])
         optimizer = exp.learner.make_optimizer(10**6)
         optimizer.init(meta)
         step = compiled_meta_step(exp.learner, optimizer)
@@ -206,15 +243,17 @@ def encoder_workloads(repeats: int, algorithms: list[str]) -> dict:
         batches = [exp.task.sample("train", 4, 5, rng) for _ in range(repeats + 1)]
         mx.eval(meta, frozen)
         mx.reset_peak_memory()
-        times = []
+        times, losses = [], []
         for batch in batches:
             start = time.perf_counter()
             loss, meta, grads = step(meta, frozen, *batch)
             mx.eval(loss, meta, grads)
             times.append(time.perf_counter() - start)
-        results[algorithm] = {"ms_per_iteration": 1e3 * float(np.median(times[1:])), "first_ms": 1e3 * times[0],
-                              "mlx_peak_mb": mx.get_peak_memory() / 2**20, "rss_mb": current_rss_mb(),
-                              "sequence_length": int(batches[0].xs.shape[-1])}
+            losses.append(loss.item())
+        results[variant] = {"ms_per_iteration": 1e3 * float(np.median(times[1:])), "first_ms": 1e3 * times[0],
+                            "mlx_peak_mb": mx.get_peak_memory() / 2**20, "rss_mb": current_rss_mb(),
+                            "first_loss": losses[0], "sequence_length": int(batches[0].xs.shape[-1]),
+                            "overrides": ENCODER_VARIANTS[variant]}
     return results
 
 
@@ -226,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", type=str, default=None, metavar="N1,N2",
                         help="instead of timing: memory after N1 and N2 iterations of (a) and (c), e.g. 1000,10000")
     parser.add_argument("--runs", action="store_true", help="instead of timing steps: phases of whole quick runs")
-    parser.add_argument("--encoder", nargs="?", const="maml,fomaml,reptile", default=None, metavar="ALGORITHMS",
-                        help="instead: these algorithms (default maml,fomaml,reptile) + LoRA on model=hf_encoder")
+    parser.add_argument("--start-up", action="store_true",
+                        help="instead: seconds to the first meta-iteration against `import mlx.core, hydra`")
+    parser.add_argument("--encoder", nargs="?", const=ENCODER_DEFAULT, default=None, metavar="VARIANTS",
+                        help=f"instead: these of {list(ENCODER_VARIANTS)} (default {ENCODER_DEFAULT}) + LoRA on "
+                        "model=hf_encoder")
     args = parser.parse_args(argv)
     register_configs()
     if args.runs:
@@ -237,13 +279,20 @@ def main(argv: list[str] | None = None) -> int:
         print_breakdown(results)
         print(f"written to {args.out.with_name('bench_runs.json')}")
         return 0
+    if args.start_up:
+        result = start_up(args.repeats, args.out.parent / "runs")
+        io.write_json(args.out.with_name("bench_start_up.json"), result)
+        print(f"to the first meta-iteration {result['to_first_iteration_seconds']:.2f} s, import mlx.core, hydra "
+              f"{result['import_mlx_hydra_seconds']:.2f} s: {result['ratio']:.2f}x (medians of {args.repeats})")
+        return 0
     if args.encoder:
         results = encoder_workloads(args.repeats, args.encoder.split(","))
         io.write_json(args.out.with_name("bench_encoder.json"), {"blas": blas.status(), "workloads": results,
                                                                  "overrides": ENCODER})
         for name, r in results.items():
-            print(f"encoder {name:8s} {r['ms_per_iteration']:10.0f} ms per iteration, MLX peak {r['mlx_peak_mb']:8.0f} "
-                  f"MB (texts of {r['sequence_length']} tokens)")
+            print(f"encoder {name:32s} {r['ms_per_iteration']:10.0f} ms per iteration, MLX peak "
+                  f"{r['mlx_peak_mb']:8.0f} MB, first loss {r['first_loss']:.5f} (texts of {r['sequence_length']} "
+                  "tokens)")
         print(f"written to {args.out.with_name('bench_encoder.json')}")
         return 0
     if args.memory:

@@ -212,3 +212,34 @@ def test_prototype_head_init_starts_every_gradient_based_algorithm_from_the_prot
     with pytest.raises(ConfigError) as error:  # prototypes need classes
         make(MAML, MAMLConfig, loss, head_init=HeadInit.prototypes)
     assert error.value.key == "algorithm.head_init"
+
+
+@pytest.mark.parametrize("cls, schema", [(MAML, MAMLConfig), (MetaSGD, MetaSGDConfig), (Reptile, ReptileConfig)])
+@pytest.mark.parametrize("passes", [{"tasks_per_pass": 2}, {"tasks_per_pass": 1, "checkpoint_inner_steps": True}])
+def test_a_meta_batch_taken_in_passes_gives_the_whole_batch_update(cls, schema, passes):
+    """3 tasks in passes of 2 + 1 (the single task runs without vmap) or 1 + 1 + 1 with each inner step
+    recomputed in the backward pass: the same loss, meta-gradient and update as all 3 at once."""
+    from metapeft.train import compiled_meta_step
+
+    weights, episodes, loss = problem()
+    results = []
+    for overrides in ({}, passes):
+        learner = make(cls, schema, loss, **overrides)
+        meta = learner.meta_parameters(weights)
+        optimizer = learner.make_optimizer(10)
+        optimizer.init(meta)
+        results.append(compiled_meta_step(learner, optimizer)(meta, {}, *episodes))
+    (whole_loss, whole_meta, whole_grads), (loss_in_passes, meta_in_passes, grads_in_passes) = results
+    assert loss_in_passes.item() == pytest.approx(whole_loss.item(), rel=1e-12)
+    np.testing.assert_allclose(flat(grads_in_passes), flat(whole_grads), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(flat(meta_in_passes), flat(whole_meta), rtol=1e-10, atol=1e-14)
+
+
+def test_checkpointed_inner_steps_need_one_task_per_pass():
+    _, _, loss = problem()
+    with pytest.raises(ConfigError) as error:
+        make(MAML, MAMLConfig, loss, checkpoint_inner_steps=True)
+    assert error.value.key == "algorithm.checkpoint_inner_steps" and "tasks_per_pass=1" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        make(MAML, MAMLConfig, loss, tasks_per_pass=0)
+    assert error.value.key == "algorithm.tasks_per_pass"

@@ -108,6 +108,7 @@ def test_group_options_are_the_real_ones_not_their_schemas(compose_cfg):
 
 
 @pytest.mark.parametrize("overrides, key", [(["keep=best"], "keep"), (["model.activation=gelu"], "activation"),
+                                            (["device=tpu"], "device"),
                                             (["peft=prompt_tuning", "peft.init=zeros"], "init")])
 def test_string_choices_are_enums_checked_at_composition(compose_cfg, overrides, key):
     with pytest.raises(ConfigCompositionException) as error:
@@ -146,3 +147,16 @@ def test_keys_added_with_plus_or_deleted_are_refused_naming_them(compose_cfg, ov
     with pytest.raises(ConfigError) as error:
         build(compose_cfg(*overrides))
     assert error.value.key == key
+
+
+def test_a_gpu_where_mlx_has_none_is_refused_naming_the_key():
+    from metapeft.backend import mx, use_device
+
+    if mx.is_available(mx.gpu):
+        assert use_device("gpu") == "gpu" and mx.default_device() == mx.gpu
+    else:
+        with pytest.raises(ConfigError) as error:
+            use_device("gpu")
+        assert error.value.key == "device" and "auto, cpu" in str(error.value)
+    assert use_device("cpu") == "cpu" and mx.default_device() == mx.cpu
+    use_device("auto")

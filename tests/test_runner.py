@@ -49,6 +49,7 @@ def test_a_run_writes_metrics_history_and_checkpoint(tmp_path):
                                      "adapter_bytes": 4 * 1761, "meta_learned_bytes": 8 * 1761}
     assert metrics["train"]["iterations"] == 10 and metrics["train"]["seconds_per_iteration"] > 0
     assert metrics["memory"]["max_rss_mb"] > 0
+    assert metrics["device"] == ("gpu" if mx.is_available(mx.gpu) else "cpu")  # device=auto: the best available
     if sys.platform.startswith("linux"):  # a single run keeps MLX's stream thread on the main thread's core
         assert metrics["cpu_affinity"]["colocated"] is True
     history = pd.read_csv(tmp_path / "history.csv")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Callable, Protocol
+from typing import Callable, Optional, Protocol
 
 from omegaconf import MISSING
 
@@ -51,6 +51,13 @@ class AlgorithmConfig:
     outer_lr: float = "${oc.select:model.default_outer_lr,0.001}"  # type: ignore[assignment]
     meta_batch_size: int = "${task.default_meta_batch_size}"  # type: ignore[assignment]
     head_init: HeadInit = HeadInit.learned
+    # Tasks of a meta-batch whose gradient is taken in one pass; the passes' gradients are averaged (every
+    # algorithm's (pseudo-)gradient is a mean over tasks). null: the whole meta-batch at once. Fewer tasks per
+    # pass hold fewer activations: second-order MAML over a pretrained encoder needs it.
+    tasks_per_pass: Optional[int] = None
+    # Recompute each inner step's activations during the meta-gradient instead of keeping them (``mx.checkpoint``):
+    # memory for time. MLX cannot vmap it, so it needs tasks_per_pass=1 (one task: no vmap).
+    checkpoint_inner_steps: bool = False
 
 
 def prototype_head(features: mx.array, labels: mx.array, num_classes: int) -> dict:
@@ -60,6 +67,14 @@ def prototype_head(features: mx.array, labels: mx.array, num_classes: int) -> di
     one_hot = (labels[..., None] == mx.arange(num_classes)).astype(features.dtype)
     prototypes = (one_hot.T @ features) / mx.sum(one_hot, axis=0)[:, None]
     return {"weight": 2 * prototypes.T, "bias": -mx.sum(mx.square(prototypes), axis=-1)}
+
+
+def map_tasks(fn: Callable, *batched: mx.array):
+    """``fn`` over the leading (task) axis of ``batched``, vectorized with ``vmap``. A single task runs without
+    ``vmap``, so transforms MLX cannot vmap (``mx.checkpoint``) work inside it."""
+    if batched[0].shape[0] == 1:
+        return utils.tree_map(lambda a: a[None], fn(*(a[0] for a in batched)))
+    return mx.vmap(fn)(*batched)
 
 
 def sgd_step(weights: dict, grads: dict, lr) -> dict:
@@ -80,6 +95,10 @@ class MetaLearner:
         require(cfg.meta_batch_size >= 1, "algorithm.meta_batch_size", f"must be >= 1, got {cfg.meta_batch_size}")
         require(cfg.head_init == HeadInit.learned or objective.num_classes is not None, "algorithm.head_init",
                 "prototypes need a classification task (task=digits or task=image_folder); use head_init=learned")
+        require(cfg.tasks_per_pass is None or cfg.tasks_per_pass >= 1, "algorithm.tasks_per_pass",
+                f"must be >= 1 or null (the whole meta-batch), got {cfg.tasks_per_pass}")
+        require(not cfg.checkpoint_inner_steps or cfg.tasks_per_pass == 1, "algorithm.checkpoint_inner_steps",
+                "needs algorithm.tasks_per_pass=1: MLX cannot vmap a checkpointed function over tasks")
         self.cfg = cfg
         self.objective = objective
         self.loss_fn = objective.loss
@@ -100,8 +119,11 @@ class MetaLearner:
 
     def adapt(self, meta: dict, frozen: dict, x: mx.array, y: mx.array, num_steps: int | None = None) -> dict:
         weights = self.task_start(meta, frozen, x, y)
+        step = lambda meta, weights: self.inner_step(meta, weights, frozen, x, y)
+        if self.cfg.checkpoint_inner_steps:  # the frozen tree and the data are constants to it (token ids have no
+            step = mx.checkpoint(step)  # gradient, which mx.checkpoint would otherwise try to take)
         for _ in range(self.cfg.num_inner_steps if num_steps is None else num_steps):
-            weights = self.inner_step(meta, weights, frozen, x, y)
+            weights = step(meta, weights)
         return weights
 
     def meta_value_and_grad(self, meta: dict, frozen: dict, episodes: Episodes) -> tuple[mx.array, dict]:

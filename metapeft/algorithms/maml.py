@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metapeft.algorithms.base import AlgorithmConfig, MetaLearner, sgd_step
+from metapeft.algorithms.base import AlgorithmConfig, MetaLearner, map_tasks, sgd_step
 from metapeft.backend import mx, utils
 from metapeft.registry import ALGORITHMS
 from metapeft.tasks.base import Episodes
@@ -37,8 +37,7 @@ class MAML(MetaLearner):
 
     def meta_loss(self, meta: dict, frozen: dict, episodes: Episodes) -> mx.array:
         """Mean query loss after adaptation over the task batch (vectorized over tasks)."""
-        per_task = mx.vmap(self.query_loss, in_axes=(None, None, 0, 0, 0, 0))
-        return mx.mean(per_task(meta, frozen, *episodes))
+        return mx.mean(map_tasks(lambda xs, ys, xq, yq: self.query_loss(meta, frozen, xs, ys, xq, yq), *episodes))
 
     def meta_value_and_grad(self, meta: dict, frozen: dict, episodes: Episodes) -> tuple[mx.array, dict]:
         return mx.value_and_grad(self.meta_loss)(meta, frozen, episodes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metapeft.algorithms.base import AlgorithmConfig, MetaLearner
+from metapeft.algorithms.base import AlgorithmConfig, MetaLearner, map_tasks
 from metapeft.backend import mx, optim, utils
 from metapeft.errors import require
 from metapeft.registry import ALGORITHMS
@@ -39,7 +39,7 @@ class Reptile(MetaLearner):
             phi = self.adapt(meta, frozen, xs, ys)
             return phi, self.loss_fn(phi, frozen, xq, yq)
 
-        phis, losses = mx.vmap(one_task)(*episodes)
+        phis, losses = map_tasks(one_task, *episodes)
         pseudo_grad = utils.tree_map(lambda theta, phi: theta - mx.mean(phi, axis=0), meta["weights"], phis)
         return mx.mean(losses), {"weights": pseudo_grad}
 
