@@ -2,8 +2,9 @@
 
     python runners/bench.py [--repeats 5] [--out outputs/benchmarks/bench.json]
     METAPEFT_BLAS=bundled python runners/bench.py        # the same with MLX's bundled reference BLAS
-    python runners/bench.py --memory 1000,10000          # memory after 1k and 10k iterations of (a) and (c)
+    python runners/bench.py --memory 1000,10000          # memory after 1k and 10k iterations of each workload
     python runners/bench.py --runs                       # where whole quick runs spend their time
+    python runners/bench.py --per-call 1,2,4,8,16        # (a) with k meta-iterations per compiled call
     python runners/bench.py --start-up                   # seconds to the first meta-iteration vs imports alone
     python runners/bench.py --encoder                    # MAML task by task, FOMAML, Reptile + LoRA, hf_encoder
 
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from hydra import compose, initialize_config_dir
@@ -30,6 +33,7 @@ from metapeft import affinity, blas, io
 from metapeft.backend import mx, utils
 from metapeft.build import build
 from metapeft.config import register_configs
+from metapeft.tasks.base import Episodes
 from metapeft.train import TrainLog, compiled_meta_step, meta_train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runners.bench_peers, run as a script
@@ -58,6 +62,10 @@ def peer_spec(exp):
                 outer_lr_final=cfg.algorithm.get("outer_lr_final", 0.0), num_iterations=10**6)
     if cfg.model.name == "transformer":
         spec.num_heads, spec.num_tokens, spec.token_dim = cfg.model.num_heads, exp.model.num_tokens, exp.model.token_dim
+    if cfg.model.name == "hf_encoder":
+        model = exp.model
+        spec.num_heads, spec.pad_id, spec.position_offset = model.num_heads, model.pad_id, model.position_offset
+        spec.layer_norm_eps, spec.tasks_per_pass = model.eps, cfg.algorithm.tasks_per_pass
     if cfg.peft.name == "lora":
         spec.lora_scale = cfg.peft.alpha / cfg.peft.rank
     return spec
@@ -155,6 +163,52 @@ def time_workload(name: str, overrides: list[str], repeats: int, seconds: float)
             "peers": peers}
 
 
+def iterations_per_call(counts: list[int], repeats: int, seconds: float) -> dict:
+    """Workload (a) with k meta-iterations (k batches stacked, a loop inside ``mx.compile``) per compiled call:
+    ms per meta-iteration for each k on the same 64 pre-sampled batches, the k timed in turn, ``repeats`` rounds
+    (medians), so that a change in the machine's load falls on all of them (issue 18's first idea for (a))."""
+    exp, meta, frozen = setup(WORKLOADS["a_sinusoid_maml_1step"])
+    rng = np.random.default_rng(0)
+    batches = [exp.task.sample("train", 25, 10, rng) for _ in range(64)]
+
+    def make(k: int) -> Callable[[int], None]:
+        optimizer = exp.learner.make_optimizer(10**6)
+        optimizer.init(meta)
+
+        def several(meta, frozen, xs, ys, xq, yq):
+            losses = []
+            for i in range(k):
+                loss, grads = exp.learner.meta_value_and_grad(meta, frozen, Episodes(xs[i], ys[i], xq[i], yq[i]))
+                meta = optimizer.apply_gradients(grads, meta)
+                losses.append(loss)
+            return mx.stack(losses), meta
+
+        state = [optimizer.state, mx.random.state]
+        step = mx.compile(several, inputs=state, outputs=state)
+        stacked = [[mx.stack([batches[(j * k + i) % 64][a] for i in range(k)]) for a in range(4)]
+                   for j in range(max(1, 64 // k))]
+        current = {"meta": meta}
+
+        def run_calls(calls: int) -> None:
+            for j in range(calls):
+                losses, current["meta"] = step(current["meta"], frozen, *stacked[j % len(stacked)])
+                mx.eval(losses, current["meta"])
+
+        run_calls(2)  # compilation
+        return run_calls
+
+    runners = {k: make(k) for k in counts}
+    iterations = max(16, int(seconds / repeats / len(counts) / 1.5e-3))  # per k and round, at ~1.5 ms each
+    times: dict[int, list[float]] = {k: [] for k in counts}
+    with affinity.colocated():
+        for _ in range(repeats):
+            for k, run_calls in runners.items():
+                start = time.perf_counter()
+                run_calls(max(1, iterations // k))
+                times[k].append(1e3 * (time.perf_counter() - start) / (max(1, iterations // k) * k))
+    return {str(k): float(np.median(t)) for k, t in times.items()}
+
+
 # Whole runs whose time --runs splits into phases (metrics.json "seconds"), quick mode.
 RUNS = {
     "sinusoid_maml_mlp": [],
@@ -230,30 +284,80 @@ def print_breakdown(results: dict) -> None:
               f"  " + ", ".join(f"{p} {v:.1f}" for v, p in others))
 
 
-def encoder_workloads(repeats: int, variants: list[str]) -> dict:
-    """ms per meta-iteration and peak MLX memory of ENCODER under each of ENCODER_VARIANTS, the runner's own step
-    on the same batches."""
-    results = {}
-    for variant in variants:
-        exp, meta, frozen = setup([*ENCODER, *ENCODER_VARIANTS[variant]])
+def encoder_one(variant: str, implementation: str, repeats: int) -> dict:
+    """One of ENCODER_VARIANTS by ``mlx`` (the runner's own compiled step) or its ``pytorch`` peer (torch.func,
+    eager; task by task where ours is), on the same batches from the same start: ms per iteration after one
+    warm-up iteration, the loss of the first, and the process's peak resident memory (run alone in a process)."""
+    import resource
+
+    exp, meta, frozen = setup([*ENCODER, *ENCODER_VARIANTS[variant]])
+    rng = np.random.default_rng(0)
+    batches = [exp.task.sample("train", 4, 5, rng) for _ in range(repeats + 1)]
+    result: dict = {"implementation": implementation, "sequence_length": int(batches[0].xs.shape[-1])}
+    if implementation == "mlx":
         optimizer = exp.learner.make_optimizer(10**6)
         optimizer.init(meta)
-        step = compiled_meta_step(exp.learner, optimizer)
-        rng = np.random.default_rng(0)
-        batches = [exp.task.sample("train", 4, 5, rng) for _ in range(repeats + 1)]
+        step, state = compiled_meta_step(exp.learner, optimizer), {"meta": meta}
         mx.eval(meta, frozen)
-        mx.reset_peak_memory()
-        times, losses = [], []
-        for batch in batches:
-            start = time.perf_counter()
-            loss, meta, grads = step(meta, frozen, *batch)
-            mx.eval(loss, meta, grads)
-            times.append(time.perf_counter() - start)
-            losses.append(loss.item())
-        results[variant] = {"ms_per_iteration": 1e3 * float(np.median(times[1:])), "first_ms": 1e3 * times[0],
-                            "mlx_peak_mb": mx.get_peak_memory() / 2**20, "rss_mb": current_rss_mb(),
-                            "first_loss": losses[0], "sequence_length": int(batches[0].xs.shape[-1]),
-                            "overrides": ENCODER_VARIANTS[variant]}
+
+        def run_step(i: int) -> float:
+            loss, state["meta"], grads = step(state["meta"], frozen, *batches[i])
+            mx.eval(loss, state["meta"], grads)
+            return loss.item()
+    else:
+        from runners.bench_peers import torch_peer
+
+        to_numpy = lambda tree: utils.tree_map(lambda a: np.array(a), tree)
+        _, peer_step, sync = torch_peer(peer_spec(exp), to_numpy(meta["weights"]), to_numpy(frozen),
+                                            [tuple(np.array(a) for a in b) for b in batches])
+        del meta, frozen  # the peer holds its own copies
+        run_step = lambda i: sync(peer_step(i))  # the meta-loss before the update, as ours
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        loss = run_step(i)
+        times.append(time.perf_counter() - start)
+        result.setdefault("first_loss", loss)  # the meta-loss on the first batch, before any update
+    result.update(ms_per_iteration=1e3 * float(np.median(times[1:])), first_ms=1e3 * times[0],
+                  max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if implementation == "mlx":
+        result["mlx_peak_mb"] = mx.get_peak_memory() / 2**20
+    return result
+
+
+# ENCODER_VARIANTS with a PyTorch peer: the same computation, task by task where ours is (checkpointed or not)
+PEER_OF = {"maml_task_by_task": "maml_task_by_task", "maml_task_by_task_checkpointed": "maml_task_by_task",
+           "fomaml": "fomaml", "reptile": "reptile"}
+
+
+def encoder_workloads(repeats: int, variants: list[str]) -> dict:
+    """Each variant and, where PyTorch is installed, its peer, each in a process of its own (peak memory is the
+    process's), the peer timed only if its first meta-loss equals ours."""
+    import subprocess
+
+    def one(variant: str, implementation: str) -> dict:
+        done = subprocess.run([sys.executable, __file__, "--encoder-one", variant, implementation, "--repeats",
+                               str(repeats)], capture_output=True, text=True)
+        if done.returncode != 0:
+            return {"failed": f"exit {done.returncode}" + (" (killed: out of memory?)" if done.returncode < 0 else ""),
+                    "stderr_tail": done.stderr[-500:]}
+        return json.loads(done.stdout.splitlines()[-1])
+
+    results, peers = {}, {}
+    for variant in variants:
+        results[variant] = ours = one(variant, "mlx")
+        peer = PEER_OF.get(variant)
+        if peer is None or importlib.util.find_spec("torch") is None:
+            continue
+        if peer not in peers:
+            peers[peer] = one(peer, "pytorch")
+        theirs = peers[peer]
+        if "failed" in ours or "failed" in theirs:
+            ours["pytorch"] = theirs
+        elif not np.isclose(theirs["first_loss"], ours["first_loss"], rtol=1e-4):
+            ours["pytorch"] = f"refused: its meta-loss {theirs['first_loss']} differs from ours {ours['first_loss']}"
+        else:
+            ours["pytorch"] = {**theirs, "ours_over_peer": ours["ms_per_iteration"] / theirs["ms_per_iteration"]}
     return results
 
 
@@ -263,14 +367,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="rough time budget per workload")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/bench.json"))
     parser.add_argument("--memory", type=str, default=None, metavar="N1,N2",
-                        help="instead of timing: memory after N1 and N2 iterations of (a) and (c), e.g. 1000,10000")
+                        help="instead of timing: memory after N1 and N2 iterations of each workload, e.g. 1000,10000")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), metavar="NAMES",
+                        help=f"which of {list(WORKLOADS)} to time or (--memory) to run")
     parser.add_argument("--runs", action="store_true", help="instead of timing steps: phases of whole quick runs")
+    parser.add_argument("--encoder-one", nargs=2, metavar=("VARIANT", "IMPLEMENTATION"), help=argparse.SUPPRESS)
+    parser.add_argument("--per-call", default=None, metavar="K1,K2,...",
+                        help="instead: workload (a) with K meta-iterations per compiled call, e.g. 1,2,4,8,16")
     parser.add_argument("--start-up", action="store_true",
                         help="instead: seconds to the first meta-iteration against `import mlx.core, hydra`")
     parser.add_argument("--encoder", nargs="?", const=ENCODER_DEFAULT, default=None, metavar="VARIANTS",
                         help=f"instead: these of {list(ENCODER_VARIANTS)} (default {ENCODER_DEFAULT}) + LoRA on "
                         "model=hf_encoder")
     args = parser.parse_args(argv)
+    for option, names, valid in (("--workloads", args.workloads, WORKLOADS),
+                                 ("--encoder", args.encoder, ENCODER_VARIANTS)):
+        if unknown := sorted(set((names or "").split(",")) - set(valid) - {""}):
+            parser.error(f"{option}: unknown {unknown}; valid: {','.join(valid)}")
     register_configs()
     if args.runs:
         results = run_breakdown(args.out.parent / "runs")
@@ -279,26 +392,42 @@ def main(argv: list[str] | None = None) -> int:
         print_breakdown(results)
         print(f"written to {args.out.with_name('bench_runs.json')}")
         return 0
+    if args.per_call:
+        per_call = iterations_per_call([int(k) for k in args.per_call.split(",")], args.repeats, args.seconds)
+        io.write_json(args.out.with_name("bench_per_call.json"), {"blas": blas.status(), "ms_per_iteration": per_call})
+        for k, ms in per_call.items():
+            print(f"(a) {k:>3s} meta-iterations per compiled call: {ms:.3f} ms per meta-iteration "
+                  f"({ms / per_call[next(iter(per_call))]:.2f}x the first)")
+        return 0
     if args.start_up:
         result = start_up(args.repeats, args.out.parent / "runs")
         io.write_json(args.out.with_name("bench_start_up.json"), result)
         print(f"to the first meta-iteration {result['to_first_iteration_seconds']:.2f} s, import mlx.core, hydra "
               f"{result['import_mlx_hydra_seconds']:.2f} s: {result['ratio']:.2f}x (medians of {args.repeats})")
         return 0
+    if args.encoder_one:
+        print(json.dumps(encoder_one(*args.encoder_one, args.repeats)))
+        return 0
     if args.encoder:
         results = encoder_workloads(args.repeats, args.encoder.split(","))
         io.write_json(args.out.with_name("bench_encoder.json"), {"blas": blas.status(), "workloads": results,
                                                                  "overrides": ENCODER})
         for name, r in results.items():
-            print(f"encoder {name:32s} {r['ms_per_iteration']:10.0f} ms per iteration, MLX peak "
-                  f"{r['mlx_peak_mb']:8.0f} MB, first loss {r['first_loss']:.5f} (texts of {r['sequence_length']} "
-                  "tokens)")
+            if "failed" in r:
+                print(f"encoder {name:32s} failed: {r['failed']}")
+                continue
+            peer = r.get("pytorch")
+            versus = (f"; PyTorch {peer['ms_per_iteration']:.0f} ms, {peer['max_rss_mb']:.0f} MB RSS: "
+                      f"{peer['ours_over_peer']:.2f}x" if isinstance(peer, dict) and "ms_per_iteration" in peer
+                      else f"; PyTorch: {peer}" if peer else "")
+            print(f"encoder {name:32s} {r['ms_per_iteration']:8.0f} ms per iteration, MLX peak "
+                  f"{r['mlx_peak_mb']:6.0f} MB, {r['max_rss_mb']:6.0f} MB RSS{versus}")
         print(f"written to {args.out.with_name('bench_encoder.json')}")
         return 0
     if args.memory:
         checkpoints = sorted(int(n) for n in args.memory.split(","))
         memory = {name: memory_workload(WORKLOADS[name], checkpoints)
-                  for name in ("a_sinusoid_maml_1step", "c_digits_lora_maml")}
+                  for name in args.workloads.split(",")}
         io.write_json(args.out.with_name("bench_memory.json"), {"blas": blas.status(), "memory": memory})
         for name, readings in memory.items():
             for n, r in readings.items():
@@ -307,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"written to {args.out.with_name('bench_memory.json')}")
         return 0
     results = {name: time_workload(name, overrides, args.repeats, args.seconds)
-               for name, overrides in WORKLOADS.items()}
+               for name in args.workloads.split(",") for overrides in [WORKLOADS[name]]}
     io.write_json(args.out, {"blas": blas.status(), "workloads": results, "overrides": WORKLOADS})
     print(f"BLAS: {blas.status()}; MLX thread placement while timing ours: "
           f"{next(iter(results.values()))['cpu_affinity']}")

@@ -23,7 +23,7 @@ from metapeft.trees import merge  # pure Python over dicts and lists: serves any
 class Spec:
     """What a workload computes, read from the project's config by ``runners/bench.py``."""
 
-    model: str  # "mlp" or "transformer"
+    model: str  # "mlp", "transformer" or "hf_encoder"
     loss: str  # "mse" or "cross_entropy"
     algorithm: str  # "maml", "fomaml" or "reptile"
     inner_lr: float
@@ -35,15 +35,21 @@ class Spec:
     num_tokens: int = 1
     token_dim: int = 1
     lora_scale: float = 0.0
+    pad_id: int = 0  # hf_encoder: the token id of padding (masked out of attention and pooling)
+    position_offset: int = 0  # hf_encoder: RoBERTa's positions start after the pad id
+    layer_norm_eps: float = 1e-5
+    tasks_per_pass: int | None = None  # 1: the meta-gradient task by task, accumulated (PyTorch peer)
 
 
 @dataclass
 class Ops:
     relu: Callable
     softmax: Callable  # over the last axis
-    layer_norm: Callable  # (x, scale, bias) over the last axis, eps 1e-5
+    layer_norm: Callable  # (x, scale, bias, eps) over the last axis
     logsumexp: Callable  # over the last axis, keeping it
     take_labels: Callable  # (log_probs, labels) -> log_probs at the labels
+    gelu: Callable  # exact (erf) GELU, as BERT's hidden_act "gelu"
+    embed: Callable  # (table, ids) -> the table's rows at the ids
 
 
 def model_and_loss(spec: Spec, ops: Ops) -> Callable:
@@ -77,14 +83,41 @@ def model_and_loss(spec: Spec, ops: Ops) -> Callable:
         h = linear(p["embed"], tokens) + p["position"]
         for layer in p["layers"]:
             norm = layer["attention_norm"]
-            h = h + attention(layer["attention"], ops.layer_norm(h, norm["scale"], norm["bias"]))
+            h = h + attention(layer["attention"], norm_(norm, h))
             norm, fc = layer["mlp_norm"], layer["mlp"]
-            h = h + linear(fc["fc2"], ops.relu(linear(fc["fc1"], ops.layer_norm(h, norm["scale"], norm["bias"]))))
-        final = p["final_norm"]
-        pooled = ops.layer_norm(h, final["scale"], final["bias"])[..., -spec.num_tokens:, :].mean(-2)
+            h = h + linear(fc["fc2"], ops.relu(linear(fc["fc1"], norm_(norm, h))))
+        pooled = norm_(p["final_norm"], h)[..., -spec.num_tokens:, :].mean(-2)
         return linear(p["head"], pooled)
 
-    forward = mlp if spec.model == "mlp" else transformer
+    def norm_(p, x):
+        return ops.layer_norm(x, p["scale"], p["bias"], spec.layer_norm_eps)
+
+    def hf_encoder(p, ids):
+        """BERT's post-norm encoder (Hugging Face's names), mean-pooled over real tokens: models/hf_encoder.py."""
+        mask = (ids != spec.pad_id) * 1.0
+        e, length = p["embeddings"], ids.shape[-1]
+        h = (ops.embed(e["word_embeddings"], ids) + e["position_embeddings"][spec.position_offset:
+             spec.position_offset + length] + e["token_type_embeddings"][0])
+        h = norm_(e["LayerNorm"], h)
+        bias = ((1.0 - mask) * -1e9)[..., None, None, :]
+        *batch, _, width = h.shape
+        heads = spec.num_heads
+
+        def split_heads(t):
+            return t.reshape(*batch, length, heads, width // heads).swapaxes(-2, -3)
+
+        for layer in p["encoder"]["layer"]:
+            a = layer["attention"]
+            q, k, v = (split_heads(linear(a["self"][n], h)) for n in ("query", "key", "value"))
+            scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(width // heads) + bias
+            mixed = (ops.softmax(scores) @ v).swapaxes(-2, -3).reshape(*batch, length, width)
+            h = norm_(a["output"]["LayerNorm"], h + linear(a["output"]["dense"], mixed))
+            hidden = ops.gelu(linear(layer["intermediate"]["dense"], h))
+            h = norm_(layer["output"]["LayerNorm"], h + linear(layer["output"]["dense"], hidden))
+        pooled = (h * mask[..., None]).sum(-2) / mask.sum(-1)[..., None]
+        return linear(p["head"], pooled)
+
+    forward = {"mlp": mlp, "transformer": transformer, "hf_encoder": hf_encoder}[spec.model]
 
     def loss(adapted, frozen, x, y):
         prediction = forward(merge(frozen, adapted), x)
@@ -102,14 +135,15 @@ def jax_peer(spec: Spec, adapted: dict, frozen: dict, batches: list):
     import jax.numpy as jnp
     import optax
 
-    def layer_norm(x, scale, bias):
+    def layer_norm(x, scale, bias, eps):
         mean = x.mean(-1, keepdims=True)
         var = ((x - mean) ** 2).mean(-1, keepdims=True)
-        return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+        return (x - mean) / jnp.sqrt(var + eps) * scale + bias
 
     ops = Ops(jax.nn.relu, lambda s: jax.nn.softmax(s, axis=-1), layer_norm,
               lambda z: jax.scipy.special.logsumexp(z, axis=-1, keepdims=True),
-              lambda lp, y: jnp.take_along_axis(lp, y[..., None], axis=-1))
+              lambda lp, y: jnp.take_along_axis(lp, y[..., None], axis=-1),
+              lambda x: jax.nn.gelu(x, approximate=False), lambda table, ids: table[ids])
     loss = model_and_loss(spec, ops)
     first_order = spec.algorithm in ("fomaml", "reptile")
 
@@ -165,9 +199,10 @@ def torch_peer(spec: Spec, adapted: dict, frozen: dict, batches: list):
     from torch.utils._pytree import tree_flatten, tree_map
 
     ops = Ops(torch.relu, lambda s: torch.softmax(s, dim=-1),
-              lambda x, scale, bias: torch.nn.functional.layer_norm(x, x.shape[-1:], scale, bias, 1e-5),
+              lambda x, scale, bias, eps: torch.nn.functional.layer_norm(x, x.shape[-1:], scale, bias, eps),
               lambda z: torch.logsumexp(z, dim=-1, keepdim=True),
-              lambda lp, y: torch.take_along_dim(lp, y[..., None].long(), dim=-1))
+              lambda lp, y: torch.take_along_dim(lp, y[..., None].long(), dim=-1),
+              torch.nn.functional.gelu, lambda table, ids: table[ids.long()])
     loss = model_and_loss(spec, ops)
     first_order = spec.algorithm in ("fomaml", "reptile")
 
@@ -200,6 +235,18 @@ def torch_peer(spec: Spec, adapted: dict, frozen: dict, batches: list):
 
                 phis, losses = vmap(one_task)(xs, ys, xq, yq)
                 return losses.mean(), tree_map(lambda t, p: t - p.mean(0), w, phis)
+    elif spec.tasks_per_pass == 1:  # task by task, as a PyTorch user fits second-order MAML in memory
+        optimizer, schedule = torch.optim.Adam(leaves, lr=spec.outer_lr), None
+
+        def value_and_grad(xs, ys, xq, yq):
+            value, grads = 0.0, None
+            for task in range(len(xs)):
+                task_loss = lambda w: loss(adapt(w, frozen_t, xs[task], ys[task]), frozen_t, xq[task], yq[task])
+                g, v = grad_and_value(task_loss)(w)
+                value = value + v.detach() / len(xs)
+                g = tree_map(lambda t: t.detach() / len(xs), g)
+                grads = g if grads is None else tree_map(torch.add, grads, g)
+            return value, grads
     else:
         optimizer, schedule = torch.optim.Adam(leaves, lr=spec.outer_lr), None
 

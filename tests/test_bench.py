@@ -33,3 +33,23 @@ def test_missing_peers_are_reported_and_the_project_still_measured(monkeypatch):
                                  seconds=0.2)
     assert result["ms_per_iteration"] > 0
     assert result["peers"] == {name: "unavailable: pip install -e '.[bench]'" for name in PEERS}
+
+
+@pytest.mark.parametrize("variant", ["maml_task_by_task", "reptile"])
+def test_the_pytorch_peer_computes_our_meta_loss_on_the_encoder(tmp_path, variant):
+    """bench.py --encoder's peer: BERT under Hugging Face's names with LoRA (a tiny random BERT here), second-order
+    MAML task by task or Reptile vmapped, from our parameters and batches."""
+    pytest.importorskip("torch")
+    from helpers import tiny_bert
+    from runners.bench_peers import torch_peer
+
+    overrides = [*bench.ENCODER, *bench.ENCODER_VARIANTS[variant], f"model.path={tiny_bert(tmp_path / 'bert')}",
+                 "algorithm.num_inner_steps=2", "model.max_length=16", "algorithm.meta_batch_size=2"]
+    exp, meta, frozen = bench.setup(overrides)
+    batch = exp.task.sample("train", 2, 5, np.random.default_rng(0))
+    ours = exp.learner.meta_value_and_grad(meta, frozen, batch)[0].item()
+    to_numpy = lambda tree: tree_map(lambda a: np.array(a), tree)
+    theirs, step, sync = torch_peer(bench.peer_spec(exp), to_numpy(meta["weights"]), to_numpy(frozen),
+                                    [tuple(np.array(a) for a in batch)])
+    assert theirs == pytest.approx(ours, rel=1e-4)
+    assert sync(step(0)) == pytest.approx(ours, rel=1e-4)  # the task-by-task step's loss is the same meta-loss
