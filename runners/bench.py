@@ -4,7 +4,9 @@
     METAPEFT_BLAS=bundled python runners/bench.py        # the same with MLX's bundled reference BLAS
     python runners/bench.py --memory 1000,10000          # memory after 1k and 10k iterations of each workload
     python runners/bench.py --runs                       # where whole quick runs spend their time
+    python runners/bench.py --encoder-ops                # the encoder's largest operations, MLX vs PyTorch
     python runners/bench.py --per-call 1,2,4,8,16        # (a) with k meta-iterations per compiled call
+    python runners/bench.py --evaluation                 # each part of a quick digits + LoRA run's evaluation
     python runners/bench.py --start-up                   # seconds to the first meta-iteration vs imports alone
     python runners/bench.py --encoder                    # MAML task by task, FOMAML, Reptile + LoRA, hf_encoder
 
@@ -206,7 +208,54 @@ def iterations_per_call(counts: list[int], repeats: int, seconds: float) -> dict
                 start = time.perf_counter()
                 run_calls(max(1, iterations // k))
                 times[k].append(1e3 * (time.perf_counter() - start) / (max(1, iterations // k) * k))
-    return {str(k): float(np.median(t)) for k, t in times.items()}
+    results = {str(k): float(np.median(t)) for k, t in times.items()}
+    start = time.perf_counter()
+    for _ in range(2000):  # what generating the batch inside the compiled step could save: NumPy's sampling
+        exp.task.sample("train", 25, 10, rng)
+    results["numpy_sampling_ms"] = 1e3 * (time.perf_counter() - start) / 2000
+    return results
+
+
+def evaluation_parts(overrides: list[str], repeats: int = 2) -> dict:
+    """Seconds of each part of a run's evaluation (``metapeft.evaluate.evaluate_shots``) at every K: the meta-learned
+    model's adaptation curves, as the runner computes them (vmapped) and compiled (``mx.compile`` over the same
+    vmapped function, the meta-parameters as inputs), and each baseline; the last of ``repeats`` timings each."""
+    from metapeft.baselines import make_baselines
+    from metapeft.build import initial_state, pretrained
+    from metapeft.evaluate import learner_curves
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        cfg = compose(config_name="config", overrides=overrides)
+    exp = build(cfg)
+    start = initial_state(exp)
+    meta, frozen, learner, steps = exp.learner.meta_parameters(start.adapted), start.frozen, exp.learner, \
+        cfg.evaluation.curve_steps
+
+    def one_task(meta, frozen, xs, ys, xq, yq):
+        weights = learner.task_start(meta, frozen, xs, ys)
+        scores = [exp.metric(weights, frozen, xq, yq)]
+        for _ in range(steps):
+            weights = learner.inner_step(meta, weights, frozen, xs, ys)
+            scores.append(exp.metric(weights, frozen, xq, yq))
+        return mx.stack(scores)
+
+    compiled = mx.compile(mx.vmap(one_task, in_axes=(None, None, 0, 0, 0, 0)), inputs=[mx.random.state],
+                          outputs=[mx.random.state])
+    parts = {"curves (as the runner)": lambda e: learner_curves(exp, meta, frozen, e, steps),
+             "curves compiled": lambda e: np.array(compiled(meta, frozen, *e)),
+             **{f"baseline {name}": fn for name, fn in make_baselines(exp, start.plain, frozen,
+                                                                      lambda: pretrained(exp)[0]).items()}}
+    results = {}
+    with affinity.colocated():
+        for k in cfg.shots.eval:
+            episodes = exp.task.sample("test", cfg.mode.num_eval_tasks, k, np.random.default_rng([cfg.seed, 2, k]))
+            for name, part in parts.items():
+                for _ in range(repeats):
+                    began = time.perf_counter()
+                    part(episodes)
+                    results.setdefault(name, {})[str(k)] = time.perf_counter() - began
+    return results
 
 
 # Whole runs whose time --runs splits into phases (metrics.json "seconds"), quick mode.
@@ -255,6 +304,49 @@ IMPORTS_ONLY = ("import os, mlx.core, hydra; "
                 "print(float(open('/proc/uptime').read().split()[0]) - ticks / os.sysconf('SC_CLK_TCK'))")
 
 
+def start_up_parts(run_dir: Path) -> dict:
+    """The runner, in this process, stopped where its run would begin: seconds since the process started, and the
+    time inside Hydra's composition and in loading MLX and the BLAS on the way (``--start-up`` runs this alone)."""
+    import runpy
+
+    from hydra._internal.hydra import Hydra
+
+    from metapeft import backend, experiment
+    from metapeft.measure import seconds_since_process_start
+
+    # Python's start and this script's imports (Hydra, NumPy, metapeft: what the runner imports too)
+    parts = {"python_and_imports_s": seconds_since_process_start(), "compose_s": 0.0, "load_mlx_and_blas_s": 0.0,
+             "compositions": 0}
+
+    def timed(key: str, function: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                parts[key] += time.perf_counter() - start
+                parts["compositions"] += key == "compose_s"
+
+        return wrapper
+
+    class Reached(Exception):
+        pass
+
+    def stop_at_run(*args, **kwargs):
+        parts["process_to_run_s"] = seconds_since_process_start()
+        raise Reached
+
+    Hydra.compose_config = timed("compose_s", Hydra.compose_config)
+    backend.load = timed("load_mlx_and_blas_s", backend.load)
+    experiment.run = stop_at_run
+    sys.argv = ["run.py", "mode=tiny", "progress=false", f"hydra.run.dir={run_dir}"]
+    try:
+        runpy.run_path(str(Path(__file__).with_name("run.py")), run_name="__main__")
+    except Reached:
+        pass
+    return parts
+
+
 def start_up(repeats: int, out_dir: Path) -> dict:
     """Seconds from process start to the first meta-iteration of the default job (mode=tiny), against the
     seconds to ``import mlx.core, hydra`` alone; medians of ``repeats`` alternating runs."""
@@ -271,6 +363,10 @@ def start_up(repeats: int, out_dir: Path) -> dict:
     result = {"import_mlx_hydra_seconds": float(np.median(imports)), "to_first_iteration_seconds":
               float(np.median(runner)), "all_imports": imports, "all_runner": runner}
     result["ratio"] = result["to_first_iteration_seconds"] / result["import_mlx_hydra_seconds"]
+    parts = [json.loads(subprocess.run([sys.executable, __file__, "--start-up-parts", str(out_dir / "parts")],
+                                       check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+             for _ in range(repeats)]
+    result["parts"] = {key: float(np.median([p[key] for p in parts])) for key in parts[0]}
     return result
 
 
@@ -330,6 +426,43 @@ PEER_OF = {"maml_task_by_task": "maml_task_by_task", "maml_task_by_task_checkpoi
            "fomaml": "fomaml", "reptile": "reptile"}
 
 
+def encoder_ops(implementation: str, repeats: int = 20) -> dict:
+    """Milliseconds per call of the encoder's largest operations at bench --encoder's shapes (25 texts of 39 tokens,
+    MiniLM's widths), in MLX (compiled, as in the meta-step) or PyTorch (eager, its own threads)."""
+    rng = np.random.default_rng(0)
+    shapes = {"x": (975, 384), "w": (384, 1536), "h": (975, 1536), "scores": (25, 12, 39, 39)}
+    data = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
+    if implementation == "mlx":
+        from metapeft.models.hf_encoder import gelu
+
+        x, w, h, scores = (mx.array(data[n]) for n in ("x", "w", "h", "scores"))
+        scale, bias = mx.ones((384,)), mx.zeros((384,))
+        compiled_gelu, softmax = mx.compile(gelu), mx.compile(lambda s: mx.softmax(s, axis=-1))
+        ops = {"matmul (975x384 @ 384x1536)": lambda: x @ w, "GELU (975x1536)": lambda: compiled_gelu(h),
+               "softmax (25x12x39x39)": lambda: softmax(scores),
+               "layer norm (975x384)": lambda: mx.fast.layer_norm(x, scale, bias, 1e-12),
+               "add (975x1536)": lambda: h + h}
+        sync = mx.eval
+    else:
+        import torch
+
+        x, w, h, scores = (torch.from_numpy(data[n]) for n in ("x", "w", "h", "scores"))
+        scale, bias = torch.ones(384), torch.zeros(384)
+        ops = {"matmul (975x384 @ 384x1536)": lambda: x @ w, "GELU (975x1536)": lambda: torch.nn.functional.gelu(h),
+               "softmax (25x12x39x39)": lambda: torch.softmax(scores, -1),
+               "layer norm (975x384)": lambda: torch.nn.functional.layer_norm(x, (384,), scale, bias, 1e-12),
+               "add (975x1536)": lambda: h + h}
+        sync = lambda out: None
+    results = {}
+    for name, op in ops.items():
+        sync(op())
+        start = time.perf_counter()
+        for _ in range(repeats):
+            sync(op())
+        results[name] = 1e3 * (time.perf_counter() - start) / repeats
+    return results
+
+
 def encoder_workloads(repeats: int, variants: list[str]) -> dict:
     """Each variant and, where PyTorch is installed, its peer, each in a process of its own (peak memory is the
     process's), the peer timed only if its first meta-loss equals ours."""
@@ -371,9 +504,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), metavar="NAMES",
                         help=f"which of {list(WORKLOADS)} to time or (--memory) to run")
     parser.add_argument("--runs", action="store_true", help="instead of timing steps: phases of whole quick runs")
+    parser.add_argument("--encoder-ops", action="store_true",
+                        help="instead: the encoder's largest operations in MLX and PyTorch, each in its own process")
+    parser.add_argument("--encoder-ops-one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--start-up-parts", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--encoder-one", nargs=2, metavar=("VARIANT", "IMPLEMENTATION"), help=argparse.SUPPRESS)
     parser.add_argument("--per-call", default=None, metavar="K1,K2,...",
                         help="instead: workload (a) with K meta-iterations per compiled call, e.g. 1,2,4,8,16")
+    parser.add_argument("--evaluation", nargs="*", default=None, metavar="OVERRIDE",
+                        help="instead: seconds of each part of a quick evaluation (default task=digits peft=lora)")
     parser.add_argument("--start-up", action="store_true",
                         help="instead: seconds to the first meta-iteration against `import mlx.core, hydra`")
     parser.add_argument("--encoder", nargs="?", const=ENCODER_DEFAULT, default=None, metavar="VARIANTS",
@@ -395,15 +534,46 @@ def main(argv: list[str] | None = None) -> int:
     if args.per_call:
         per_call = iterations_per_call([int(k) for k in args.per_call.split(",")], args.repeats, args.seconds)
         io.write_json(args.out.with_name("bench_per_call.json"), {"blas": blas.status(), "ms_per_iteration": per_call})
+        sampling = per_call.pop("numpy_sampling_ms")
         for k, ms in per_call.items():
             print(f"(a) {k:>3s} meta-iterations per compiled call: {ms:.3f} ms per meta-iteration "
                   f"({ms / per_call[next(iter(per_call))]:.2f}x the first)")
+        print(f"(a) sampling a batch in NumPy, as the runner's loop does: {sampling:.3f} ms")
+        return 0
+    if args.evaluation is not None:
+        overrides = args.evaluation or ["task=digits", "peft=lora"]
+        parts = evaluation_parts(overrides)
+        io.write_json(args.out.with_name("bench_evaluation.json"), {"overrides": overrides, "seconds": parts})
+        for name, per_k in parts.items():
+            print(f"{name:32s} " + "  ".join(f"K={k}: {v:6.2f} s" for k, v in per_k.items())
+                  + f"  total {sum(per_k.values()):6.2f} s")
         return 0
     if args.start_up:
         result = start_up(args.repeats, args.out.parent / "runs")
         io.write_json(args.out.with_name("bench_start_up.json"), result)
         print(f"to the first meta-iteration {result['to_first_iteration_seconds']:.2f} s, import mlx.core, hydra "
               f"{result['import_mlx_hydra_seconds']:.2f} s: {result['ratio']:.2f}x (medians of {args.repeats})")
+        parts = result["parts"]
+        print(f"the runner up to its run: {parts['process_to_run_s']:.2f} s from the process's start; in it, Python "
+              f"and imports {parts['python_and_imports_s']:.2f} s, Hydra's composition {parts['compose_s']:.2f} s "
+              f"({parts['compositions']:.0f} compositions), MLX and the BLAS {parts['load_mlx_and_blas_s']:.2f} s")
+        return 0
+    if args.start_up_parts:
+        print(json.dumps(start_up_parts(args.start_up_parts)))
+        return 0
+    if args.encoder_ops_one:
+        print(json.dumps(encoder_ops(args.encoder_ops_one)))
+        return 0
+    if args.encoder_ops:
+        import subprocess
+
+        both = {impl: json.loads(subprocess.run([sys.executable, __file__, "--encoder-ops-one", impl], check=True,
+                                                capture_output=True, text=True).stdout.splitlines()[-1])
+                for impl in ("mlx", "pytorch")}
+        io.write_json(args.out.with_name("bench_encoder_ops.json"), both)
+        for name, ours in both["mlx"].items():
+            theirs = both["pytorch"][name]
+            print(f"{name:30s} MLX {ours:7.2f} ms, PyTorch {theirs:7.2f} ms: {ours / theirs:5.2f}x")
         return 0
     if args.encoder_one:
         print(json.dumps(encoder_one(*args.encoder_one, args.repeats)))
@@ -437,8 +607,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = {name: time_workload(name, overrides, args.repeats, args.seconds)
                for name in args.workloads.split(",") for overrides in [WORKLOADS[name]]}
-    io.write_json(args.out, {"blas": blas.status(), "workloads": results, "overrides": WORKLOADS})
-    print(f"BLAS: {blas.status()}; MLX thread placement while timing ours: "
+    io.write_json(args.out, {"blas": blas.status(), "device": str(mx.default_device()), "workloads": results,
+                             "overrides": WORKLOADS})
+    print(f"MLX device: {mx.default_device()}; BLAS: {blas.status()}; MLX thread placement while timing ours: "
           f"{next(iter(results.values()))['cpu_affinity']}")
     print(f"{'workload':24s} {'ours ms':>9s} {'JAX ms':>9s} {'ours/JAX':>9s} {'torch ms':>9s} {'ours/torch':>10s}")
     for name, result in results.items():
