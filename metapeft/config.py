@@ -96,8 +96,8 @@ class Keep(StrEnum):
 # Keys that do not change what a job computes: ignored when deciding whether a stored result is this job's
 # (``metapeft.sweep``), and left out of a sweep job's directory name together with ``experiment`` (whose own
 # settings a name could not show anyway).
-NON_IDENTIFYING_KEYS = ("resume", "progress", "pretrain.cache_dir", "task.cache_dir", "model.cache_dir",
-                        "logger", "paths")
+NON_IDENTIFYING_KEYS = ("resume", "progress", "pretrain.cache_dir", "task.cache_dir", "model.cache_dir", "logger",
+                        "paths")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -304,7 +305,7 @@ IMPORTS_ONLY = ("import os, mlx.core, hydra; "
                 "print(float(open('/proc/uptime').read().split()[0]) - ticks / os.sysconf('SC_CLK_TCK'))")
 
 
-def start_up_parts(run_dir: Path) -> dict:
+def start_up_parts(run_dir: Path) -> None:
     """The runner, in this process, stopped where its run would begin: seconds since the process started, and the
     time inside Hydra's composition and in loading MLX and the BLAS on the way (``--start-up`` runs this alone)."""
     import runpy
@@ -329,22 +330,16 @@ def start_up_parts(run_dir: Path) -> dict:
 
         return wrapper
 
-    class Reached(Exception):
-        pass
-
     def stop_at_run(*args, **kwargs):
         parts["process_to_run_s"] = seconds_since_process_start()
-        raise Reached
+        print(json.dumps(parts), flush=True)
+        os._exit(0)  # here, not through Hydra's and the runner's error handling
 
     Hydra.compose_config = timed("compose_s", Hydra.compose_config)
     backend.load = timed("load_mlx_and_blas_s", backend.load)
     experiment.run = stop_at_run
     sys.argv = ["run.py", "mode=tiny", "progress=false", f"hydra.run.dir={run_dir}"]
-    try:
-        runpy.run_path(str(Path(__file__).with_name("run.py")), run_name="__main__")
-    except Reached:
-        pass
-    return parts
+    runpy.run_path(str(Path(__file__).with_name("run.py")), run_name="__main__")
 
 
 def start_up(repeats: int, out_dir: Path) -> dict:
@@ -559,8 +554,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({parts['compositions']:.0f} compositions), MLX and the BLAS {parts['load_mlx_and_blas_s']:.2f} s")
         return 0
     if args.start_up_parts:
-        print(json.dumps(start_up_parts(args.start_up_parts)))
-        return 0
+        start_up_parts(args.start_up_parts)  # prints its parts and ends the process where the run would begin
     if args.encoder_ops_one:
         print(json.dumps(encoder_ops(args.encoder_ops_one)))
         return 0
