@@ -103,6 +103,10 @@ def test_a_parallel_sweep_prints_how_many_jobs_are_done_and_a_sequential_one_nam
     assert "meta-train algorithm=maml mode=tiny" in sequential.stderr
     assert "meta-train algorithm=reptile mode=tiny" in sequential.stderr
     # one process runs both jobs: only the first had a start-up (the second's is not the first job's run time)
-    start_up = {job: json.loads((tmp_path / "seq" / f"algorithm={job},mode=tiny" / "metrics.json").read_text())
-                ["seconds"]["start_up"] for job in ("maml", "reptile")}
+    metrics = {job: json.loads((tmp_path / "seq" / f"algorithm={job},mode=tiny" / "metrics.json").read_text())
+               for job in ("maml", "reptile")}
+    start_up = {job: m["seconds"]["start_up"] for job, m in metrics.items()}
     assert start_up["maml"] > 0 and start_up["reptile"] == 0, start_up
+    # the time a user waits for the first meta-iteration: from the process's start, so the first job's alone
+    assert metrics["maml"]["train"]["seconds_to_first_iteration"] > start_up["maml"]
+    assert metrics["reptile"]["train"]["seconds_to_first_iteration"] is None
