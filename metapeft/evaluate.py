@@ -18,9 +18,9 @@ StepFn = Callable[[dict, "mx.array", "mx.array"], dict]  # (weights, x_support, 
 MetricFn = Callable[[dict, "mx.array", "mx.array"], "mx.array"]  # (weights, x_query, y_query) -> scalar
 
 
-def adaptation_curves(start: StartFn, step: StepFn, metric: MetricFn, episodes: Episodes, num_steps: int,
-                      chunk_size: int) -> np.ndarray:
-    """Query metric after 0, 1, ..., num_steps inner steps from ``start(support)``: an array (tasks, num_steps + 1)."""
+def curves_over_tasks(start: StartFn, step: StepFn, metric: MetricFn, num_steps: int) -> Callable:
+    """``(xs, ys, xq, yq) -> (tasks, num_steps + 1)``: the query metric after 0, 1, ..., num_steps inner steps from
+    ``start(support)``, vectorized over tasks."""
 
     def one_task(xs, ys, xq, yq):
         weights = start(xs, ys)
@@ -30,7 +30,14 @@ def adaptation_curves(start: StartFn, step: StepFn, metric: MetricFn, episodes: 
             scores.append(metric(weights, xq, yq))
         return mx.stack(scores)
 
-    per_task = mx.vmap(one_task)
+    return mx.vmap(one_task)
+
+
+def adaptation_curves(start: StartFn, step: StepFn, metric: MetricFn, episodes: Episodes, num_steps: int,
+                      chunk_size: int) -> np.ndarray:
+    """Query metric after 0, 1, ..., num_steps inner steps from ``start(support)``: an array (tasks, num_steps + 1),
+    computed ``chunk_size`` tasks at a time (bounds memory)."""
+    per_task = curves_over_tasks(start, step, metric, num_steps)
     chunks = []
     for lo in range(0, len(episodes), chunk_size):
         curves = per_task(*(a[lo: lo + chunk_size] for a in episodes))

@@ -24,6 +24,7 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -223,7 +224,7 @@ def evaluation_parts(overrides: list[str], repeats: int = 2) -> dict:
     vmapped function, the meta-parameters as inputs), and each baseline; the last of ``repeats`` timings each."""
     from metapeft.baselines import make_baselines
     from metapeft.build import initial_state, pretrained
-    from metapeft.evaluate import learner_curves
+    from metapeft.evaluate import curves_over_tasks, learner_curves
 
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=CONF):
@@ -233,16 +234,12 @@ def evaluation_parts(overrides: list[str], repeats: int = 2) -> dict:
     meta, frozen, learner, steps = exp.learner.meta_parameters(start.adapted), start.frozen, exp.learner, \
         cfg.evaluation.curve_steps
 
-    def one_task(meta, frozen, xs, ys, xq, yq):
-        weights = learner.task_start(meta, frozen, xs, ys)
-        scores = [exp.metric(weights, frozen, xq, yq)]
-        for _ in range(steps):
-            weights = learner.inner_step(meta, weights, frozen, xs, ys)
-            scores.append(exp.metric(weights, frozen, xq, yq))
-        return mx.stack(scores)
+    def curves(meta, frozen, *episodes):  # the runner's curves, with the meta-parameters as the compiled inputs
+        return curves_over_tasks(lambda x, y: learner.task_start(meta, frozen, x, y),
+                                 lambda w, x, y: learner.inner_step(meta, w, frozen, x, y),
+                                 lambda w, x, y: exp.metric(w, frozen, x, y), steps)(*episodes)
 
-    compiled = mx.compile(mx.vmap(one_task, in_axes=(None, None, 0, 0, 0, 0)), inputs=[mx.random.state],
-                          outputs=[mx.random.state])
+    compiled = mx.compile(curves, inputs=[mx.random.state], outputs=[mx.random.state])
     parts = {"curves (as the runner)": lambda e: learner_curves(exp, meta, frozen, e, steps),
              "curves compiled": lambda e: np.array(compiled(meta, frozen, *e)),
              **{f"baseline {name}": fn for name, fn in make_baselines(exp, start.plain, frozen,
@@ -285,8 +282,6 @@ ENCODER_DEFAULT = "maml_task_by_task,maml_task_by_task_checkpointed,fomaml,repti
 
 def run_breakdown(out_dir: Path) -> dict:
     """Each quick run of RUNS, started as a user starts it, and the seconds it spent per phase."""
-    import subprocess
-
     results = {}
     for name, overrides in RUNS.items():
         run_dir = out_dir / name
@@ -345,8 +340,6 @@ def start_up_parts(run_dir: Path) -> None:
 def start_up(repeats: int, out_dir: Path) -> dict:
     """Seconds from process start to the first meta-iteration of the default job (mode=tiny), against the
     seconds to ``import mlx.core, hydra`` alone; medians of ``repeats`` alternating runs."""
-    import subprocess
-
     imports, runner = [], []
     for repeat in range(repeats):
         done = subprocess.run([sys.executable, "-c", IMPORTS_ONLY], check=True, capture_output=True, text=True)
@@ -461,8 +454,6 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
 def encoder_workloads(repeats: int, variants: list[str]) -> dict:
     """Each variant and, where PyTorch is installed, its peer, each in a process of its own (peak memory is the
     process's), the peer timed only if its first meta-loss equals ours."""
-    import subprocess
-
     def one(variant: str, implementation: str) -> dict:
         done = subprocess.run([sys.executable, __file__, "--encoder-one", variant, implementation, "--repeats",
                                str(repeats)], capture_output=True, text=True)
@@ -555,12 +546,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.start_up_parts:
         start_up_parts(args.start_up_parts)  # prints its parts and ends the process where the run would begin
+        return 1  # reached only if the runner stopped before its run
     if args.encoder_ops_one:
         print(json.dumps(encoder_ops(args.encoder_ops_one)))
         return 0
     if args.encoder_ops:
-        import subprocess
-
         both = {impl: json.loads(subprocess.run([sys.executable, __file__, "--encoder-ops-one", impl], check=True,
                                                 capture_output=True, text=True).stdout.splitlines()[-1])
                 for impl in ("mlx", "pytorch")}

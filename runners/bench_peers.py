@@ -66,24 +66,25 @@ def model_and_loss(spec: Spec, ops: Ops) -> Callable:
             x = ops.relu(linear(layer, x))
         return linear(p["head"], x)
 
-    def attention(p, h):
+    def attention(projections, out, h, bias=0.0):
+        """Multi-head self-attention: query, key and value from ``projections``, then ``out``; ``bias`` masks keys."""
         *batch, length, width = h.shape
         heads = spec.num_heads
 
         def split_heads(t):
             return t.reshape(*batch, length, heads, width // heads).swapaxes(-2, -3)
 
-        q, k, v = (split_heads(linear(p[n], h)) for n in ("query", "key", "value"))
-        scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(width // heads)
+        q, k, v = (split_heads(linear(projections[n], h)) for n in ("query", "key", "value"))
+        scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(width // heads) + bias
         mixed = (ops.softmax(scores) @ v).swapaxes(-2, -3).reshape(*batch, length, width)
-        return linear(p["out"], mixed)
+        return linear(out, mixed)
 
     def transformer(p, x):
         tokens = x.reshape(*x.shape[: x.ndim - (1 if spec.num_tokens == 1 else 2)], spec.num_tokens, spec.token_dim)
         h = linear(p["embed"], tokens) + p["position"]
         for layer in p["layers"]:
             norm = layer["attention_norm"]
-            h = h + attention(layer["attention"], norm_(norm, h))
+            h = h + attention(layer["attention"], layer["attention"]["out"], norm_(norm, h))
             norm, fc = layer["mlp_norm"], layer["mlp"]
             h = h + linear(fc["fc2"], ops.relu(linear(fc["fc1"], norm_(norm, h))))
         pooled = norm_(p["final_norm"], h)[..., -spec.num_tokens:, :].mean(-2)
@@ -99,19 +100,10 @@ def model_and_loss(spec: Spec, ops: Ops) -> Callable:
         h = (ops.embed(e["word_embeddings"], ids) + e["position_embeddings"][spec.position_offset:
              spec.position_offset + length] + e["token_type_embeddings"][0])
         h = norm_(e["LayerNorm"], h)
-        bias = ((1.0 - mask) * -1e9)[..., None, None, :]
-        *batch, _, width = h.shape
-        heads = spec.num_heads
-
-        def split_heads(t):
-            return t.reshape(*batch, length, heads, width // heads).swapaxes(-2, -3)
-
+        bias = ((1.0 - mask) * -1e9)[..., None, None, :]  # (..., heads, queries, keys): no attention to padding
         for layer in p["encoder"]["layer"]:
             a = layer["attention"]
-            q, k, v = (split_heads(linear(a["self"][n], h)) for n in ("query", "key", "value"))
-            scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(width // heads) + bias
-            mixed = (ops.softmax(scores) @ v).swapaxes(-2, -3).reshape(*batch, length, width)
-            h = norm_(a["output"]["LayerNorm"], h + linear(a["output"]["dense"], mixed))
+            h = norm_(a["output"]["LayerNorm"], h + attention(a["self"], a["output"]["dense"], h, bias))
             hidden = ops.gelu(linear(layer["intermediate"]["dense"], h))
             h = norm_(layer["output"]["LayerNorm"], h + linear(layer["output"]["dense"], hidden))
         pooled = (h * mask[..., None]).sum(-2) / mask.sum(-1)[..., None]
@@ -236,8 +228,6 @@ def torch_peer(spec: Spec, adapted: dict, frozen: dict, batches: list):
                 phis, losses = vmap(one_task)(xs, ys, xq, yq)
                 return losses.mean(), tree_map(lambda t, p: t - p.mean(0), w, phis)
     elif spec.tasks_per_pass == 1:  # task by task, as a PyTorch user fits second-order MAML in memory
-        optimizer, schedule = torch.optim.Adam(leaves, lr=spec.outer_lr), None
-
         def value_and_grad(xs, ys, xq, yq):
             value, grads = 0.0, None
             for task in range(len(xs)):
@@ -248,11 +238,11 @@ def torch_peer(spec: Spec, adapted: dict, frozen: dict, batches: list):
                 grads = g if grads is None else tree_map(torch.add, grads, g)
             return value, grads
     else:
-        optimizer, schedule = torch.optim.Adam(leaves, lr=spec.outer_lr), None
-
         def value_and_grad(xs, ys, xq, yq):
             grads, value = grad_and_value(meta_loss)(w, frozen_t, xs, ys, xq, yq)
             return value, grads
+    if spec.algorithm != "reptile":
+        optimizer, schedule = torch.optim.Adam(leaves, lr=spec.outer_lr), None
 
     with torch.no_grad():
         first = float(meta_loss(w, frozen_t, *torch_batches[0]))
