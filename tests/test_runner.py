@@ -175,10 +175,12 @@ def test_result_files_are_readable_by_others_under_the_usual_umask(compose_cfg, 
 
 
 def test_time_per_iteration_leaves_out_the_first_iterations_compilation(compose_cfg, tmp_path):
+    # Arithmetic only: whether compiling makes the first iteration slower is a timing, and timings on a
+    # loaded 2-core machine do not order reliably (CI once saw 8.48 ms first against 8.63 ms per iteration).
     train = run(compose_cfg("mode=tiny"), tmp_path)["train"]
     rest = train["train_seconds"] - train["first_iteration_seconds"]
+    assert 0 < train["first_iteration_seconds"] < train["train_seconds"]
     assert train["seconds_per_iteration"] == pytest.approx(rest / (train["iterations"] - 1))
-    assert train["first_iteration_seconds"] > train["seconds_per_iteration"]  # compiling the meta-step
 
 
 @pytest.mark.parametrize("stop, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
