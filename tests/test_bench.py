@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from runners import bench
+from runners import bench, bench_encoder, bench_setup
 from runners.bench_peers import PEERS
 
 
@@ -17,11 +17,11 @@ def test_each_peer_computes_our_meta_loss(peer, workload):
     modules, make_peer = PEERS[peer]
     for module in modules:
         pytest.importorskip(module)
-    exp, meta, frozen = bench.setup([*bench.WORKLOADS[workload], "algorithm.meta_batch_size=2"])
+    exp, meta, frozen = bench_setup.setup([*bench.WORKLOADS[workload], "algorithm.meta_batch_size=2"])
     batch = exp.task.sample("train", 2, exp.cfg.shots.train, np.random.default_rng(0))
     ours = exp.learner.meta_value_and_grad(meta, frozen, batch)[0].item()
     to_numpy = lambda tree: tree_map(lambda a: np.array(a), tree)
-    theirs, step, sync = make_peer(bench.peer_spec(exp), to_numpy(meta["weights"]), to_numpy(frozen),
+    theirs, step, sync = make_peer(bench_setup.peer_spec(exp), to_numpy(meta["weights"]), to_numpy(frozen),
                                    [tuple(np.array(a) for a in batch)])
     assert theirs == pytest.approx(ours, rel=1e-4)
     assert np.isfinite(sync(step(0)))
@@ -43,13 +43,14 @@ def test_the_pytorch_peer_computes_our_meta_loss_on_the_encoder(tmp_path, varian
     from helpers import tiny_bert
     from runners.bench_peers import torch_peer
 
-    overrides = [*bench.ENCODER, *bench.ENCODER_VARIANTS[variant], f"model.path={tiny_bert(tmp_path / 'bert')}",
-                 "algorithm.num_inner_steps=2", "model.max_length=16", "algorithm.meta_batch_size=2"]
-    exp, meta, frozen = bench.setup(overrides)
+    overrides = [*bench_encoder.ENCODER, *bench_encoder.ENCODER_VARIANTS[variant],
+                 f"model.path={tiny_bert(tmp_path / 'bert')}", "algorithm.num_inner_steps=2", "model.max_length=16",
+                 "algorithm.meta_batch_size=2"]
+    exp, meta, frozen = bench_setup.setup(overrides)
     batch = exp.task.sample("train", 2, 5, np.random.default_rng(0))
     ours = exp.learner.meta_value_and_grad(meta, frozen, batch)[0].item()
     to_numpy = lambda tree: tree_map(lambda a: np.array(a), tree)
-    theirs, step, sync = torch_peer(bench.peer_spec(exp), to_numpy(meta["weights"]), to_numpy(frozen),
+    theirs, step, sync = torch_peer(bench_setup.peer_spec(exp), to_numpy(meta["weights"]), to_numpy(frozen),
                                     [tuple(np.array(a) for a in batch)])
     assert theirs == pytest.approx(ours, rel=1e-4)
     assert sync(step(0)) == pytest.approx(ours, rel=1e-4)  # the task-by-task step's loss is the same meta-loss

@@ -1,0 +1,168 @@
+"""The pretrained encoder (issue 18): MAML task by task (plain and checkpointed), FOMAML and Reptile with LoRA on
+``model=hf_encoder``, each against its PyTorch ``torch.func`` peer in a process of its own (``--encoder``), and the
+encoder's largest operations in MLX and PyTorch (``--encoder-ops``). ``runners/bench.py`` is the command line."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import time
+
+import numpy as np
+
+from metapeft.backend import mx, utils
+from metapeft.train import compiled_meta_step
+from runners.bench_setup import BENCH, PYTHON, peer_spec, setup
+
+# (issue 18) second-order MAML + LoRA over the pretrained encoder: meta-batch 4, 5 inner steps, 5-way 5-shot,
+# 64 tokens per text; FOMAML and Reptile beside it.
+ENCODER = ["model=hf_encoder", "task=text", "peft=lora", "algorithm.meta_batch_size=4", "algorithm.num_inner_steps=5",
+           "shots.train=5", "model.max_length=64"]
+ENCODER_VARIANTS = {
+    # all 4 tasks vmapped at once: killed by the out-of-memory killer at 24 GB; run only when named
+    "maml": ["algorithm=maml"],
+    "maml_task_by_task": ["algorithm=maml", "algorithm.tasks_per_pass=1"],
+    "maml_task_by_task_checkpointed": ["algorithm=maml", "algorithm.tasks_per_pass=1",
+                                       "algorithm.checkpoint_inner_steps=true"],
+    "fomaml": ["algorithm=fomaml"],
+    "reptile": ["algorithm=reptile"],
+}
+ENCODER_DEFAULT = "maml_task_by_task,maml_task_by_task_checkpointed,fomaml,reptile"
+
+
+def encoder_one(variant: str, implementation: str, repeats: int) -> dict:
+    """One of ENCODER_VARIANTS by ``mlx`` (the runner's own compiled step) or its ``pytorch`` peer (torch.func,
+    eager; task by task where ours is), on the same batches from the same start: ms per iteration after one
+    warm-up iteration, the loss of the first, and the process's peak resident memory (run alone in a process)."""
+    import resource
+
+    exp, meta, frozen = setup([*ENCODER, *ENCODER_VARIANTS[variant]])
+    rng = np.random.default_rng(0)
+    batches = [exp.task.sample("train", 4, 5, rng) for _ in range(repeats + 1)]
+    result: dict = {"implementation": implementation, "sequence_length": int(batches[0].xs.shape[-1])}
+    if implementation == "mlx":
+        optimizer = exp.learner.make_optimizer(10**6)
+        optimizer.init(meta)
+        step, state = compiled_meta_step(exp.learner, optimizer), {"meta": meta}
+        mx.eval(meta, frozen)
+
+        def run_step(i: int) -> float:
+            loss, state["meta"], grads = step(state["meta"], frozen, *batches[i])
+            mx.eval(loss, state["meta"], grads)
+            return loss.item()
+    else:
+        from runners.bench_peers import torch_peer
+
+        to_numpy = lambda tree: utils.tree_map(lambda a: np.array(a), tree)
+        _, peer_step, sync = torch_peer(peer_spec(exp), to_numpy(meta["weights"]), to_numpy(frozen),
+                                            [tuple(np.array(a) for a in b) for b in batches])
+        del meta, frozen  # the peer holds its own copies
+        run_step = lambda i: sync(peer_step(i))  # the meta-loss before the update, as ours
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        loss = run_step(i)
+        times.append(time.perf_counter() - start)
+        result.setdefault("first_loss", loss)  # the meta-loss on the first batch, before any update
+    result.update(ms_per_iteration=1e3 * float(np.median(times[1:])), first_ms=1e3 * times[0],
+                  max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if implementation == "mlx":
+        result["mlx_peak_mb"] = mx.get_peak_memory() / 2**20
+    return result
+
+
+# ENCODER_VARIANTS with a PyTorch peer: the same computation, task by task where ours is (checkpointed or not)
+PEER_OF = {"maml_task_by_task": "maml_task_by_task", "maml_task_by_task_checkpointed": "maml_task_by_task",
+           "fomaml": "fomaml", "reptile": "reptile"}
+
+
+def encoder_ops(implementation: str, repeats: int = 20) -> dict:
+    """Milliseconds per call of the encoder's largest operations at bench --encoder's shapes (25 texts of 39 tokens,
+    MiniLM's widths), in MLX (compiled, as in the meta-step) or PyTorch (eager, its own threads)."""
+    rng = np.random.default_rng(0)
+    shapes = {"x": (975, 384), "w": (384, 1536), "h": (975, 1536), "scores": (25, 12, 39, 39)}
+    data = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
+    if implementation == "mlx":
+        from metapeft.models.hf_encoder import gelu
+
+        x, w, h, scores = (mx.array(data[n]) for n in ("x", "w", "h", "scores"))
+        scale, bias = mx.ones((384,)), mx.zeros((384,))
+        compiled_gelu, softmax = mx.compile(gelu), mx.compile(lambda s: mx.softmax(s, axis=-1))
+        ops = {"matmul (975x384 @ 384x1536)": lambda: x @ w, "GELU (975x1536)": lambda: compiled_gelu(h),
+               "softmax (25x12x39x39)": lambda: softmax(scores),
+               "layer norm (975x384)": lambda: mx.fast.layer_norm(x, scale, bias, 1e-12),
+               "add (975x1536)": lambda: h + h}
+        sync = mx.eval
+    else:
+        import torch
+
+        x, w, h, scores = (torch.from_numpy(data[n]) for n in ("x", "w", "h", "scores"))
+        scale, bias = torch.ones(384), torch.zeros(384)
+        ops = {"matmul (975x384 @ 384x1536)": lambda: x @ w, "GELU (975x1536)": lambda: torch.nn.functional.gelu(h),
+               "softmax (25x12x39x39)": lambda: torch.softmax(scores, -1),
+               "layer norm (975x384)": lambda: torch.nn.functional.layer_norm(x, (384,), scale, bias, 1e-12),
+               "add (975x1536)": lambda: h + h}
+        sync = lambda out: None
+    results = {}
+    for name, op in ops.items():
+        sync(op())
+        start = time.perf_counter()
+        for _ in range(repeats):
+            sync(op())
+        results[name] = 1e3 * (time.perf_counter() - start) / repeats
+    return results
+
+
+def encoder_workloads(repeats: int, variants: list[str]) -> dict:
+    """Each variant and, where PyTorch is installed, its peer, each in a process of its own (peak memory is the
+    process's), the peer timed only if its first meta-loss equals ours."""
+    def one(variant: str, implementation: str) -> dict:
+        done = subprocess.run([PYTHON, BENCH, "--encoder-one", variant, implementation, "--repeats",
+                               str(repeats)], capture_output=True, text=True)
+        if done.returncode != 0:
+            return {"failed": f"exit {done.returncode}" + (" (killed: out of memory?)" if done.returncode < 0 else ""),
+                    "stderr_tail": done.stderr[-500:]}
+        return json.loads(done.stdout.splitlines()[-1])
+
+    results, peers = {}, {}
+    for variant in variants:
+        results[variant] = ours = one(variant, "mlx")
+        peer = PEER_OF.get(variant)
+        if peer is None or importlib.util.find_spec("torch") is None:
+            continue
+        if peer not in peers:
+            peers[peer] = one(peer, "pytorch")
+        theirs = peers[peer]
+        if "failed" in ours or "failed" in theirs:
+            ours["pytorch"] = theirs
+        elif not np.isclose(theirs["first_loss"], ours["first_loss"], rtol=1e-4):
+            ours["pytorch"] = f"refused: its meta-loss {theirs['first_loss']} differs from ours {ours['first_loss']}"
+        else:
+            ours["pytorch"] = {**theirs, "ours_over_peer": ours["ms_per_iteration"] / theirs["ms_per_iteration"]}
+    return results
+
+
+def encoder_ops_both() -> dict:
+    """encoder_ops in MLX and in PyTorch, each in a process of its own (PyTorch's threads slow MLX's in one)."""
+    return {impl: json.loads(subprocess.run([PYTHON, BENCH, "--encoder-ops-one", impl], check=True,
+                                            capture_output=True, text=True).stdout.splitlines()[-1])
+            for impl in ("mlx", "pytorch")}
+
+
+def print_encoder_ops(both: dict) -> None:
+    for name, ours in both["mlx"].items():
+        theirs = both["pytorch"][name]
+        print(f"{name:30s} MLX {ours:7.2f} ms, PyTorch {theirs:7.2f} ms: {ours / theirs:5.2f}x")
+
+
+def print_encoder(results: dict) -> None:
+    for name, r in results.items():
+        if "failed" in r:
+            print(f"encoder {name:32s} failed: {r['failed']}")
+            continue
+        peer = r.get("pytorch")
+        versus = (f"; PyTorch {peer['ms_per_iteration']:.0f} ms, {peer['max_rss_mb']:.0f} MB RSS: "
+                  f"{peer['ours_over_peer']:.2f}x" if isinstance(peer, dict) and "ms_per_iteration" in peer
+                  else f"; PyTorch: {peer}" if peer else "")
+        print(f"encoder {name:32s} {r['ms_per_iteration']:8.0f} ms per iteration, MLX peak "
+              f"{r['mlx_peak_mb']:6.0f} MB, {r['max_rss_mb']:6.0f} MB RSS{versus}")

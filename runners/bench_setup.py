@@ -1,0 +1,62 @@
+"""What the benchmarks in ``runners/`` start from: a workload's composed config, experiment and parameters, the
+peers' description of it, and the process's resident memory."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from metapeft.backend import mx
+from metapeft.build import build
+from metapeft.config import register_configs
+from runners.bench_peers import Spec
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+# bench.py's hidden options run one part of a benchmark in a process of its own; run.py is the runner users start
+BENCH, RUNNER = (str(Path(__file__).with_name(name)) for name in ("bench.py", "run.py"))
+PYTHON = sys.executable
+
+
+def compose_workload(overrides: list[str]) -> DictConfig:
+    """The config a run with these overrides composes (the compose API, as the tests use it)."""
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        return compose(config_name="config", overrides=overrides)
+
+
+def setup(overrides: list[str]):
+    """The workload's experiment, initial meta-parameters and frozen tree (timing does not depend on
+    pretrained values, so the backbone is a fresh initialization)."""
+    exp = build(compose_workload(overrides))
+    key = mx.random.key(0)
+    backbone = exp.model.init(key)
+    inputs, _ = exp.task.pretraining_batch(np.random.default_rng(0), 64)
+    frozen, adapted = exp.peft.frozen(backbone), exp.peft.init_adapted(backbone, key, inputs)
+    return exp, exp.learner.meta_parameters(adapted), frozen
+
+
+def peer_spec(exp):
+    cfg = exp.cfg
+    spec = Spec(model=cfg.model.name, loss="mse" if cfg.task.name == "sinusoid" else "cross_entropy",
+                algorithm=cfg.algorithm.name, inner_lr=cfg.algorithm.inner_lr,
+                inner_steps=cfg.algorithm.num_inner_steps, outer_lr=cfg.algorithm.outer_lr,
+                outer_lr_final=cfg.algorithm.get("outer_lr_final", 0.0), num_iterations=10**6)
+    if cfg.model.name == "transformer":
+        spec.num_heads, spec.num_tokens, spec.token_dim = cfg.model.num_heads, exp.model.num_tokens, exp.model.token_dim
+    if cfg.model.name == "hf_encoder":
+        model = exp.model
+        spec.num_heads, spec.pad_id, spec.position_offset = model.num_heads, model.pad_id, model.position_offset
+        spec.layer_norm_eps, spec.tasks_per_pass = model.eps, cfg.algorithm.tasks_per_pass
+    if cfg.peft.name == "lora":
+        spec.lora_scale = cfg.peft.alpha / cfg.peft.rank
+    return spec
+
+
+def current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")  # not Linux
