@@ -192,6 +192,8 @@ def validate_common(cfg: Any) -> None:
     require(len(cfg.shots.eval) > 0, "shots.eval", "must list at least one K to evaluate, e.g. [1, 5, 10]")
     for k in cfg.shots.eval:
         require(k > 0, "shots.eval", f"every K must be a positive integer, got {list(cfg.shots.eval)}")
+    require(len(set(cfg.shots.eval)) == len(cfg.shots.eval), "shots.eval",
+            f"lists a K twice (each is evaluated once, keyed by K), got {list(cfg.shots.eval)}")
     require(cfg.mode.num_iterations > 0, "mode.num_iterations", f"must be > 0, got {cfg.mode.num_iterations}")
     require(cfg.mode.val_interval > 0, "mode.val_interval", f"must be > 0, got {cfg.mode.val_interval}")
     require(cfg.mode.num_val_tasks > 1, "mode.num_val_tasks", f"must be > 1, got {cfg.mode.num_val_tasks}")

@@ -66,6 +66,7 @@ def test_wrong_type_is_refused(compose_cfg):
     [
         (["shots.train=0"], "shots.train"),
         (["shots.eval=[1,-5]"], "shots.eval"),
+        (["shots.eval=[5,1,5]"], "shots.eval"),  # results are keyed by K
         (["algorithm.inner_lr=-0.1"], "algorithm.inner_lr"),
         (["algorithm.num_inner_steps=0"], "algorithm.num_inner_steps"),
         (["algorithm.outer_lr=-1"], "algorithm.outer_lr"),
@@ -75,6 +76,7 @@ def test_wrong_type_is_refused(compose_cfg):
         (["task=digits", "task.num_query=170", "shots=10shot"], "shots"),  # the smallest class has 177 images
         (["algorithm=reptile", "algorithm.outer_lr_final=2.0"], "algorithm.outer_lr_final"),
         (["model.hidden_sizes=[40,0]"], "model.hidden_sizes"),
+        (["model.hidden_sizes=[]"], "model.hidden_sizes"),  # the baselines and embeddings read hidden features
         (["evaluation.curve_steps=0"], "evaluation.curve_steps"),
         (["peft=lora", "peft.rank=0"], "peft.rank"),
         (["peft=lora", "peft.rank=33"], "peft.rank"),  # attention projections are 32x32

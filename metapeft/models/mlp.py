@@ -34,6 +34,8 @@ class MLP(Backbone):
     input_layer = ("hidden", 0)
 
     def __init__(self, cfg: MLPConfig, input_shape: tuple[int, ...], output_dim: int):
+        # the features a linear probe, a prototype and the embeddings read are the last hidden layer's
+        require(len(cfg.hidden_sizes) > 0, "model.hidden_sizes", "needs at least one hidden layer, e.g. [40, 40]")
         for size in cfg.hidden_sizes:
             require(size > 0, "model.hidden_sizes", f"every size must be > 0, got {list(cfg.hidden_sizes)}")
         self.input_shape = tuple(input_shape)
