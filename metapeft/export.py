@@ -129,9 +129,13 @@ def merged_model(learned: LearnedInitialization, out: Path) -> Path:
 def export(run: str | Path, out: str | Path, merge_weights: bool = False) -> Path:
     from metapeft.api import load_run
 
-    learned = load_run(run)
-    check_exportable(learned)
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", f"{out} exists and is not empty; give a new directory")
+    learned = load_run(run)
+    check_exportable(learned)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("--out", f"cannot create {out} ({error.strerror}); give a directory that can be") from None
     return merged_model(learned, out) if merge_weights else peft_adapter(learned, out)

@@ -243,8 +243,11 @@ def public(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_report(sweep_dirs: list[Path], out_dir: Path) -> dict:
-    frame = collect(sweep_dirs)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = collect(sweep_dirs)  # reads the runs' files only: an empty or unreadable sweep leaves no report folder
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ReportError(f"--out {out_dir}: cannot create that directory ({error.strerror})") from None
     io.write_csv(out_dir / "summary.csv", public(frame))
     table = comparison(frame)
     baselines = baselines_table(frame)

@@ -47,6 +47,15 @@ def test_a_duplicated_seed_is_flagged_and_counted_once(tmp_path):
     assert row["5-shot"].startswith("1.000")  # the first run only
 
 
+def test_a_report_folder_that_cannot_be_created_is_refused_in_one_line(tmp_path, capsys):
+    from runners.aggregate import main as aggregate
+
+    fake_job(tmp_path / "sweep" / "0", [], 0, [0.8, 0.9], [0.7, 0.8])
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert aggregate([str(tmp_path / "sweep"), "--out", str(tmp_path / "file" / "report")]) == 2
+    assert "cannot create that directory" in capsys.readouterr().err
+
+
 def test_every_unreadable_metrics_file_is_listed_and_the_rest_reported(tmp_path):
     fake_job(tmp_path / "good", [], 0, [0.9, 0.9], [0.5, 0.5])
     for name in ("broken", "alien"):

@@ -306,6 +306,7 @@ def test_export_refuses_a_run_it_cannot_write(text_runs, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     assert export_main([str(text_runs["lora"]), "--out", str(tmp_path / "taken")]) == 2
+    assert export_main([str(text_runs["lora"]), "--out", str(tmp_path / "taken" / "file" / "below")]) == 2
 
 
 def test_roberta_matches_transformers_where_installed(bert_dir, tmp_path):
