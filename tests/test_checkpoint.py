@@ -36,8 +36,8 @@ def test_evaluating_a_checkpoint_reproduces_the_run(compose_cfg, tmp_path, overr
 
 
 def test_bad_checkpoints_are_refused(compose_cfg, tmp_path):
-    cache = f"pretrain.cache_dir={tmp_path / 'cache'}"
-    run(compose_cfg(*TINY, cache, "peft=lora"), tmp_path / "run")
+    settings = f"pretrain.cache_dir={tmp_path / 'cache'}", "shots.eval=[5]"  # one K: the refusals are what is tested
+    run(compose_cfg(*TINY, *settings, "peft=lora"), tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoint"
 
     with pytest.raises(ConfigError, match="meta-trained with peft=lora, not peft=prompt_tuning") as error:
@@ -46,7 +46,7 @@ def test_bad_checkpoints_are_refused(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"checkpoint \(\d+, \d+\)") as error:
         evaluate_saved(compose_cfg, checkpoint, tmp_path / "other_rank", "peft=lora", "peft.rank=2")
     assert error.value.key == "checkpoint"
-    prompt_tuning = run(compose_cfg(*TINY, cache, "peft=prompt_tuning"), tmp_path / "prompt")
+    prompt_tuning = run(compose_cfg(*TINY, *settings, "peft=prompt_tuning"), tmp_path / "prompt")
     assert prompt_tuning["status"] == "completed"
     (tmp_path / "prompt" / "checkpoint" / "config.yaml").write_bytes((checkpoint / "config.yaml").read_bytes())
     with pytest.raises(ConfigError, match="does not match the config's meta-learned tree .*missing") as error:

@@ -135,7 +135,7 @@ def test_lora_dropout_acts_only_while_adapting(compose_cfg):
 
 def test_lora_dropout_runs_are_reproducible(compose_cfg, tmp_path):
     overrides = ["task=digits", "peft=lora", "peft.dropout=0.3", "mode=tiny", "pretrain.iterations=10",
-                 f"pretrain.cache_dir={tmp_path / 'cache'}"]
+                 f"pretrain.cache_dir={tmp_path / 'cache'}", "shots.eval=[5]"]
     first, second = run(compose_cfg(*overrides), tmp_path / "a"), run(compose_cfg(*overrides), tmp_path / "b")
     assert first["evaluation"] == second["evaluation"]
 
@@ -155,9 +155,9 @@ def test_adalora_importance_state_does_not_grow_a_graph(compose_cfg):
     for iteration in range(50):
         frozen, state = exp.peft.after_meta_step(adapted, grads, frozen, state, iteration, 100_000)
     before = rss_mb()
-    for iteration in range(50, 1550):  # all before pruning starts (20,000)
+    for iteration in range(50, 550):  # all before pruning starts (20,000)
         frozen, state = exp.peft.after_meta_step(adapted, grads, frozen, state, iteration, 100_000)
-    assert rss_mb() - before < 100  # a lazily growing graph took ~470 MB here
+    assert rss_mb() - before < 50  # a lazily growing graph took ~470 MB over 1,500 steps here (~0.3 MB a step)
 
 
 def test_adalora_keep_best_val_keeps_only_parameters_pruned_to_the_final_budget(compose_cfg, tmp_path):
