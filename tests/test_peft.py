@@ -164,7 +164,7 @@ def test_adalora_keep_best_val_keeps_only_parameters_pruned_to_the_final_budget(
     """Early validations of a still unpruned model may score best; keep=best_val must not return that model."""
     overrides = ["task=digits", "peft=adalora", "peft.prune_start=0.1", "peft.prune_end=0.5", "mode.num_iterations=20",
                  "mode.val_interval=2", "mode.num_val_tasks=4", "mode.num_eval_tasks=6", "pretrain.iterations=10",
-                 f"pretrain.cache_dir={tmp_path / 'cache'}", "keep=best_val", "patience=2"]
+                 f"pretrain.cache_dir={tmp_path / 'cache'}", "keep=best_val", "patience=2", "shots.eval=[5]"]
     assert build(compose_cfg(*overrides)).peft.first_keepable_iteration(20) == 9
     assert build(compose_cfg("task=digits", "peft=lora")).peft.first_keepable_iteration(20) == 0
     metrics = run(compose_cfg(*overrides), tmp_path / "run")
