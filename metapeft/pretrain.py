@@ -2,7 +2,8 @@
 
 The cache file is named by a hash of everything that determines the weights (task, model, pretraining settings,
 seed). Concurrent jobs asking for the same backbone take a file lock: the first trains and writes it atomically
-(temporary file, then rename); the others wait and load it. Location: ``pretrain.cache_dir`` (default
+(temporary file, then rename); the others wait and load it. A cache file that cannot be read (damaged outside
+metapeft) is built again, as on a miss. Location: ``pretrain.cache_dir`` (default
 ``$METAPEFT_CACHE_DIR`` or ``~/.cache/metapeft``).
 """
 from __future__ import annotations
@@ -48,7 +49,10 @@ def pretrained_backbone(cfg: DictConfig, model_class, task, key: mx.array, progr
             log.info("waiting for the pretrained backbone %s, being built by another job", path)
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if path.exists():
-            return io.load_tree(path), {"cache_file": str(path), "cache_hit": True}
+            try:
+                return io.load_tree(path), {"cache_file": str(path), "cache_hit": True}
+            except (OSError, ValueError, RuntimeError) as error:  # truncated or corrupt: a miss, not a failed run
+                log.warning("the cached backbone %s cannot be read (%s); pretraining it again", path, error)
         model = model_class(cfg.model, task.input_shape, task.pretraining_outputs)
         params, final_loss = train(model, task, cfg.pretrain, key, cfg.seed, progress)
         io.save_tree(path, params, metadata={"final_loss": str(final_loss)})

@@ -64,3 +64,15 @@ def test_concurrent_jobs_pretrain_once(tmp_path):
     assert sorted(r["hit"] for r in results) == [False, True]  # one trained, the other waited and loaded
     assert results[0]["sum"] == results[1]["sum"]
     assert len(list(tmp_path.glob("*.safetensors"))) == 1 and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_damaged_cache_file_is_pretrained_again_not_a_failed_run(compose_cfg, tmp_path):
+    first, _ = pretrain(compose_cfg, tmp_path)
+    mx.eval(first)  # read before the file is damaged (MLX loads lazily)
+    (path,) = tmp_path.glob("*.safetensors")
+    intact = path.read_bytes()
+    path.write_bytes(intact[: len(intact) // 2])
+    again, info = pretrain(compose_cfg, tmp_path)
+    assert not info["cache_hit"] and same(first, again)  # pretraining is deterministic: the same weights
+    assert path.read_bytes() == intact
+
