@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import unicodedata
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,6 +238,25 @@ def ensure(cache_dir: str | Path, settings: Settings) -> Path:
                 shutil.rmtree(scratch, ignore_errors=True)
                 raise
     return directory
+
+
+def ensure_loaded(cache_dir: str | Path, settings: Settings) -> tuple[Path, dict[str, dict[str, np.ndarray]]]:
+    """``ensure``, then ``load``. A cached folder whose arrays cannot be read (damaged outside metapeft: generation
+    itself writes atomically) is moved aside and generated again, with a warning, instead of failing the run."""
+    directory = ensure(cache_dir, settings)
+    try:
+        return directory, load(directory)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        log.warning("the glyph benchmark in %s cannot be read (%s: %s); generating it again", directory,
+                    type(error).__name__, error)
+    aside = directory.with_name(f".damaged-{directory.name}-{os.getpid()}")
+    try:
+        os.replace(directory, aside)
+    except FileNotFoundError:  # another job moved it first
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
+    directory = ensure(cache_dir, settings)
+    return directory, load(directory)
 
 
 def load(directory: Path) -> dict[str, dict[str, np.ndarray]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -55,6 +56,18 @@ def test_generation_is_deterministic_and_done_once(cache, tmp_path):
         assert all(np.array_equal(a[k], b[k]) for k in ("images", "names", "parts"))
     other_seed = glyph_benchmark.ensure(tmp_path, glyph_benchmark.Settings(**{**SMALL.__dict__, "seed": 1}))
     assert other_seed != directory.name and other_seed.name != again.name
+
+
+def test_a_damaged_cached_benchmark_is_generated_again_not_a_failed_run(cache, tmp_path):
+    cached = glyph_benchmark.ensure(cache, SMALL)
+    intact = (cached / "arrays.npz").read_bytes()
+    directory = tmp_path / cached.name
+    shutil.copytree(cached, directory)
+    (directory / "arrays.npz").write_bytes(intact[: len(intact) // 2])
+    again, parts = glyph_benchmark.ensure_loaded(tmp_path, SMALL)
+    assert again == directory and (again / "arrays.npz").read_bytes() == intact  # deterministic: the same arrays
+    assert parts["background"] and parts["evaluation"]
+    assert [p.name for p in tmp_path.iterdir() if "damaged" in p.name] == []  # the damaged copy is gone
 
 
 def test_meta_test_characters_come_from_alphabets_meta_training_never_sees(compose_cfg, cache):

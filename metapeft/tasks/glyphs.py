@@ -50,8 +50,7 @@ class Glyphs(ClassImagesTask):
         settings = glyph_benchmark.Settings(cfg.image_size, cfg.instances, cfg.max_characters_per_alphabet,
                                             cfg.min_characters_per_alphabet, cfg.evaluation_fraction,
                                             cfg.generation_seed)
-        self.directory = glyph_benchmark.ensure(cfg.cache_dir, settings)
+        self.directory, parts = glyph_benchmark.ensure_loaded(cfg.cache_dir, settings)
         log.info("glyph benchmark: %s", self.directory)
-        parts = glyph_benchmark.load(self.directory)
         classes, sources = omniglot_splits(cfg, parts["background"], parts["evaluation"])
         super().__init__(cfg, classes, (cfg.image_size, cfg.image_size), class_sources=sources)
