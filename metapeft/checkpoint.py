@@ -213,12 +213,39 @@ def load_training_state(directory: Path, expected: TrainState, log: TrainLog, sa
     peft_state = expected.peft_state
     if expected.peft_state:
         peft_state = _unflatten_like(expected.peft_state, flat, "peft_state", path)
-    for key, value in record["log"].items():
+    restore_log(log, record["log"])
+    sampler.bit_generator.state = record["sampler"]
+    return TrainState(record["iteration"], meta, frozen, _unflatten_like(expected.optimizer, flat, "optimizer", path),
+                      peft_state, kept, record["validations_since_kept"])
+
+
+def restore_log(log: TrainLog, saved: dict) -> None:
+    for key, value in saved.items():
         if key == "rows":
             value = [{k: math.nan if v is None else v for k, v in row.items()} for row in value]
         elif value is None:  # JSON has no NaN: io.write_json wrote it as null
             value = math.nan
         setattr(log, key, value)
-    sampler.bit_generator.state = record["sampler"]
-    return TrainState(record["iteration"], meta, frozen, _unflatten_like(expected.optimizer, flat, "optimizer", path),
-                      peft_state, kept, record["validations_since_kept"])
+
+
+def save_training_done(directory: Path, train: dict, log: TrainLog, job: list[str]) -> None:
+    """Meta-training has finished and the checkpoint is written: ``trained.json`` holds what the run reports of
+    its training, so that a run stopped during evaluation resumes there instead of meta-training again."""
+    with signals_deferred():
+        io.write_json(directory / "trained.json", {"overrides": job, "train": train, "log": dict(vars(log))})
+
+
+def load_training_done(directory: Path, log: TrainLog, job: list[str]) -> dict:
+    """The ``train`` facts of a run whose meta-training had finished (``save_training_done``); restores ``log``."""
+    try:
+        record = io.read_json(directory / "trained.json")
+        train, saved_log, overrides = record["train"], record["log"], record["overrides"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError("resume", f"{directory}/trained.json cannot be read ({type(error).__name__}: {error}); "
+                          "start a new run directory") from error
+    if overrides != job:
+        raise ConfigError("resume", f"{directory} holds the meta-training of a run with other overrides "
+                          f"({' '.join(overrides)}); resume it with those, or start a new run directory")
+    restore_log(log, saved_log)
+    return train
+

@@ -17,12 +17,14 @@ from omegaconf import DictConfig
 from metapeft import affinity, blas, io
 from metapeft.backend import mx, use_device
 from metapeft.baselines import chosen, make_baselines
-from metapeft.build import Experiment, build, initial_state, parameter_counts, pretrained
+from metapeft.build import Experiment, InitialState, build, initial_state, parameter_counts, pretrained
 from metapeft.checkpoint import (
     evaluation_config,
     load_checkpoint,
+    load_training_done,
     load_training_state,
     save_checkpoint,
+    save_training_done,
     save_training_state,
 )
 from metapeft.config import GROUPS, Keep
@@ -94,6 +96,8 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), start_up_
         metrics["total_seconds"] = time.perf_counter() - started
         metrics["seconds"] = time_breakdown(phases, metrics["total_seconds"])
         io.write_json(out_dir / "metrics.json", metrics)
+        if metrics["status"] == "completed":  # evaluated: nothing left to resume
+            (out_dir / "checkpoint" / "trained.json").unlink(missing_ok=True)
         if metrics["status"] != "refused":
             log_everywhere(loggers, cfg, out_dir, metrics)
 
@@ -136,6 +140,12 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
         directory, job = out_dir / "checkpoint", identifying(overrides)
         peft_state = exp.peft.init_meta_state(meta["weights"])
         resume_from = None
+        if cfg.resume and (directory / "trained.json").exists():  # stopped after meta-training had finished
+            train = {**load_training_done(directory, log, job), "resumed_from_iteration": log.iterations}
+            meta, frozen = load_checkpoint(directory, meta, frozen)
+            logger.info("meta-training had finished (%d iterations): evaluating what %s holds", train["iterations"],
+                        directory)
+            return evaluate_run(exp, start, meta, frozen, train, phases)
         if cfg.resume and (directory / "training.json").exists():  # an interrupted run: go on where it stopped
             optimizer = learner.make_optimizer(cfg.mode.num_iterations)
             optimizer.init(meta)
@@ -157,8 +167,6 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
             )
         with phases.phase("checkpoint_writing"):
             save_checkpoint(directory, meta, frozen, cfg)
-        for name in ("training.safetensors", "training.json"):  # done: nothing left to resume
-            (directory / name).unlink(missing_ok=True)
         train = {
             "iterations": log.iterations,
             # compilation is in the first iteration: per-iteration time is measured without it
@@ -175,9 +183,20 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
             "stopped_early": log.stopped_early,  # patience ran out; iterations says when
             "resumed_from_iteration": resume_from.iteration if resume_from else None,  # an interrupted run went on
         }
+        with phases.phase("checkpoint_writing"):  # a stop in evaluation resumes there (resume=true)
+            save_training_done(directory, train, log, job)
+        for name in ("training.safetensors", "training.json"):  # meta-training is done: nothing of it to resume
+            (directory / name).unlink(missing_ok=True)
     else:
         meta, frozen = load_checkpoint(Path(cfg.checkpoint), meta, frozen)
         train = {"iterations": 0, "from_checkpoint": str(cfg.checkpoint), "final_val_metric": validate(meta, frozen)}
+    return evaluate_run(exp, start, meta, frozen, train, phases)
+
+
+def evaluate_run(exp: Experiment, start: InitialState, meta: dict, frozen: dict, train: dict,
+                 phases: PhaseTimes) -> dict:
+    """Evaluation, inference timing and what the run reports, for meta-parameters trained now or loaded."""
+    cfg = exp.cfg
     mx.random.seed(cfg.seed)  # evaluation draws the same dropout masks whether trained now or loaded
     with phases.phase("evaluation"):
         baselines = make_baselines(exp, start.plain, frozen, lambda: pretrained(exp)[0])

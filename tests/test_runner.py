@@ -231,6 +231,30 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_if_never_stoppe
     assert not (tmp_path / "stopped" / "checkpoint" / "training.json").exists()  # nothing left to resume
 
 
+def test_a_run_stopped_during_evaluation_resumes_there_without_meta_training_again(tmp_path):
+    args = ["progress=false", "mode.num_iterations=300", "mode.num_eval_tasks=40"]
+    job = subprocess.Popen([sys.executable, "runners/run.py", f"hydra.run.dir={tmp_path / 'stopped'}", *args],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = tmp_path / "stopped" / "checkpoint" / "trained.json"
+    deadline = time.time() + 120
+    while not done.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGTERM)  # meta-training has finished and evaluation has begun
+    job.communicate(timeout=120)
+    stopped = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
+    assert job.returncode == 143 and stopped["status"] == "interrupted", stopped.get("reason")
+    resumed = run_cli(f"hydra.run.dir={tmp_path / 'stopped'}", *args, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "meta-training had finished (300 iterations)" in resumed.stdout + resumed.stderr
+    straight = run_cli(f"hydra.run.dir={tmp_path / 'straight'}", *args)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("stopped", "straight"))
+    assert a["status"] == "completed" and a["evaluation"] == b["evaluation"]
+    assert "meta_training" not in a["seconds"] and a["train"]["resumed_from_iteration"] == 300
+    pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / d / "history.csv") for d in ("stopped", "straight")))
+    assert not done.exists()  # evaluated: nothing left to resume
+
+
 def test_a_number_for_a_group_option_says_what_to_write_instead(tmp_path):
     result = run_cli(f"hydra.run.dir={tmp_path}", "shots=5")
     assert result.returncode == 2 and "shots.train=5" in result.stderr and "Traceback" not in result.stderr
