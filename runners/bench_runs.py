@@ -16,6 +16,7 @@ import numpy as np
 from metapeft import affinity, io
 from metapeft.backend import mx
 from metapeft.build import build
+from metapeft.tasks.base import Episodes
 from runners.bench_setup import BENCH, PYTHON, RUNNER, compose_workload
 
 # Whole runs whose time --runs splits into phases (metrics.json "seconds"), quick mode.
@@ -153,10 +154,13 @@ def evaluation_parts(overrides: list[str], repeats: int = 2) -> dict:
     with affinity.colocated():
         for k in cfg.shots.eval:
             episodes = exp.task.sample("test", cfg.mode.num_eval_tasks, k, np.random.default_rng([cfg.seed, 2, k]))
-            for name, part in parts.items():
-                for _ in range(repeats):
+            for _ in range(repeats):
+                # a new episodes object each repeat: the baselines cache the features of the last episodes they saw
+                # (prototype computes the pretrained features, linear_probe reuses them, as in a run)
+                fresh = Episodes(*episodes)
+                for name, part in parts.items():
                     began = time.perf_counter()
-                    part(episodes)
+                    part(fresh)
                     results.setdefault(name, {})[str(k)] = time.perf_counter() - began
     return results
 
