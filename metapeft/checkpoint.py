@@ -220,10 +220,11 @@ def load_training_state(directory: Path, expected: TrainState, log: TrainLog, sa
 
 
 def restore_log(log: TrainLog, saved: dict) -> None:
+    """Fill ``log`` in place from its saved ``vars`` (NaN came back from JSON as null)."""
     for key, value in saved.items():
         if key == "rows":
             value = [{k: math.nan if v is None else v for k, v in row.items()} for row in value]
-        elif value is None:  # JSON has no NaN: io.write_json wrote it as null
+        elif value is None:
             value = math.nan
         setattr(log, key, value)
 
