@@ -108,7 +108,9 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
         embed = mx.vmap(lambda x: exp.model.features(backbone, x))  # task by task, as the model sees a task
     # The pretrained features (prototype, linear_probe) and the raw-input features (nearest_centroid,
     # logistic_regression) of the last episodes: each pair of baselines shares one computation.
-    features = last_episodes(lambda e: (flat(embed(e.xs)), flat(embed(e.xq))))
+    chunk = exp.cfg.evaluation.chunk_size  # tasks embedded at once, as the curves adapt them (bounds memory)
+    embedded = lambda x: np.concatenate([flat(embed(x[lo: lo + chunk])) for lo in range(0, len(x), chunk)])
+    features = last_episodes(lambda e: (embedded(e.xs), embedded(e.xq)))
     raw = last_episodes(lambda e: exp.task.raw_features(e.xs, e.xq))
 
     def prototype(e: Episodes) -> np.ndarray:

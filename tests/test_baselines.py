@@ -68,3 +68,29 @@ def test_a_baseline_that_does_not_apply_is_refused_before_training(compose_cfg, 
     with pytest.raises(ConfigError) as error:
         run(compose_cfg("mode=tiny", *overrides), tmp_path)
     assert error.value.key == "baselines" and not (tmp_path / "history.csv").exists()
+
+
+def test_pretrained_features_are_embedded_a_chunk_of_tasks_at_a_time_with_the_same_result(compose_cfg, tmp_path):
+    """The prototypes and the linear probe read features of every evaluation task: embedded evaluation.chunk_size
+    tasks at a time, as the curves adapt them, so a large evaluation on a large encoder fits in memory."""
+    from metapeft.baselines import make_baselines
+    from metapeft.build import initial_state, pretrained
+
+    scores, traces = {}, {}
+    for chunk in (2, 200):
+        exp = build(compose_cfg("task=digits", "peft=lora", "pretrain.iterations=20", f"evaluation.chunk_size={chunk}",
+                                f"pretrain.cache_dir={tmp_path}", "baselines=[prototype,linear_probe]"))
+        start = initial_state(exp)
+        episodes = exp.task.sample("test", 7, 5, np.random.default_rng(0))
+        features, traces[chunk] = exp.model.features, 0
+
+        def counted(*args, features=features, chunk=chunk):  # vmap traces it once per call: once per chunk
+            traces[chunk] += 1
+            return features(*args)
+
+        exp.model.features = counted
+        chosen = make_baselines(exp, start.plain, start.frozen, lambda: pretrained(exp)[0])
+        scores[chunk] = {name: baseline(episodes) for name, baseline in chosen.items()}
+    assert traces == {2: 2 * 4, 200: 2 * 1}  # support and query sets of 7 tasks: 4 chunks of 2, or 1 of 200
+    for name in ("prototype", "linear_probe"):
+        np.testing.assert_allclose(scores[2][name], scores[200][name], atol=1e-6)
