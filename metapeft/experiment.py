@@ -136,16 +136,16 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
     validate = phases.timed("validation", validate)
 
     if cfg.train:
-        better = None if cfg.keep == Keep.last else (lambda new, old: new > old if task.higher_is_better else new < old)
         directory, job = out_dir / "checkpoint", identifying(overrides)
-        peft_state = exp.peft.init_meta_state(meta["weights"])
-        resume_from = None
         if cfg.resume and (directory / "trained.json").exists():  # stopped after meta-training had finished
             train = {**load_training_done(directory, log, job), "resumed_from_iteration": log.iterations}
             meta, frozen = load_checkpoint(directory, meta, frozen)
             logger.info("meta-training had finished (%d iterations): evaluating what %s holds", train["iterations"],
                         directory)
             return evaluate_run(exp, start, meta, frozen, train, phases)
+        better = None if cfg.keep == Keep.last else (lambda new, old: new > old if task.higher_is_better else new < old)
+        peft_state = exp.peft.init_meta_state(meta["weights"])
+        resume_from = None
         if cfg.resume and (directory / "training.json").exists():  # an interrupted run: go on where it stopped
             optimizer = learner.make_optimizer(cfg.mode.num_iterations)
             optimizer.init(meta)
@@ -166,8 +166,6 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
                                       lambda state: save_training_state(directory, state, log, train_rng, job)),
                 resume_from=resume_from, label=progress_label(cfg, job),
             )
-        with phases.phase("checkpoint_writing"):
-            save_checkpoint(directory, meta, frozen, cfg)
         train = {
             "iterations": log.iterations,
             # compilation is in the first iteration: per-iteration time is measured without it
@@ -184,8 +182,9 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
             "stopped_early": log.stopped_early,  # patience ran out; iterations says when
             "resumed_from_iteration": resume_from.iteration if resume_from else None,  # an interrupted run went on
         }
-        with phases.phase("checkpoint_writing"):  # a stop in evaluation resumes there (resume=true)
-            save_training_done(directory, train, log, job)
+        with phases.phase("checkpoint_writing"):
+            save_checkpoint(directory, meta, frozen, cfg)
+            save_training_done(directory, train, log, job)  # with it, a stop in evaluation resumes there
         for name in ("training.safetensors", "training.json"):  # meta-training is done: nothing of it to resume
             (directory / name).unlink(missing_ok=True)
     else:

@@ -34,7 +34,6 @@ import numpy as np
 
 from metapeft import affinity, blas, io
 from metapeft.backend import mx, utils
-from metapeft.config import register_configs
 from metapeft.tasks.base import Episodes
 from metapeft.train import TrainLog, compiled_meta_step, meta_train
 
@@ -42,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the runners pack
 from runners import bench_encoder as encoder  # noqa: E402
 from runners import bench_runs as runs  # noqa: E402
 from runners.bench_peers import PEERS, time_steps  # noqa: E402  (JAX and PyTorch load only when used)
-from runners.bench_setup import current_rss_mb, peer_spec, setup  # noqa: E402
+from runners.bench_setup import peer_spec, setup  # noqa: E402
 
 DIGITS_LORA = ["task=digits", "peft=lora", "peft.rank=4", "shots.train=5", "algorithm.meta_batch_size=4",
                "algorithm.num_inner_steps=5"]
@@ -96,6 +95,13 @@ def memory_workload(overrides: list[str], checkpoints: list[int]) -> dict:
                max(checkpoints), validate=lambda meta, frozen: 0.0, val_interval=10**9, log=TrainLog(),
                progress=False, after_step=record)
     return readings
+
+
+def current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")  # not Linux
 
 
 def time_workload(name: str, overrides: list[str], repeats: int, seconds: float) -> dict:
@@ -209,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
                                  ("--encoder", args.encoder, encoder.ENCODER_VARIANTS)):
         if unknown := sorted(set((names or "").split(",")) - set(valid) - {""}):
             parser.error(f"{option}: unknown {unknown}; valid: {','.join(valid)}")
-    register_configs()
     if args.runs:
         results = runs.run_breakdown(args.out.parent / "runs")
         io.write_json(args.out.with_name("bench_runs.json"), {"blas": blas.status(), "runs": results,

@@ -29,15 +29,19 @@ RUNS = {
 }
 
 
+def run_as_a_user(run_dir: Path, *overrides: str) -> dict:
+    """``python runners/run.py OVERRIDES`` in a process of its own, into ``run_dir``: its metrics.json."""
+    subprocess.run([PYTHON, RUNNER, *overrides, "progress=false", f"hydra.run.dir={run_dir}"], check=True,
+                   capture_output=True)
+    return io.read_json(run_dir / "metrics.json")
+
+
 def run_breakdown(out_dir: Path) -> dict:
     """Each quick run of RUNS, started as a user starts it, and the seconds it spent per phase."""
     results = {}
     for name, overrides in RUNS.items():
-        run_dir = out_dir / name
         started = time.perf_counter()
-        subprocess.run([PYTHON, RUNNER, *overrides, "progress=false",
-                        f"hydra.run.dir={run_dir}"], check=True, capture_output=True)
-        seconds = io.read_json(run_dir / "metrics.json")["seconds"]
+        seconds = run_as_a_user(out_dir / name, *overrides)["seconds"]
         seconds["wall_from_outside"] = time.perf_counter() - started
         results[name] = seconds
     return results
@@ -93,10 +97,8 @@ def start_up(repeats: int, out_dir: Path) -> dict:
     for repeat in range(repeats):
         done = subprocess.run([PYTHON, "-c", IMPORTS_ONLY], check=True, capture_output=True, text=True)
         imports.append(float(done.stdout))
-        run_dir = out_dir / f"start_up_{repeat}"
-        subprocess.run([PYTHON, RUNNER, "mode=tiny", "progress=false",
-                        f"hydra.run.dir={run_dir}"], check=True, capture_output=True)
-        runner.append(io.read_json(run_dir / "metrics.json")["train"]["seconds_to_first_iteration"])
+        metrics = run_as_a_user(out_dir / f"start_up_{repeat}", "mode=tiny")
+        runner.append(metrics["train"]["seconds_to_first_iteration"])
     result = {"import_mlx_hydra_seconds": float(np.median(imports)), "to_first_iteration_seconds":
               float(np.median(runner)), "all_imports": imports, "all_runner": runner}
     result["ratio"] = result["to_first_iteration_seconds"] / result["import_mlx_hydra_seconds"]

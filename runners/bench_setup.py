@@ -1,5 +1,5 @@
 """What the benchmarks in ``runners/`` start from: a workload's composed config, experiment and parameters, the
-peers' description of it, and the process's resident memory."""
+peers' description of it."""
 from __future__ import annotations
 
 import sys
@@ -53,10 +53,3 @@ def peer_spec(exp):
     if cfg.peft.name == "lora":
         spec.lora_scale = cfg.peft.alpha / cfg.peft.rank
     return spec
-
-
-def current_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")  # not Linux

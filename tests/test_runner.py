@@ -202,6 +202,33 @@ def test_a_signal_stops_a_run_and_keeps_its_files(tmp_path, stop, code):
     assert len(history) == metrics["interrupted_at_iteration"] > 0
 
 
+def stopped_by_sigterm(run_dir, args, saved: str) -> dict:
+    """The runner started into ``run_dir`` and sent SIGTERM once it has written ``checkpoint/<saved>``: it exits 143
+    with status interrupted. Its metrics."""
+    job = subprocess.Popen([sys.executable, "runners/run.py", f"hydra.run.dir={run_dir}", *args],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint" / saved).exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGTERM)
+    job.communicate(timeout=120)
+    stopped = json.loads((run_dir / "metrics.json").read_text())
+    assert job.returncode == 143 and stopped["status"] == "interrupted", stopped.get("reason")
+    return stopped
+
+
+def resumed_and_straight(tmp_path, args) -> tuple:
+    """``tmp_path/stopped`` resumed with ``resume=true``, and the same run uninterrupted in ``tmp_path/straight``:
+    the resumed process, then both runs' metrics and histories."""
+    resumed = run_cli(f"hydra.run.dir={tmp_path / 'stopped'}", *args, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = run_cli(f"hydra.run.dir={tmp_path / 'straight'}", *args)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("stopped", "straight")]
+    histories = [pd.read_csv(tmp_path / d / "history.csv") for d in ("stopped", "straight")]
+    return resumed, metrics, histories
+
+
 @pytest.mark.parametrize("workload", [
     ["mode.num_iterations=1500", "mode.val_interval=100", "mode.num_eval_tasks=20"],  # MAML on sinusoid
     pytest.param(["task=digits", "peft=lora", "mode.num_iterations=300", "mode.val_interval=20",
@@ -209,50 +236,25 @@ def test_a_signal_stops_a_run_and_keeps_its_files(tmp_path, stop, code):
 ], ids=["sinusoid", "lora"])
 def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_if_never_stopped(tmp_path, workload):
     args = ["progress=false", "keep=best_val", f"pretrain.cache_dir={tmp_path / 'cache'}", *workload]
-    job = subprocess.Popen([sys.executable, "runners/run.py", f"hydra.run.dir={tmp_path / 'stopped'}", *args],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (tmp_path / "stopped" / "checkpoint" / "training.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    job.send_signal(signal.SIGTERM)  # at iteration 100 or a little after: 1,400 iterations (seconds) before the end
-    job.communicate(timeout=120)
-    stopped = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
-    assert job.returncode == 143 and stopped["status"] == "interrupted", stopped.get("reason")
-    resumed = run_cli(f"hydra.run.dir={tmp_path / 'stopped'}", *args, "resume=true")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    straight = run_cli(f"hydra.run.dir={tmp_path / 'straight'}", *args)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("stopped", "straight"))
+    # stopped at the first saved training state (iteration 100) or a little after: 1,400 iterations before the end
+    stopped = stopped_by_sigterm(tmp_path / "stopped", args, "training.json")
+    _, (a, b), (history_a, history_b) = resumed_and_straight(tmp_path, args)
     assert 0 < a["train"]["resumed_from_iteration"] <= stopped["interrupted_at_iteration"]  # it went on, not over
     assert a["status"] == "completed" and a["evaluation"] == b["evaluation"]
     assert a["train"]["kept_iteration"] == b["train"]["kept_iteration"]
-    history_a, history_b = (pd.read_csv(tmp_path / d / "history.csv") for d in ("stopped", "straight"))
     pd.testing.assert_frame_equal(history_a, history_b)
     assert not (tmp_path / "stopped" / "checkpoint" / "training.json").exists()  # nothing left to resume
 
 
 def test_a_run_stopped_during_evaluation_resumes_there_without_meta_training_again(tmp_path):
     args = ["progress=false", "mode.num_iterations=300", "mode.num_eval_tasks=40"]
-    job = subprocess.Popen([sys.executable, "runners/run.py", f"hydra.run.dir={tmp_path / 'stopped'}", *args],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    done = tmp_path / "stopped" / "checkpoint" / "trained.json"
-    deadline = time.time() + 120
-    while not done.exists() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    job.send_signal(signal.SIGTERM)  # meta-training has finished and evaluation has begun
-    job.communicate(timeout=120)
-    stopped = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
-    assert job.returncode == 143 and stopped["status"] == "interrupted", stopped.get("reason")
-    resumed = run_cli(f"hydra.run.dir={tmp_path / 'stopped'}", *args, "resume=true")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    stopped_by_sigterm(tmp_path / "stopped", args, "trained.json")  # meta-training done, evaluation begun
+    resumed, (a, b), (history_a, history_b) = resumed_and_straight(tmp_path, args)
     assert "meta-training had finished (300 iterations)" in resumed.stdout + resumed.stderr
-    straight = run_cli(f"hydra.run.dir={tmp_path / 'straight'}", *args)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("stopped", "straight"))
     assert a["status"] == "completed" and a["evaluation"] == b["evaluation"]
     assert "meta_training" not in a["seconds"] and a["train"]["resumed_from_iteration"] == 300
-    pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / d / "history.csv") for d in ("stopped", "straight")))
-    assert not done.exists()  # evaluated: nothing left to resume
+    pd.testing.assert_frame_equal(history_a, history_b)
+    assert not (tmp_path / "stopped" / "checkpoint" / "trained.json").exists()  # evaluated: nothing left to resume
 
 
 def test_a_number_for_a_group_option_says_what_to_write_instead(tmp_path):
