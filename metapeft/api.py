@@ -77,6 +77,9 @@ def load_run(path: str | Path) -> LearnedInitialization:
     key = mx.random.key(0)
     backbone = experiment.model.init(key)  # only the shapes matter: the values come from the checkpoint
     inputs, _ = experiment.task.pretraining_batch(np.random.default_rng(0), 8)
-    expected_meta = experiment.learner.meta_parameters(experiment.peft.init_adapted(backbone, key, inputs))
-    meta, frozen = load_checkpoint(directory, expected_meta, experiment.peft.frozen(backbone))
-    return LearnedInitialization(experiment, meta, frozen)
+    frozen = experiment.peft.frozen(backbone)
+    expected_meta = experiment.learner.initial_meta(experiment.peft.init_adapted(backbone, key, inputs),
+                                                    experiment.peft.learnable_backbone(frozen))
+    meta, frozen = load_checkpoint(directory, expected_meta, frozen)
+    # a meta-learned backbone (algorithm.meta_learn=backbone|both) is the one every task adapts
+    return LearnedInitialization(experiment, meta, experiment.learner.task_frozen(meta, frozen))

@@ -3,6 +3,8 @@
 Classification (N-way K-shot):
 - ``nearest_centroid``: each query goes to the class whose mean raw input is nearest (Euclidean). Raw input:
   the flattened image, or for text a bag of tokens (``TaskFamily.raw_features``).
+- ``nearest_neighbour``: each query takes the label of its nearest support example (1-NN, Euclidean) on the raw
+  input.
 - ``logistic_regression``: scikit-learn's ``LogisticRegression`` (defaults, L2, C=1) fit on the raw support set.
 - ``prototype``: nearest centroid on the features of the pretrained backbone (frozen, its head removed).
 - ``linear_probe``: logistic regression on those features, each L2-normalized (as Tian et al., 2020, "a good
@@ -31,7 +33,8 @@ from metapeft.errors import require
 from metapeft.evaluate import BaselineFn, plain_init_curves
 from metapeft.tasks.base import Episodes
 
-CLASSIFICATION = ("nearest_centroid", "logistic_regression", "prototype", "linear_probe", "plain_init")
+CLASSIFICATION = ("nearest_centroid", "nearest_neighbour", "logistic_regression", "prototype", "linear_probe",
+                  "plain_init")
 REGRESSION = ("zero", "support_mean", "linear_probe", "plain_init")
 NEEDS_PRETRAINED = ("prototype", "linear_probe")
 
@@ -63,6 +66,13 @@ def nearest_centroid(xs, ys, xq, yq, num_classes: int) -> np.ndarray:
     centroids = np.einsum("tsc,tsd->tcd", one_hot, xs) / one_hot.sum(axis=1)[..., None]
     distances = ((xq[:, :, None, :] - centroids[:, None, :, :]) ** 2).sum(axis=-1)
     return (distances.argmin(axis=-1) == np.asarray(yq)).mean(axis=1)
+
+
+def nearest_neighbour(xs, ys, xq, yq) -> np.ndarray:
+    """Accuracy per task of giving each query the label of its nearest support example (1-NN)."""
+    distances = ((xq[:, :, None, :] - xs[:, None, :, :]) ** 2).sum(axis=-1)  # (tasks, query, support)
+    nearest = distances.argmin(axis=-1)
+    return (np.take_along_axis(np.asarray(ys), nearest, axis=1) == np.asarray(yq)).mean(axis=1)
 
 
 def logistic_regression(xs, ys, xq, yq) -> np.ndarray:
@@ -126,6 +136,7 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
     table: dict[str, BaselineFn] = {
         "plain_init": lambda e: plain_init_curves(exp, plain, frozen, e, exp.cfg.evaluation.curve_steps),
         "nearest_centroid": lambda e: nearest_centroid(raw(e)[0], e.ys, raw(e)[1], e.yq, classes),
+        "nearest_neighbour": lambda e: nearest_neighbour(raw(e)[0], e.ys, raw(e)[1], e.yq),
         "logistic_regression": lambda e: logistic_regression(raw(e)[0], e.ys, raw(e)[1], e.yq),
         "prototype": prototype,
         "linear_probe": linear_probe,

@@ -62,6 +62,13 @@ def build(cfg: DictConfig) -> Experiment:
     peft.check(model.init(mx.random.key(0)))  # target layers and ranks against the real layer shapes
     experiment = Experiment(cfg, task, model, peft, learner=None)  # type: ignore[arg-type]
     experiment.learner = ALGORITHMS.get(cfg.algorithm.name)(cfg.algorithm, experiment)
+    learner = experiment.learner
+    require(not learner.learns_backbone or peft.uses_pretrained_backbone, "algorithm.meta_learn",
+            f"{cfg.algorithm.meta_learn} meta-learns the backbone a PEFT method adapts; with peft=none every "
+            "parameter is already meta-learned: use meta_learn=adapter or a PEFT method (peft=lora, ...)")
+    require(learner.learns_adapter or not peft.needs_meta_learned_adapter, "algorithm.meta_learn",
+            f"peft={cfg.peft.name} follows its adapter's meta-gradient, which meta_learn=backbone does not take: "
+            "use meta_learn=both")
     return experiment
 
 

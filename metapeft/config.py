@@ -57,6 +57,7 @@ class ModeConfig:
     val_interval: int = MISSING
     num_val_tasks: int = MISSING
     num_eval_tasks: int = MISSING
+    pretrain_iterations: int = MISSING  # the most a backbone is pretrained (it stops early once validation stalls)
 
 
 @dataclass
@@ -70,9 +71,14 @@ class EvaluationConfig:
 
 @dataclass
 class PretrainConfig:
-    """Pretraining of the backbone the PEFT methods adapt (see ``metapeft.pretrain``)."""
+    """Pretraining of the backbone the PEFT methods adapt (see ``metapeft.pretrain``): until the features stop
+    improving on meta-validation tasks, at most ``iterations``."""
 
-    iterations: int = 1000
+    iterations: int = "${mode.pretrain_iterations}"  # type: ignore[assignment]
+    val_interval: int = 250  # iterations between validations
+    patience: int = 8  # validations without improvement before stopping
+    num_val_tasks: int = 100  # meta-validation tasks the features are scored on
+    val_shots: int = 5  # support examples per class (or per task) of those tasks
     batch_size: int = 128
     lr: float = 0.001  # Adam
     cache_dir: str = "${oc.select:paths.cache_dir,'~/.cache/metapeft'}"
@@ -207,7 +213,7 @@ def validate_common(cfg: Any) -> None:
             f"must be >= 0, got {cfg.evaluation.num_inner_steps}")
     require(cfg.evaluation.curve_steps >= cfg.evaluation.num_inner_steps, "evaluation.curve_steps",
             f"must be >= evaluation.num_inner_steps={cfg.evaluation.num_inner_steps}, got {cfg.evaluation.curve_steps}")
-    for key in ("iterations", "batch_size"):
+    for key in ("iterations", "batch_size", "val_interval", "patience", "num_val_tasks", "val_shots"):
         require(cfg.pretrain[key] >= 1, f"pretrain.{key}", f"must be >= 1, got {cfg.pretrain[key]}")
     require(cfg.pretrain.lr > 0, "pretrain.lr", f"must be > 0, got {cfg.pretrain.lr}")
     require(cfg.train or cfg.checkpoint is not None, "checkpoint",

@@ -70,6 +70,7 @@ def summarize(curves: np.ndarray, report_step: int, classes: np.ndarray | None =
 
 def learner_curves(exp: Experiment, meta: dict, frozen: dict, episodes: Episodes, num_steps: int) -> np.ndarray:
     """Query metric after 0..num_steps of the algorithm's own inner steps from the meta-parameters ``meta``."""
+    frozen = exp.learner.task_frozen(meta, frozen)  # the meta-learned backbone, under meta_learn=backbone|both
     return adaptation_curves(lambda x, y: exp.learner.task_start(meta, frozen, x, y),
                              lambda w, x, y: exp.learner.inner_step(meta, w, frozen, x, y),
                              lambda w, x, y: exp.metric(w, frozen, x, y), episodes, num_steps,

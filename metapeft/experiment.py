@@ -125,7 +125,8 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
     mx.reset_peak_memory()
     with phases.phase("pretraining_and_initialization"):
         start = initial_state(exp)
-    meta, frozen = learner.meta_parameters(start.adapted), start.frozen
+    meta = learner.initial_meta(start.adapted, exp.peft.learnable_backbone(start.frozen))
+    frozen = start.frozen
     train_rng = np.random.default_rng([cfg.seed, 0])
     val_episodes = task.sample("val", cfg.mode.num_val_tasks, cfg.shots.train, np.random.default_rng([cfg.seed, 1]))
 
@@ -198,11 +199,19 @@ def evaluate_run(exp: Experiment, start: InitialState, meta: dict, frozen: dict,
     """Evaluation, inference timing and what the run reports, for meta-parameters trained now or loaded."""
     cfg = exp.cfg
     mx.random.seed(cfg.seed)  # evaluation draws the same dropout masks whether trained now or loaded
+    pretraining = dict(start.pretraining)
+
+    def pretrained_backbone() -> dict:  # peft=none: pretrained for the feature baselines alone, recorded all the same
+        backbone, facts = pretrained(exp)
+        pretraining.update(facts)
+        return backbone
+
     with phases.phase("evaluation"):
-        baselines = make_baselines(exp, start.plain, frozen, lambda: pretrained(exp)[0])
+        baselines = make_baselines(exp, start.plain, frozen, pretrained_backbone)
         evaluation = evaluate_shots(exp, meta, frozen, baselines)
     with phases.phase("inference_timing"):
-        inference_ms = inference_ms_per_sample(exp.peft.__call__, meta["weights"], frozen, start.sample_inputs)
+        inference_ms = inference_ms_per_sample(exp.peft.__call__, meta["weights"],
+                                               exp.learner.task_frozen(meta, frozen), start.sample_inputs)
     return {
         "evaluation": evaluation,
         "train": train,
@@ -212,5 +221,5 @@ def evaluate_run(exp: Experiment, start: InitialState, meta: dict, frozen: dict,
         "blas": blas.status(),
         "cpu_affinity": affinity.status(),
         "peft": exp.peft.report(frozen),
-        "pretraining": start.pretraining,
+        "pretraining": pretraining,
     }

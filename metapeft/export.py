@@ -138,4 +138,12 @@ def export(run: str | Path, out: str | Path, merge_weights: bool = False) -> Pat
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError("--out", f"cannot create {out} ({error.strerror}); give a directory that can be") from None
+    if not merge_weights:
+        require("backbone" not in learned.meta, "--merge", "this run meta-learned the backbone too (algorithm."
+                f"meta_learn={cfg_meta_learn(learned)}); an adapter alone would be applied to the original base "
+                "model: export the whole model with --merge")
     return merged_model(learned, out) if merge_weights else peft_adapter(learned, out)
+
+
+def cfg_meta_learn(learned: LearnedInitialization) -> str:
+    return str(learned.experiment.cfg.algorithm.meta_learn)

@@ -75,3 +75,8 @@ def save_tree(path: Path, tree: dict, metadata: dict[str, str] | None = None) ->
 
 def load_tree(path: Path) -> dict:
     return utils.tree_unflatten(list(mx.load(str(path)).items()))
+
+
+def load_tree_with_metadata(path: Path) -> tuple[dict, dict[str, str]]:
+    arrays, metadata = mx.load(str(path), return_metadata=True)
+    return utils.tree_unflatten(list(arrays.items())), metadata

@@ -1,5 +1,12 @@
 """Pretraining of the backbone that PEFT methods adapt, on the meta-train split only, cached on disk.
 
+Trained until its features stop improving on meta-validation tasks (early stopping), not for a fixed count: every
+``pretrain.val_interval`` iterations the backbone's features are scored few-shot on ``pretrain.num_val_tasks``
+meta-validation tasks (nearest class mean for classification, a ridge head refit for regression, as the feature
+baselines use them); training stops after ``pretrain.patience`` validations without improvement, or at
+``pretrain.iterations``, and the best validated weights are kept. How long it ran and why it stopped are recorded
+with the weights (and so in every run's ``metrics.json`` under ``pretraining``).
+
 The cache file is named by a hash of everything that determines the weights (task, model, pretraining settings,
 seed). Concurrent jobs asking for the same backbone take a file lock: the first trains and writes it atomically
 (temporary file, then rename); the others wait and load it. A cache file that cannot be read (damaged outside
@@ -22,7 +29,7 @@ from metapeft import io
 from metapeft.backend import mx, optim
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: early stopping on meta-validation
 
 
 def cache_key(cfg: DictConfig) -> str:
@@ -50,19 +57,44 @@ def pretrained_backbone(cfg: DictConfig, model_class, task, key: mx.array, progr
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if path.exists():
             try:
-                return io.load_tree(path), {"cache_file": str(path), "cache_hit": True}
+                params, facts = io.load_tree_with_metadata(path)
+                return params, {"cache_file": str(path), "cache_hit": True, **json.loads(facts.get("facts", "{}"))}
             except (OSError, ValueError, RuntimeError) as error:  # truncated or corrupt: a miss, not a failed run
                 log.warning("the cached backbone %s cannot be read (%s); pretraining it again", path, error)
         model = model_class(cfg.model, task.input_shape, task.pretraining_outputs)
-        params, final_loss = train(model, task, cfg.pretrain, key, cfg.seed, progress)
-        io.save_tree(path, params, metadata={"final_loss": str(final_loss)})
-        log.info("pretrained %s on %s meta-train data (final loss %.4f) -> %s", cfg.model.name, cfg.task.name,
-                 final_loss, path)
+        params, facts = train(model, task, cfg.pretrain, key, cfg.seed, progress)
+        io.save_tree(path, params, metadata={"facts": json.dumps(facts)})
+        log.info("pretrained %s on %s meta-train data: %d iterations, best validation %s %.4f at iteration %d (%s)"
+                 " -> %s", cfg.model.name, cfg.task.name, facts["iterations"], task.metric_name,
+                 facts["best_val_metric"], facts["best_iteration"], facts["stopped"], path)
         # return what a later job will load, so a cache hit and a miss give the very same tree
-        return io.load_tree(path), {"cache_file": str(path), "cache_hit": False, "final_loss": final_loss}
+        return io.load_tree(path), {"cache_file": str(path), "cache_hit": False, **facts}
 
 
-def train(model, task, cfg, key: mx.array, seed: int, progress: bool) -> tuple[dict, float]:
+def feature_score(model, task, params: dict, episodes) -> float:
+    """How well the backbone's features (head removed) serve few-shot tasks: the mean query accuracy of the nearest
+    support class mean (classification) or the mean query MSE of a ridge head (alpha=1) refit on the support set
+    (regression)."""
+    embed = mx.vmap(lambda x: model.features(params, x))
+    support, query = (np.asarray(embed(x), dtype=np.float64) for x in (episodes.xs, episodes.xq))
+    ys, yq = np.asarray(episodes.ys), np.asarray(episodes.yq)
+    if task.num_classes is not None:
+        one_hot = ys[..., None] == np.arange(task.num_classes)
+        centroids = np.einsum("tsc,tsd->tcd", one_hot, support) / one_hot.sum(axis=1)[..., None]
+        distances = ((query[:, :, None, :] - centroids[:, None, :, :]) ** 2).sum(axis=-1)
+        return float((distances.argmin(axis=-1) == yq).mean())
+    ys, yq = ys.reshape(len(ys), ys.shape[1], -1), yq.reshape(len(yq), yq.shape[1], -1)
+    errors = []
+    for fs, ts, fq, tq in zip(support, ys, query, yq):  # ridge with an unpenalized intercept, in closed form
+        mean_f, mean_t = fs.mean(axis=0), ts.mean(axis=0)
+        weight = np.linalg.solve((fs - mean_f).T @ (fs - mean_f) + np.eye(fs.shape[1]), (fs - mean_f).T @ (ts - mean_t))
+        errors.append(np.mean(((fq - mean_f) @ weight + mean_t - tq) ** 2))
+    return float(np.mean(errors))
+
+
+def train(model, task, cfg, key: mx.array, seed: int, progress: bool) -> tuple[dict, dict]:
+    """Adam on the pretraining objective, validated every ``cfg.val_interval`` iterations; returns the best
+    validated weights and what happened (iterations run, the best iteration and its score, why it stopped)."""
     params = model.init(key)
     optimizer = optim.Adam(learning_rate=cfg.lr)
     optimizer.init(params)
@@ -75,7 +107,27 @@ def train(model, task, cfg, key: mx.array, seed: int, progress: bool) -> tuple[d
 
     step = mx.compile(step, inputs=state, outputs=state)
     rng = np.random.default_rng([seed, 3])
-    for _ in tqdm(range(cfg.iterations), desc="pretrain backbone", disable=not progress, mininterval=1.0):
+    val_episodes = task.sample("val", cfg.num_val_tasks, cfg.val_shots, np.random.default_rng([seed, 5]))
+    better = (lambda new, old: new > old) if task.higher_is_better else (lambda new, old: new < old)
+    best, best_score, best_iteration, since_best, history = params, None, 0, 0, []
+    stopped = f"reached pretrain.iterations={cfg.iterations}"
+    bar = tqdm(range(1, cfg.iterations + 1), desc="pretrain backbone", disable=not progress, mininterval=1.0)
+    for iteration in bar:
         loss, params = step(params, *task.pretraining_batch(rng, cfg.batch_size))
         mx.eval(loss, params)
-    return params, loss.item()
+        if iteration % cfg.val_interval and iteration != cfg.iterations:
+            continue
+        score = feature_score(model, task, params, val_episodes)
+        history.append({"iteration": iteration, "loss": loss.item(), "val_metric": score})
+        bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{score:.4f}")
+        if best_score is None or better(score, best_score):
+            best, best_score, best_iteration, since_best = params, score, iteration, 0
+        else:
+            since_best += 1
+            if since_best >= cfg.patience:
+                stopped = f"no better validation in {cfg.patience} validations (pretrain.patience)"
+                break
+    return best, {"iterations": iteration, "best_iteration": best_iteration, "best_val_metric": best_score,
+                  "val_metric": f"{task.metric_name} of {'nearest class means' if task.num_classes else 'a ridge head'}"
+                  f" on {cfg.num_val_tasks} meta-validation tasks, {cfg.val_shots}-shot",
+                  "stopped": stopped, "final_loss": loss.item(), "history": history}

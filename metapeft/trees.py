@@ -67,6 +67,15 @@ def nbytes(tree: Any) -> int:
     return sum(v.nbytes for _, v in utils.tree_flatten(tree))
 
 
+def without_key(tree: Any, key: str) -> Any:
+    """``tree`` without any dict entry named ``key``, at any depth."""
+    if isinstance(tree, dict):
+        return {k: without_key(v, key) for k, v in tree.items() if k != key}
+    if isinstance(tree, list):
+        return [without_key(v, key) for v in tree]
+    return tree
+
+
 def paths_holding(tree: Any, key: str, path: Path = ()) -> list[Path]:
     """The paths of the dicts in ``tree`` that hold ``key`` (e.g. every layer carrying an AdaLoRA mask)."""
     if isinstance(tree, dict):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import run_cli
-from metapeft.baselines import logistic_regression, nearest_centroid, ridge_mse
+from metapeft.baselines import logistic_regression, nearest_centroid, nearest_neighbour, ridge_mse
 from metapeft.build import build
 from metapeft.errors import ConfigError
 from metapeft.experiment import run
@@ -18,6 +18,15 @@ def test_nearest_centroid_by_hand():
     xs = np.array([[[-1.0], [1.0], [9.0], [11.0]]])
     ys = np.array([[0, 0, 1, 1]])
     xq, yq = np.array([[[4.0], [6.0], [9.0]]]), np.array([[0, 1, 0]])
+    assert nearest_centroid(xs, ys, xq, yq, 2).tolist() == [pytest.approx(2 / 3)]
+
+
+def test_nearest_neighbour_by_hand():
+    # support 0, 10 (class 0) and 3 (class 1): the query 1 is nearest to 0, but nearer the mean of class 1 (3)
+    # than that of class 0 (5)
+    xs, ys = np.array([[[0.0], [3.0], [10.0]]]), np.array([[0, 1, 0]])
+    xq, yq = np.array([[[1.0], [7.0], [2.0]]]), np.array([[0, 0, 1]])
+    assert nearest_neighbour(xs, ys, xq, yq).tolist() == [1.0]
     assert nearest_centroid(xs, ys, xq, yq, 2).tolist() == [pytest.approx(2 / 3)]
 
 
@@ -50,8 +59,8 @@ def test_a_classification_run_reports_every_baseline_and_the_paired_difference_t
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for shot in metrics["evaluation"]["shots"].values():
-        assert set(shot["baselines"]) == {"nearest_centroid", "logistic_regression", "prototype", "linear_probe",
-                                          "plain_init"}
+        assert set(shot["baselines"]) == {"nearest_centroid", "nearest_neighbour", "logistic_regression",
+                                          "prototype", "linear_probe", "plain_init", "finetune"}
         for baseline in shot["baselines"].values():
             assert len(baseline["per_task"]) == 6 and baseline["ci95"] >= 0
         best = shot["versus_best_baseline"]

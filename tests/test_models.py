@@ -22,10 +22,11 @@ def test_max_pool_takes_each_2x2_maximum_and_drops_an_odd_edge():
     assert np.array(max_pool_2x2(x))[0, :, :, 0].tolist() == [[6, 8], [16, 18]]
 
 
-@pytest.mark.parametrize("shape, pools", [((8, 8), 3), ((28, 28), 4), ((5, 5), 2)])
-def test_conv4_is_sized_for_its_input(shape, pools):
+@pytest.mark.parametrize("shape, blocks, side", [((8, 8), 2, 2), ((28, 28), 4, 1), ((5, 5), 1, 2)])
+def test_conv4_never_convolves_a_map_narrower_than_its_kernel(shape, blocks, side):
     model = Conv4(OmegaConf.structured(Conv4Config(channels=8)), shape, 5)
     params = model.init(mx.random.key(0))
     x = mx.random.normal((3, 6, *shape), key=mx.random.key(1))  # tasks x examples
-    assert sum(model.pools) == pools and model(params, x).shape == (3, 6, 5)
+    assert len(params["blocks"]) == blocks and model.feature_dim == 8 * side * side
+    assert model(params, x).shape == (3, 6, 5)
     assert model.features(params, x).shape == (3, 6, model.feature_dim)

@@ -1,6 +1,8 @@
 """The vocabulary every meta-learning algorithm shares, and the plain gradient step they adapt with.
 
     meta_parameters(weights)                 what the outer loop learns, starting from an adapted tree
+    initial_meta(weights, backbone)          that, and the backbone when algorithm.meta_learn says so
+    task_frozen(meta, frozen)                the frozen tree tasks see: with the meta-learned backbone, if any
     task_start(meta, frozen, x, y)           where adaptation to a task starts: the meta-learned weights, with the
                                              head built from the support set's class prototypes if head_init says so
     inner_step(meta, weights, frozen, x, y)  one task-specific update on a support set
@@ -22,6 +24,7 @@ from omegaconf import MISSING
 from metapeft.backend import mx, optim, utils
 from metapeft.errors import require
 from metapeft.tasks.base import Episodes
+from metapeft.trees import merge
 
 LossFn = Callable[[dict, dict, "mx.array", "mx.array"], "mx.array"]  # (adapted, frozen, x, y) -> loss
 
@@ -35,6 +38,17 @@ class Objective(Protocol):
 
     def features(self, adapted: dict, frozen: dict, x: mx.array) -> mx.array:
         """The embedding the head (``adapted["head"]``, a linear layer) reads."""
+
+
+class MetaLearn(StrEnum):
+    """What the outer loop learns."""
+
+    adapter = "adapter"  # the adapted tree's initialization (PEFT parameters and head) over a fixed backbone
+    # The backbone, so that the PEFT method adapts it well; every task's adapter starts at the method's fixed
+    # initialization (LoRA's B = 0). Priming (Gheini et al., 2022) and the bilevel form of LoRA-ML (Block et al.,
+    # 2025): the inner loop adapts only the adapter and the head, the outer loop the backbone.
+    backbone = "backbone"
+    both = "both"  # the backbone and the adapter's initialization
 
 
 class HeadInit(StrEnum):
@@ -58,6 +72,8 @@ class AlgorithmConfig:
     # Recompute each inner step's activations during the meta-gradient instead of keeping them (``mx.checkpoint``):
     # memory for time. MLX cannot vmap it, so it needs tasks_per_pass=1 (one task: no vmap).
     checkpoint_inner_steps: bool = False
+    meta_learn: MetaLearn = MetaLearn.adapter  # see MetaLearn; backbone and both need a PEFT method (peft != none)
+    backbone_outer_lr: float = "${.outer_lr}"  # type: ignore[assignment]  # Adam's rate for the backbone
 
 
 def prototype_head(features: mx.array, labels: mx.array, num_classes: int) -> dict:
@@ -99,15 +115,39 @@ class MetaLearner:
                 f"must be >= 1 or null (the whole meta-batch), got {cfg.tasks_per_pass}")
         require(not cfg.checkpoint_inner_steps or cfg.tasks_per_pass == 1, "algorithm.checkpoint_inner_steps",
                 "needs algorithm.tasks_per_pass=1: MLX cannot vmap a checkpointed function over tasks")
+        require(cfg.meta_learn == MetaLearn.adapter or cfg.backbone_outer_lr > 0, "algorithm.backbone_outer_lr",
+                f"must be > 0, got {cfg.backbone_outer_lr}")
         self.cfg = cfg
         self.objective = objective
         self.loss_fn = objective.loss
 
+    @property
+    def learns_backbone(self) -> bool:
+        return self.cfg.meta_learn in (MetaLearn.backbone, MetaLearn.both)
+
+    @property
+    def learns_adapter(self) -> bool:
+        return self.cfg.meta_learn in (MetaLearn.adapter, MetaLearn.both)
+
     def meta_parameters(self, weights: dict) -> dict:
         return {"weights": weights}
 
+    def initial_meta(self, weights: dict, backbone: dict) -> dict:
+        """``meta_parameters(weights)``, and under ``meta_learn=backbone|both`` the backbone (the frozen tree's
+        learnable part) as ``meta["backbone"]``."""
+        meta = self.meta_parameters(weights)
+        return {**meta, "backbone": backbone} if self.learns_backbone else meta
+
+    @staticmethod
+    def task_frozen(meta: dict, frozen: dict) -> dict:
+        """The frozen tree every task of this meta-iteration adapts over: the meta-learned backbone where there is
+        one (differentiable: the meta-gradient reaches it through the inner loop), else ``frozen`` itself."""
+        return merge(frozen, meta["backbone"]) if "backbone" in meta else frozen
+
     def task_start(self, meta: dict, frozen: dict, x: mx.array, y: mx.array) -> dict:
         weights = meta["weights"]
+        if not self.learns_adapter:  # meta_learn=backbone: every task starts at the fixed initialization
+            weights = utils.tree_map(mx.stop_gradient, weights)
         if self.cfg.head_init == HeadInit.prototypes:
             features = self.objective.features(weights, frozen, x)
             weights = {**weights, "head": prototype_head(features, y, self.objective.num_classes)}
@@ -131,4 +171,9 @@ class MetaLearner:
         raise NotImplementedError
 
     def make_optimizer(self, num_iterations: int) -> optim.Optimizer:
-        return optim.Adam(learning_rate=self.cfg.outer_lr)
+        """Adam at ``outer_lr``; the backbone, when it is meta-learned, at ``backbone_outer_lr``."""
+        if not self.learns_backbone:
+            return optim.Adam(learning_rate=self.cfg.outer_lr)
+        return optim.MultiOptimizer([optim.Adam(learning_rate=self.cfg.backbone_outer_lr),
+                                     optim.Adam(learning_rate=self.cfg.outer_lr)],
+                                    [lambda path, weight: path.startswith("backbone.")])

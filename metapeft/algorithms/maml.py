@@ -37,6 +37,7 @@ class MAML(MetaLearner):
 
     def meta_loss(self, meta: dict, frozen: dict, episodes: Episodes) -> mx.array:
         """Mean query loss after adaptation over the task batch (vectorized over tasks)."""
+        frozen = self.task_frozen(meta, frozen)
         return mx.mean(map_tasks(lambda xs, ys, xq, yq: self.query_loss(meta, frozen, xs, ys, xq, yq), *episodes))
 
     def meta_value_and_grad(self, meta: dict, frozen: dict, episodes: Episodes) -> tuple[mx.array, dict]:

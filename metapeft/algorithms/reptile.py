@@ -31,6 +31,10 @@ class ReptileConfig(AlgorithmConfig):
 class Reptile(MetaLearner):
     def __init__(self, cfg: ReptileConfig, objective):
         super().__init__(cfg, objective)
+        require(cfg.meta_learn == "adapter", "algorithm.meta_learn", "Reptile moves the initialization toward the "
+                "adapted parameters, and its inner loop never moves the backbone, so it has no update for it: use "
+                f"meta_learn=adapter, or a gradient-based algorithm (maml, fomaml, metasgd, anil, protonet); got "
+                f"{cfg.meta_learn}")
         require(0 <= cfg.outer_lr_final <= cfg.outer_lr, "algorithm.outer_lr_final",
                 f"must be in [0, outer_lr={cfg.outer_lr}], got {cfg.outer_lr_final}")
 

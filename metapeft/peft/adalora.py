@@ -29,7 +29,7 @@ from metapeft.errors import require
 from metapeft.models.layers import affine
 from metapeft.peft.base import LowRankConfig, LowRankMethod
 from metapeft.registry import PEFT_METHODS
-from metapeft.trees import get_in, merge, path_name, paths_holding, set_in
+from metapeft.trees import get_in, merge, path_name, paths_holding, set_in, without_key
 
 # How each factor's entry scores feed its triplets' score: P by column, lambda as is, Q by row.
 TRIPLET_SCORE = {"ada_p": lambda s: s.mean(axis=0), "ada_lambda": lambda s: s, "ada_q": lambda s: s.mean(axis=1)}
@@ -49,6 +49,7 @@ class AdaLoRAConfig(LowRankConfig):
 
 @PEFT_METHODS.register("adalora", AdaLoRAConfig)
 class AdaLoRA(LowRankMethod):
+    needs_meta_learned_adapter = True  # importance comes from the adapter's meta-gradient
     rank_key = "peft.init_r"
 
     def __init__(self, cfg: AdaLoRAConfig, model):
@@ -78,6 +79,9 @@ class AdaLoRA(LowRankMethod):
         for path, _ in self.target_layers(backbone):
             set_in(masks, path, {"ada_mask": mx.ones((self.cfg.init_r,))})
         return merge(super().frozen(backbone), masks)
+
+    def learnable_backbone(self, frozen: dict) -> dict:
+        return without_key(frozen, "ada_mask")
 
     def init_adapter(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
         adapter: dict = {}

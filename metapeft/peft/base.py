@@ -24,6 +24,7 @@ class PeftConfig:
 
 class PeftMethod:
     uses_pretrained_backbone = True  # adapt a pretrained, frozen backbone
+    needs_meta_learned_adapter = False  # its state follows the adapter's meta-gradient (AdaLoRA's pruning)
 
     def __init__(self, cfg: PeftConfig, model: Backbone):
         self.cfg = cfg
@@ -34,6 +35,11 @@ class PeftMethod:
 
     def frozen(self, backbone: dict) -> dict:
         return without_head(backbone)
+
+    def learnable_backbone(self, frozen: dict) -> dict:
+        """The backbone's weights in the frozen tree: what ``algorithm.meta_learn=backbone|both`` meta-learns (a
+        method's own state there, AdaLoRA's masks, is left out)."""
+        return frozen
 
     def init_adapted(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
         """A fresh adapted tree: a new task head and the method's parameters at their initialization."""
