@@ -11,15 +11,21 @@ Classification (N-way K-shot):
   embedding is all you need", do; it also keeps lbfgs from running into its iteration limit on raw features).
 - ``plain_init``: the run's own model and method from its plain initialization (no meta-learning), adapted by the
   algorithm's own update rule with the evaluation budget.
+- ``finetune``: the practitioner's baseline (``metapeft.finetune``): the pretrained backbone with a fresh head and
+  the run's PEFT method at its plain initialization (``peft=none``: the whole pretrained network), trained with
+  Adam on the support set alone, the learning rate and step count chosen on meta-validation tasks.
+- ``finetune_head`` (``peft=none``): the same with the head alone.
 
 Regression:
 - ``zero``: predict 0. ``support_mean``: predict the mean support target.
 - ``linear_probe``: the multi-task pretrained backbone with its head refit on the support set (ridge, alpha=1).
-- ``plain_init``: as above.
+- ``plain_init``, ``finetune``, ``finetune_head``: as above.
+- ``oracle`` (a task family that knows the right backbone, ``task=low_rank``): ``finetune`` over that backbone.
 
 The pretrained backbone is the one the PEFT methods adapt (``metapeft.pretrain``: trained on the meta-train split
 only); for ``peft=none`` it is pretrained (and cached) for these baselines alone. No baseline is tuned on the test
-split: library defaults throughout, except ``max_iter=1000`` (lbfgs converges) and the probe's normalization.
+split: library defaults throughout, except ``max_iter=1000`` (lbfgs converges) and the probe's normalization; the
+fine-tuning baselines' two settings are chosen on meta-validation tasks.
 """
 from __future__ import annotations
 
@@ -31,16 +37,24 @@ from metapeft.backend import mx
 from metapeft.build import Experiment
 from metapeft.errors import require
 from metapeft.evaluate import BaselineFn, plain_init_curves
+from metapeft.finetune import tuned_finetune
+from metapeft.peft.targets import without_head
 from metapeft.tasks.base import Episodes
+from metapeft.trees import merge
 
 CLASSIFICATION = ("nearest_centroid", "nearest_neighbour", "logistic_regression", "prototype", "linear_probe",
-                  "plain_init")
-REGRESSION = ("zero", "support_mean", "linear_probe", "plain_init")
-NEEDS_PRETRAINED = ("prototype", "linear_probe")
+                  "plain_init", "finetune", "finetune_head")
+REGRESSION = ("zero", "support_mean", "linear_probe", "plain_init", "finetune", "finetune_head")
+NEEDS_PRETRAINED = ("prototype", "linear_probe", "finetune", "finetune_head")
 
 
 def applicable(exp: Experiment) -> tuple[str, ...]:
-    return CLASSIFICATION if exp.task.num_classes is not None else REGRESSION
+    names = CLASSIFICATION if exp.task.num_classes is not None else REGRESSION
+    if exp.peft.uses_pretrained_backbone:  # the head alone over a PEFT run's backbone is the linear probe's job
+        names = tuple(name for name in names if name != "finetune_head")
+        if hasattr(exp.task, "oracle_backbone"):
+            names = (*names, "oracle")
+    return names
 
 
 def chosen(exp: Experiment) -> tuple[str, ...]:
@@ -133,7 +147,27 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
             return logistic_regression(l2_normalized(support), e.ys, l2_normalized(query), e.yq)
         return ridge_mse(support, e.ys, query, e.yq)
 
+    def oracle(e: Episodes) -> tuple[np.ndarray, dict]:
+        """``finetune`` over the backbone the task family knows to be right (``task=low_rank``: A*)."""
+        known = merge(frozen, exp.task.oracle_backbone())
+        return tuned_finetune(exp, lambda w, x, y: exp.loss(w, known, x, y), lambda w, x, y: exp.metric(w, known, x, y),
+                              plain, e)
+
+    def finetune(e: Episodes, head_only: bool = False) -> tuple[np.ndarray, dict]:
+        if exp.peft.uses_pretrained_backbone:  # the run's PEFT method from its plain start, over the backbone
+            start, fixed, tasks_frozen = plain, {}, frozen
+        else:  # the whole pretrained network (or its head alone) with a fresh head
+            start, fixed, tasks_frozen = {**without_head(backbone), "head": plain.get("head", {})}, {}, {}
+        if head_only:
+            start, fixed = start.get("head", {}), {k: v for k, v in start.items() if k != "head"}
+        whole = (lambda w: {**fixed, "head": w}) if head_only else (lambda w: w)
+        return tuned_finetune(exp, lambda w, x, y: exp.loss(whole(w), tasks_frozen, x, y),
+                                 lambda w, x, y: exp.metric(whole(w), tasks_frozen, x, y), start, e)
+
     table: dict[str, BaselineFn] = {
+        "finetune": finetune,
+        "oracle": oracle,
+        "finetune_head": lambda e: finetune(e, head_only=True),
         "plain_init": lambda e: plain_init_curves(exp, plain, frozen, e, exp.cfg.evaluation.curve_steps),
         "nearest_centroid": lambda e: nearest_centroid(raw(e)[0], e.ys, raw(e)[1], e.yq, classes),
         "nearest_neighbour": lambda e: nearest_neighbour(raw(e)[0], e.ys, raw(e)[1], e.yq),

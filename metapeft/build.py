@@ -115,7 +115,7 @@ def initial_state(exp: Experiment) -> InitialState:
 def parameter_counts(exp: Experiment, backbone: dict, adapted: dict, meta: dict) -> dict:
     """Total = frozen backbone (without its pretraining head) + adapted tree; meta-learned adds e.g. Meta-SGD's
     rates."""
-    backbone_body = count(backbone) - count(backbone["head"]) if exp.peft.uses_pretrained_backbone else 0
+    backbone_body = count(backbone) - count(backbone.get("head", {})) if exp.peft.uses_pretrained_backbone else 0
     total = backbone_body + count(adapted)
     return {
         "total": total,

@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from metapeft.errors import require
+from metapeft.finetune import FinetuneConfig
 from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS, import_submodules, load_plugins
 
 GROUPS = ("algorithm", "peft", "shots", "mode", "task", "model")  # the config groups every run chooses from
@@ -58,6 +59,7 @@ class ModeConfig:
     num_val_tasks: int = MISSING
     num_eval_tasks: int = MISSING
     pretrain_iterations: int = MISSING  # the most a backbone is pretrained (it stops early once validation stalls)
+    finetune_steps: List[int] = MISSING  # the step counts the finetune baselines choose from on validation
 
 
 @dataclass
@@ -67,6 +69,8 @@ class EvaluationConfig:
     num_inner_steps: int = "${algorithm.num_inner_steps}"  # type: ignore[assignment]
     curve_steps: int = 10
     chunk_size: int = 200  # evaluation tasks adapted at once (bounds memory)
+    # also score the meta-learned start fine-tuned with Adam as the finetune baseline is (metapeft.finetune)
+    finetune_meta_learned: bool = False
 
 
 @dataclass
@@ -127,6 +131,7 @@ class RunConfig:
     model: Any = MISSING
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     seed: int = 0
     device: Device = Device.auto
     progress: bool = True  # tqdm progress bars
@@ -226,4 +231,8 @@ def validate_common(cfg: Any) -> None:
                 f"must be >= 1 validations (or null: never stop early), got {cfg.patience}")
         require(cfg.keep == Keep.best_val, "patience",
                 "early stopping keeps the best validated parameters: add keep=best_val")
+    require(len(cfg.mode.finetune_steps) > 0 and min(cfg.mode.finetune_steps) >= 1, "mode.finetune_steps",
+            f"must list step counts >= 1, got {list(cfg.mode.finetune_steps)}")
+    require(len(cfg.finetune.learning_rates) > 0 and min(cfg.finetune.learning_rates) > 0,
+            "finetune.learning_rates", f"must list rates > 0, got {list(cfg.finetune.learning_rates)}")
     require(cfg.evaluation.chunk_size > 0, "evaluation.chunk_size", f"must be > 0, got {cfg.evaluation.chunk_size}")

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from metapeft.backend import mx
 from metapeft.build import Experiment
 from metapeft.errors import stop_requested
+from metapeft.finetune import tuned_finetune
 from metapeft.stats import ci95_method, class_count, class_set_count, mean_ci95
 from metapeft.tasks.base import Episodes, TaskClasses
 
@@ -83,6 +84,14 @@ def plain_init_curves(exp: Experiment, plain: dict, frozen: dict, episodes: Epis
     return learner_curves(exp, exp.learner.meta_parameters(plain), frozen, episodes, num_steps)
 
 
+def meta_learned_finetuned(exp: Experiment, meta: dict, frozen: dict, episodes: Episodes) -> tuple[np.ndarray, dict]:
+    """The meta-learned start (and backbone) fine-tuned with Adam on each support set, as the ``finetune``
+    baseline is, its learning rate and step count chosen on meta-validation tasks."""
+    frozen = exp.learner.task_frozen(meta, frozen)
+    return tuned_finetune(exp, lambda w, x, y: exp.loss(w, frozen, x, y), lambda w, x, y: exp.metric(w, frozen, x, y),
+                          lambda x, y: exp.learner.task_start(meta, frozen, x, y), episodes)
+
+
 def versus(ours: np.ndarray, theirs: np.ndarray, higher_is_better: bool, classes: np.ndarray | None = None) -> dict:
     """The paired difference, task by task, oriented so that positive means ours is better; mean and 95% CI."""
     difference = (ours - theirs) if higher_is_better else (theirs - ours)
@@ -104,7 +113,8 @@ def sources_of(drawn: TaskClasses | None) -> np.ndarray | None:
     return None if drawn is None else drawn.sources
 
 
-BaselineFn = Callable[[Episodes], np.ndarray]  # episodes -> per-task metric (tasks,) or curves (tasks, steps + 1)
+# episodes -> per-task metric (tasks,) or curves (tasks, steps + 1), or either with a dict of facts to record
+BaselineFn = Callable[[Episodes], "np.ndarray | tuple[np.ndarray, dict]"]
 
 
 def evaluate_shots(exp: Experiment, meta: dict, frozen: dict, baselines: dict[str, BaselineFn]) -> dict:
@@ -120,10 +130,17 @@ def evaluate_shots(exp: Experiment, meta: dict, frozen: dict, baselines: dict[st
                                                        np.random.default_rng([cfg.seed, 2, k]))
         classes = sources_of(drawn)
         ours = summarize(learner_curves(exp, meta, frozen, episodes, curve_steps), steps, classes)
-        scored = {name: np.asarray(fn(episodes)) for name, fn in baselines.items()}
-        theirs = {name: summarize(v, steps, classes) if v.ndim == 2 else summarize_values(v, classes)
-                  for name, v in scored.items()}
+        if cfg.evaluation.finetune_meta_learned:  # ours as a practitioner would use it: fine-tuned, tuned on val
+            results_finetuned = meta_learned_finetuned(exp, meta, frozen, episodes)
+        scored = {name: fn(episodes) for name, fn in baselines.items()}
+        details = {name: v[1] for name, v in scored.items() if isinstance(v, tuple)}  # e.g. what was tuned
+        scored = {name: np.asarray(v[0] if isinstance(v, tuple) else v) for name, v in scored.items()}
+        theirs = {name: {**(summarize(v, steps, classes) if v.ndim == 2 else summarize_values(v, classes)),
+                         **details.get(name, {})} for name, v in scored.items()}
         results[str(k)] = {"meta_learned": ours, "baselines": theirs, **task_structure(drawn)}
+        if cfg.evaluation.finetune_meta_learned:
+            values, facts = results_finetuned
+            results[str(k)]["meta_learned_finetuned"] = {**summarize_values(values, classes), **facts}
         if theirs:
             best = (max if higher else min)(theirs, key=lambda name: theirs[name]["mean"])
             results[str(k)]["versus_best_baseline"] = {"baseline": best, **versus(

@@ -60,5 +60,9 @@ class Backbone:
         """The embedding the head reads: everything but the head (prototypes and linear probes use it)."""
         raise NotImplementedError
 
+    def head_output(self, head: dict, features: mx.array) -> mx.array:
+        """The prediction from the features: the head, a linear layer (a model without one overrides this)."""
+        return self.linear(head, features)
+
     def __call__(self, params: dict, x: mx.array, **kwargs) -> mx.array:
-        return self.linear(params["head"], self.features(params, x, **kwargs))
+        return self.head_output(params.get("head", {}), self.features(params, x, **kwargs))

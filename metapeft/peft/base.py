@@ -51,7 +51,7 @@ class PeftMethod:
 
     def __call__(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
         """The adapted model's predictions; ``train`` is true while adapting (LoRA's dropout acts then)."""
-        return self.model.linear(adapted["head"], self.features(adapted, frozen, x, train))
+        return self.model.head_output(adapted.get("head", {}), self.features(adapted, frozen, x, train))
 
     def features(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
         """What the head reads: the adapted model without its head."""

@@ -1,0 +1,57 @@
+"""task=low_rank (Block et al., 2025): tasks are a shared matrix plus a rank-k perturbation; model=linear has no head,
+so LoRA on its one map is a task's whole adaptation; runners/meta_learn_table.py compares what the outer loop
+learned on the same episodes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from metapeft.backend import mx
+from metapeft.build import build, initial_state
+from metapeft.experiment import run
+from metapeft.tasks.low_rank import LowRank, LowRankConfig
+
+LOW_RANK = ["task=low_rank", "model=linear", "peft=lora", "peft.rank=2", "mode=tiny", "pretrain.iterations=50"]
+
+
+def test_every_task_is_the_shared_matrix_plus_a_rank_k_positive_semidefinite_perturbation():
+    task = LowRank(OmegaConf.structured(LowRankConfig(dim=6, rank=2, num_train_tasks=4, noise=0.0)))
+    for perturbation in task.train_maps - task.shared:
+        assert np.linalg.matrix_rank(perturbation, tol=1e-9) == 2
+        np.testing.assert_allclose(perturbation, perturbation.T, atol=1e-12)
+        assert np.linalg.eigvalsh(perturbation).min() > -1e-12
+    episodes = task.sample("train", 3, 5, np.random.default_rng(0))
+    for xs, ys in zip(np.array(episodes.xs), np.array(episodes.ys)):  # noiseless labels of one training task each
+        assert min(np.abs(xs @ m - ys).max() for m in task.train_maps) < 1e-5
+    test = task.sample("test", 3, 5, np.random.default_rng(1))
+    for xs, ys in zip(np.array(test.xs), np.array(test.ys)):  # a fresh perturbation of the same shared matrix
+        solved = np.linalg.lstsq(np.array(xs, dtype=np.float64), np.array(ys, dtype=np.float64), rcond=None)[0]
+        assert np.linalg.matrix_rank(solved - task.shared, tol=1e-3) <= 5  # 5 equations: rank at most 5
+    with pytest.raises(Exception, match="task.rank"):
+        LowRank(OmegaConf.structured(LowRankConfig(dim=4, rank=5)))
+
+
+def test_lora_on_the_linear_model_starts_at_the_backbone_bit_for_bit(compose_cfg, tmp_path):
+    exp = build(compose_cfg(*LOW_RANK, f"pretrain.cache_dir={tmp_path}"))
+    start = initial_state(exp)
+    x = mx.random.normal((7, 16), key=mx.random.key(3))
+    assert np.array_equal(np.array(exp.peft(start.adapted, start.frozen, x)), np.array(exp.model(start.backbone, x)))
+    assert start.backbone["map"]["weight"].shape == (16, 16)
+
+
+def test_the_meta_learn_table_compares_runs_on_the_same_episodes(compose_cfg, tmp_path, capsys):
+    from runners.meta_learn_table import main
+
+    for meta_learn in ("adapter", "backbone"):
+        run(compose_cfg(*LOW_RANK, f"pretrain.cache_dir={tmp_path / 'cache'}", "shots.eval=[5,10]",
+                        f"algorithm.meta_learn={meta_learn}", "evaluation.finetune_meta_learned=true"),
+            tmp_path / meta_learn)
+    assert main([str(tmp_path / "adapter"), str(tmp_path / "backbone"), "--out", str(tmp_path / "t.md")]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "meta_learn=adapter | meta_learn=backbone | oracle" in table
+    assert len([line for line in table.splitlines() if line.startswith("| 5 ") or line.startswith("| 10 ")]) == 2
+    run(compose_cfg(*LOW_RANK, f"pretrain.cache_dir={tmp_path / 'cache'}", "shots.eval=[5]"), tmp_path / "plain")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "plain")])
+    assert "evaluation.finetune_meta_learned=true" in capsys.readouterr().err
