@@ -82,7 +82,7 @@ class PretrainConfig:
     val_interval: int = 250  # iterations between validations
     patience: int = 8  # validations without improvement before stopping
     num_val_tasks: int = 100  # meta-validation tasks the features are scored on
-    val_shots: int = 5  # support examples per class (or per task) of those tasks
+    val_shots: int = "${shots.train}"  # type: ignore[assignment]  # support examples per class (or task) there
     batch_size: int = 128
     lr: float = 0.001  # Adam
     cache_dir: str = "${oc.select:paths.cache_dir,'~/.cache/metapeft'}"

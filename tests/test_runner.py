@@ -40,7 +40,8 @@ def test_a_run_writes_metrics_history_and_checkpoint(tmp_path):
     evaluation = metrics["evaluation"]
     assert set(evaluation["shots"]) == {"1", "5", "10"} and evaluation["metric"] == "mse"
     for k in evaluation["shots"].values():
-        assert set(k["baselines"]) == {"zero", "support_mean", "linear_probe", "plain_init"}
+        assert set(k["baselines"]) == {"zero", "support_mean", "linear_probe", "plain_init", "finetune",
+                                       "finetune_head"}
         for side in (k["meta_learned"], *k["baselines"].values()):
             assert side["num_tasks"] == 6 and side["ci95"] > 0
         for side in (k["meta_learned"], k["baselines"]["plain_init"]):  # the adaptation curves
