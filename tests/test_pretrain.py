@@ -8,6 +8,7 @@ import sys
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 
 from helpers import REPO
@@ -76,3 +77,23 @@ def test_a_damaged_cache_file_is_pretrained_again_not_a_failed_run(compose_cfg, 
     assert not info["cache_hit"] and same(first, again)  # pretraining is deterministic: the same weights
     assert path.read_bytes() == intact
 
+
+
+def test_pretraining_stops_when_validation_stalls_and_keeps_the_best_validated_weights(compose_cfg, tmp_path):
+    from metapeft.pretrain import feature_score
+
+    # a learning rate far too high: validation soon stops improving, and patience=2 ends training early
+    params, facts = pretrain(compose_cfg, tmp_path, "pretrain.iterations=400", "pretrain.val_interval=10",
+                             "pretrain.patience=2", "pretrain.lr=0.5", "pretrain.num_val_tasks=20")
+    assert facts["stopped"].startswith("no better validation in 2") and facts["iterations"] < 400
+    assert facts["iterations"] - facts["best_iteration"] == 2 * 10
+    assert [row["iteration"] for row in facts["history"]] == list(range(10, facts["iterations"] + 1, 10))
+    assert facts["best_val_metric"] == max(row["val_metric"] for row in facts["history"])
+    cfg = compose_cfg(*SMALL, "pretrain.num_val_tasks=20")
+    exp = build(cfg)
+    val = exp.task.sample("val", 20, cfg.shots.train, np.random.default_rng([cfg.seed, 5]))
+    model = type(exp.model)(cfg.model, exp.task.input_shape, exp.task.pretraining_outputs)
+    assert feature_score(model, exp.task, params, val) == pytest.approx(facts["best_val_metric"], abs=1e-6)
+    _, again = pretrain(compose_cfg, tmp_path, "pretrain.iterations=400", "pretrain.val_interval=10",
+                        "pretrain.patience=2", "pretrain.lr=0.5", "pretrain.num_val_tasks=20")
+    assert again["cache_hit"] and again["best_iteration"] == facts["best_iteration"]  # the facts travel with it
