@@ -18,6 +18,7 @@ def evaluate_saved(compose_cfg, run_dir, out_dir, *overrides):
 
 
 @pytest.mark.parametrize("overrides", [["algorithm=metasgd"],
+                                       ["peft=lora", "algorithm.meta_learn=backbone", "shots.eval=[5]"],
                                        pytest.param(["algorithm=fomaml", "peft=adalora", "peft.prune_start=0.1"],
                                                     marks=pytest.mark.slow)])  # about a minute on 2 cores
 def test_evaluating_a_checkpoint_reproduces_the_run(compose_cfg, tmp_path, overrides):

@@ -223,10 +223,12 @@ def test_the_runner_meta_trains_on_your_text_and_reports_baselines(bert_dir, tex
 def text_runs(bert_dir, text_dir, tmp_path_factory) -> dict[str, Path]:
     """A tiny meta-trained run per low-rank method on the tiny BERT."""
     runs = {}
-    for method in ("lora", "adalora"):
+    for method in ("lora", "adalora", "lora_both"):
         run_dir = tmp_path_factory.mktemp(f"run_{method}")
         result = run_cli("model=hf_encoder", f"model.path={bert_dir}", "task=text_folder", f"task.root={text_dir}",
-                         "task.n_way=3", "task.val_fraction=0.34", "task.test_fraction=0.34", f"peft={method}",
+                         "task.n_way=3", "task.val_fraction=0.34", "task.test_fraction=0.34",
+                         f"peft={method.removesuffix('_both')}",
+                         *(["algorithm.meta_learn=both", "algorithm.backbone_outer_lr=0.01"] if "both" in method else []),
                          "mode=tiny", "shots.eval=[1]", "baselines=[]", "progress=false", f"hydra.run.dir={run_dir}",
                          *(["peft.prune_end=0.5"] if method == "adalora" else []))
         assert result.returncode == 0, result.stderr[-3000:]
@@ -274,6 +276,26 @@ def test_a_merged_model_reproduces_the_adapted_one(text_runs, tmp_path, method):
     x = learned.inputs(["abc def", "ghij", "a b c d e f"], "x")
     np.testing.assert_allclose(np.array(merged.features(params, x)), adapted_features(learned, x), atol=1e-5)
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_a_meta_learned_backbone_is_exported_merged_and_the_adapter_alone_is_refused(text_runs, tmp_path):
+    from metapeft.api import load_run
+    from runners.export import main as export_main
+
+    assert export_main([str(text_runs["lora_both"]), "--out", str(tmp_path / "adapter")]) == 2
+    assert not (tmp_path / "adapter").exists() or not any((tmp_path / "adapter").iterdir())
+    assert export_main([str(text_runs["lora_both"]), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    learned = load_run(text_runs["lora_both"])
+    merged = HFEncoder(HFEncoderConfig(path=str(tmp_path / "merged")), None, 3)
+    params, _ = merged.pretrained(mx.random.key(0), 3)
+    x = learned.inputs(["abc def", "ghij", "a b c d e f"], "x")
+    np.testing.assert_allclose(np.array(merged.features(params, x)), adapted_features(learned, x), atol=1e-5)
+    pretrained = learned.experiment.model.pretrained(mx.random.key(0), 3)[0]
+    query = ("encoder", "layer", 0, "attention", "self", "query", "weight")
+    moved = learned.meta["backbone"]
+    for key in query:
+        moved, pretrained = moved[key], pretrained[key]
+    assert np.abs(np.array(moved) - np.array(pretrained)).max() > 0  # the backbone was meta-learned
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora"])
