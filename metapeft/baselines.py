@@ -154,15 +154,18 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
                               plain, e)
 
     def finetune(e: Episodes, head_only: bool = False) -> tuple[np.ndarray, dict]:
+        """Fine-tuned on each support set with the settings validation chose (``metapeft.finetune``)."""
         if exp.peft.uses_pretrained_backbone:  # the run's PEFT method from its plain start, over the backbone
-            start, fixed, tasks_frozen = plain, {}, frozen
-        else:  # the whole pretrained network (or its head alone) with a fresh head
-            start, fixed, tasks_frozen = {**without_head(backbone), "head": plain.get("head", {})}, {}, {}
-        if head_only:
-            start, fixed = start.get("head", {}), {k: v for k, v in start.items() if k != "head"}
-        whole = (lambda w: {**fixed, "head": w}) if head_only else (lambda w: w)
-        return tuned_finetune(exp, lambda w, x, y: exp.loss(whole(w), tasks_frozen, x, y),
-                                 lambda w, x, y: exp.metric(whole(w), tasks_frozen, x, y), start, e)
+            start, over = plain, frozen
+        else:  # the whole pretrained network with a fresh head; nothing is frozen
+            start, over = {**without_head(backbone), "head": plain.get("head", {})}, {}
+        if not head_only:
+            return tuned_finetune(exp, lambda w, x, y: exp.loss(w, over, x, y),
+                                  lambda w, x, y: exp.metric(w, over, x, y), start, e)
+        body = {k: v for k, v in start.items() if k != "head"}
+        return tuned_finetune(exp, lambda head, x, y: exp.loss({**body, "head": head}, over, x, y),
+                              lambda head, x, y: exp.metric({**body, "head": head}, over, x, y),
+                              start.get("head", {}), e)
 
     table: dict[str, BaselineFn] = {
         "finetune": finetune,
