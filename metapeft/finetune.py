@@ -46,16 +46,22 @@ MetricFn = Callable[[dict, "mx.array", "mx.array"], "mx.array"]  # (trainable, x
 Start = "dict | Callable[[mx.array, mx.array], dict]"  # the weights every task starts from, or (xs, ys) -> them
 
 
-def finetune_scores(loss: LossFn, metric: MetricFn, start: Start, episodes: Episodes, lr: float,
-                    checkpoints: list[int], chunk_size: int) -> np.ndarray:
-    """(tasks, len(checkpoints)): the query metric after each count of Adam steps in ``checkpoints`` on every task's
-    support set, from ``start`` (the same tree for every task, or a function of the task's support set)."""
+def task_stepper(loss: LossFn) -> Callable:
+    """One Adam step on every task's support loss, vectorized over tasks and compiled once for all learning rates:
+    ``(weights, m, v, xs, ys, step, lr) -> (weights, m, v)``, tasks on the leading axis."""
     grad = mx.grad(loss)
 
-    def one_step(weights, m, v, xs, ys, step):
+    def one_step(weights, m, v, xs, ys, step, lr):
         return adam_step(weights, m, v, grad(weights, xs, ys), step, lr)
 
-    step_tasks = mx.compile(mx.vmap(one_step, in_axes=(0, 0, 0, 0, 0, None)))
+    return mx.compile(mx.vmap(one_step, in_axes=(0, 0, 0, 0, 0, None, None)))
+
+
+def finetune_scores(step_tasks: Callable, metric: MetricFn, start: Start, episodes: Episodes, lr: float,
+                    checkpoints: list[int], chunk_size: int) -> np.ndarray:
+    """(tasks, len(checkpoints)): the query metric after each count of Adam steps (``task_stepper``) in
+    ``checkpoints`` on every task's support set, from ``start`` (the same tree for every task, or a function of the
+    task's support set)."""
     score_tasks = mx.vmap(metric)
     chunks = []
     for lo in range(0, len(episodes), chunk_size):
@@ -66,7 +72,7 @@ def finetune_scores(loss: LossFn, metric: MetricFn, start: Start, episodes: Epis
         v = utils.tree_map(mx.zeros_like, weights)
         scores = []
         for step in range(1, max(checkpoints) + 1):
-            weights, m, v = step_tasks(weights, m, v, xs, ys, mx.array(step, dtype=mx.float32))
+            weights, m, v = step_tasks(weights, m, v, xs, ys, mx.array(step, dtype=mx.float32), mx.array(lr))
             mx.eval(weights, m, v)
             if step in checkpoints:
                 scores.append(np.array(score_tasks(weights, xq, yq)))
@@ -74,11 +80,11 @@ def finetune_scores(loss: LossFn, metric: MetricFn, start: Start, episodes: Epis
     return np.concatenate(chunks)
 
 
-def choose_on_validation(loss: LossFn, metric: MetricFn, start: Start, val_episodes: Episodes,
+def choose_on_validation(step_tasks: Callable, metric: MetricFn, start: Start, val_episodes: Episodes,
                          learning_rates: list[float], checkpoints: list[int], chunk_size: int,
                          higher_is_better: bool) -> dict:
     """The (learning rate, step count) with the best mean validation metric, and the whole grid."""
-    grid = {lr: finetune_scores(loss, metric, start, val_episodes, lr, checkpoints, chunk_size).mean(axis=0)
+    grid = {lr: finetune_scores(step_tasks, metric, start, val_episodes, lr, checkpoints, chunk_size).mean(axis=0)
             for lr in learning_rates}
     pick = max if higher_is_better else min
     lr, index = pick(((lr, i) for lr in grid for i in range(len(checkpoints))), key=lambda c: grid[c[0]][c[1]])
@@ -96,9 +102,10 @@ def tuned_finetune(exp, loss: LossFn, metric: MetricFn, start: Start, episodes: 
     cfg = exp.cfg
     shots = episodes.xs.shape[1] // (exp.task.num_classes or 1)
     val = exp.task.sample("val", cfg.mode.num_val_tasks, shots, np.random.default_rng([cfg.seed, 6, shots]))
-    chosen = choose_on_validation(loss, metric, start, val, list(cfg.finetune.learning_rates),
+    step_tasks = task_stepper(loss)
+    chosen = choose_on_validation(step_tasks, metric, start, val, list(cfg.finetune.learning_rates),
                                   sorted(cfg.mode.finetune_steps), cfg.evaluation.chunk_size,
                                   exp.task.higher_is_better)
-    test = finetune_scores(loss, metric, start, episodes, chosen["learning_rate"], [chosen["steps"]],
+    test = finetune_scores(step_tasks, metric, start, episodes, chosen["learning_rate"], [chosen["steps"]],
                            cfg.evaluation.chunk_size)
     return test[:, 0], {"chosen_on_validation": chosen}

@@ -125,7 +125,7 @@ def test_adam_over_trees_is_adam_with_bias_correction():
 
 def test_the_finetune_baseline_is_tuned_on_validation_tasks_then_scores_the_test_episodes(compose_cfg, tmp_path):
     from metapeft.build import initial_state
-    from metapeft.finetune import finetune_scores
+    from metapeft.finetune import finetune_scores, task_stepper
 
     cfg = compose_cfg("task=digits", "peft=lora", "mode=tiny", "pretrain.iterations=20", "shots.eval=[5]",
                       f"pretrain.cache_dir={tmp_path / 'cache'}", "baselines=[finetune]")
@@ -140,7 +140,7 @@ def test_the_finetune_baseline_is_tuned_on_validation_tasks_then_scores_the_test
     exp = build(cfg)
     start = initial_state(exp)
     episodes = exp.task.sample("test", 6, 5, np.random.default_rng([0, 2, 5]))
-    by_hand = finetune_scores(lambda w, x, y: exp.loss(w, start.frozen, x, y),
+    by_hand = finetune_scores(task_stepper(lambda w, x, y: exp.loss(w, start.frozen, x, y)),
                               lambda w, x, y: exp.metric(w, start.frozen, x, y), start.plain, episodes,
                               chosen["learning_rate"], [chosen["steps"]], 200)
     np.testing.assert_allclose(finetune["per_task"], by_hand[:, 0], atol=1e-6)

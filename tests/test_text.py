@@ -228,7 +228,8 @@ def text_runs(bert_dir, text_dir, tmp_path_factory) -> dict[str, Path]:
         result = run_cli("model=hf_encoder", f"model.path={bert_dir}", "task=text_folder", f"task.root={text_dir}",
                          "task.n_way=3", "task.val_fraction=0.34", "task.test_fraction=0.34",
                          f"peft={method.removesuffix('_both')}",
-                         *(["algorithm.meta_learn=both", "algorithm.backbone_outer_lr=0.01"] if "both" in method else []),
+                         *(["algorithm.meta_learn=both", "algorithm.backbone_outer_lr=0.01"]
+                           if "both" in method else []),
                          "mode=tiny", "shots.eval=[1]", "baselines=[]", "progress=false", f"hydra.run.dir={run_dir}",
                          *(["peft.prune_end=0.5"] if method == "adalora" else []))
         assert result.returncode == 0, result.stderr[-3000:]
