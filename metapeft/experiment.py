@@ -79,7 +79,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), start_up_
         raise
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM turned into Interrupted by the runner
         metrics.update(status="interrupted", reason=str(error) or "stopped by SIGINT",
-                       interrupted_at_iteration=log.iterations)
+                       interrupted_at_iteration=len(log.rows))  # history.csv's rows: one per finished iteration
         raise
     except ConfigError as error:  # refused before any work: aggregation leaves it out of its tables
         metrics.update(status="refused", reason=str(error), config_key=error.key)
