@@ -96,12 +96,17 @@ def choose_on_validation(step_tasks: Callable, metric: MetricFn, start: Start, v
             "num_val_tasks": len(val_episodes)}
 
 
-def tuned_finetune(exp, loss: LossFn, metric: MetricFn, start: Start, episodes: Episodes) -> tuple[np.ndarray, dict]:
+def tuned_finetune(exp, loss: LossFn, metric: MetricFn, start: Start, episodes: Episodes,
+                   inputs: Callable[[Episodes], Episodes] | None = None) -> tuple[np.ndarray, dict]:
     """Per-task test metric of fine-tuning from ``start`` with the (learning rate, steps) chosen on
-    ``mode.num_val_tasks`` meta-validation tasks of the test episodes' K, and that choice."""
+    ``mode.num_val_tasks`` meta-validation tasks of the test episodes' K, and that choice. ``inputs`` turns the
+    validation and test episodes into what ``loss`` and ``metric`` read (e.g. a fixed body's features, computed
+    once instead of at every step)."""
     cfg = exp.cfg
     shots = episodes.xs.shape[1] // (exp.task.num_classes or 1)
     val = exp.task.sample("val", cfg.mode.num_val_tasks, shots, np.random.default_rng([cfg.seed, 6, shots]))
+    if inputs is not None:
+        val, episodes = inputs(val), inputs(episodes)
     step_tasks = task_stepper(loss)
     chosen = choose_on_validation(step_tasks, metric, start, val, list(cfg.finetune.learning_rates),
                                   sorted(cfg.mode.finetune_steps), cfg.evaluation.chunk_size,
