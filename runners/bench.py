@@ -10,7 +10,7 @@
     python runners/bench.py --start-up                   # seconds to the first meta-iteration vs imports alone
     python runners/bench.py --encoder                    # MAML task by task, FOMAML, Reptile + LoRA, hf_encoder
 
-Workloads (issue 6): (a) sinusoid, MLP 1-40-40-1, meta-batch 25, K=10 support + 10 query, 1 inner SGD step
+Workloads: (a) sinusoid, MLP 1-40-40-1, meta-batch 25, K=10 support + 10 query, 1 inner SGD step
 (lr 0.01), second-order MAML, Adam; (b) the same with 5 inner steps; (c) digits 5-way 5-shot, transformer + LoRA
 rank 4, meta-batch 4, 5 inner steps, second-order MAML; (d) FOMAML and Reptile on (c). The step timed is the one
 the runner uses (``metapeft.train.compiled_meta_step``), on pre-sampled batches, after warm-up; the figure is the
@@ -138,7 +138,7 @@ def time_workload(name: str, overrides: list[str], repeats: int, seconds: float)
 def iterations_per_call(counts: list[int], repeats: int, seconds: float) -> dict:
     """Workload (a) with k meta-iterations (k batches stacked, a loop inside ``mx.compile``) per compiled call:
     ms per meta-iteration for each k on the same 64 pre-sampled batches, the k timed in turn, ``repeats`` rounds
-    (medians), so that a change in the machine's load falls on all of them (issue 18's first idea for (a))."""
+    (medians), so that a change in the machine's load falls on all of them."""
     exp, meta, frozen = setup(WORKLOADS["a_sinusoid_maml_1step"])
     rng = np.random.default_rng(0)
     batches = [exp.task.sample("train", 25, 10, rng) for _ in range(64)]

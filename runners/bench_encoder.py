@@ -1,4 +1,4 @@
-"""The pretrained encoder (issue 18): MAML task by task (plain and checkpointed), FOMAML and Reptile with LoRA on
+"""The pretrained encoder: MAML task by task (plain and checkpointed), FOMAML and Reptile with LoRA on
 ``model=hf_encoder``, each against its PyTorch ``torch.func`` peer in a process of its own (``--encoder``), and the
 encoder's largest operations in MLX and PyTorch (``--encoder-ops``). ``runners/bench.py`` is the command line."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from metapeft.backend import mx, utils
 from metapeft.train import compiled_meta_step
 from runners.bench_setup import BENCH, PYTHON, peer_spec, setup
 
-# (issue 18) second-order MAML + LoRA over the pretrained encoder: meta-batch 4, 5 inner steps, 5-way 5-shot,
+# second-order MAML + LoRA over the pretrained encoder: meta-batch 4, 5 inner steps, 5-way 5-shot,
 # 64 tokens per text; FOMAML and Reptile beside it.
 ENCODER = ["model=hf_encoder", "task=text", "peft=lora", "algorithm.meta_batch_size=4", "algorithm.num_inner_steps=5",
            "shots.train=5", "model.max_length=64"]

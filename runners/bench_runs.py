@@ -1,4 +1,4 @@
-"""Where whole runs spend their time (issue 18): the phases of quick runs as users start them (``--runs``), the
+"""Where whole runs spend their time: the phases of quick runs as users start them (``--runs``), the
 seconds to the first meta-iteration against importing MLX and Hydra alone, and their parts (``--start-up``), and
 each part of a run's evaluation (``--evaluation``). ``runners/bench.py`` is the command line."""
 from __future__ import annotations
