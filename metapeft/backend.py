@@ -53,7 +53,7 @@ def use_device(requested: str) -> str:
     load()
     has_gpu = mx.is_available(mx.gpu)
     require(requested != "gpu" or has_gpu, "device", "gpu: this MLX build has no GPU backend here (Linux: "
-            "pip install -e '.[cuda]', see the README; Apple silicon: Metal); valid: auto, cpu")
+            "pip install -e '.[cuda]', see docs/performance.md, The GPU; Apple silicon: Metal); valid: auto, cpu")
     device = "gpu" if has_gpu and requested != "cpu" else "cpu"
     mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
     return device

@@ -30,7 +30,7 @@ GROUP_HELP = {  # what ``--help`` lists (the schema/* groups are internal, trans
     "paths": "where runs, sweeps, benchmarks and caches go (paths.output_dir, paths.multirun_dir, paths.cache_dir)",
     "logger": "where a finished run is also sent, a list: logger=[csv,mlflow] (csv: the run's own files)",
 }
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package (conf/ at the top links here)
 
 
 def groups_help() -> str:

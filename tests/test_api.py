@@ -1,4 +1,4 @@
-"""Adapting a saved run to one's own few-shot task from Python, as the README shows."""
+"""Adapting a saved run to one's own few-shot task from Python, as the documentation shows."""
 from __future__ import annotations
 
 import mlx.core as mx

@@ -1,5 +1,5 @@
-"""Code outside the package: the README's plugin example, run as written, through METAPEFT_PLUGINS and through an
-entry point of an installed distribution."""
+"""Code outside the package: the documentation's plugin example (docs/extending.md), run as written, through
+METAPEFT_PLUGINS and through an entry point of an installed distribution."""
 from __future__ import annotations
 
 import json
@@ -12,18 +12,18 @@ from pathlib import Path
 from helpers import REPO
 
 
-def readme_example(name: str) -> str:
-    """The fenced block that follows ``<!-- plugin example: NAME -->`` in the README."""
-    readme = (REPO / "README.md").read_text()
-    match = re.search(rf"<!-- plugin example: {re.escape(name)} -->\n```\w*\n(.*?)```", readme, re.DOTALL)
-    assert match, f"README.md has no plugin example {name}"
+def docs_example(name: str) -> str:
+    """The fenced block that follows ``<!-- plugin example: NAME -->`` in docs/extending.md."""
+    page = (REPO / "docs" / "extending.md").read_text()
+    match = re.search(rf"<!-- plugin example: {re.escape(name)} -->\n```\w*\n(.*?)```", page, re.DOTALL)
+    assert match, f"docs/extending.md has no plugin example {name}"
     return match.group(1)
 
 
 def write_example(directory: Path) -> None:
-    (directory / "my_task.py").write_text(readme_example("my_task.py"))
+    (directory / "my_task.py").write_text(docs_example("my_task.py"))
     (directory / "my_conf" / "task").mkdir(parents=True)
-    (directory / "my_conf" / "task" / "lines.yaml").write_text(readme_example("my_conf/task/lines.yaml"))
+    (directory / "my_conf" / "task" / "lines.yaml").write_text(docs_example("my_conf/task/lines.yaml"))
 
 
 def run(directory: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -31,7 +31,7 @@ def run(directory: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, env={**os.environ, **env})
 
 
-def test_the_readme_plugin_example_runs_from_its_own_folder(tmp_path):
+def test_the_docs_plugin_example_runs_from_its_own_folder(tmp_path):
     write_example(tmp_path)
     result = run(tmp_path, f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "task=lines", "mode=tiny",
                  "progress=false", f"hydra.run.dir={tmp_path / 'run'}", METAPEFT_PLUGINS="my_task")

@@ -1,0 +1,168 @@
+"""The metapeft runner: ``metapeft-run [group=option ...] [key=value ...]``, or ``python runners/run.py ...`` from a
+checkout (add ``--multirun`` to sweep). Its configs ship inside the package (``metapeft/conf``).
+
+Builds the model, meta-trains, evaluates next to strong simple baselines and writes ``metrics.json``, ``history.csv``
+and ``checkpoint/`` into the Hydra run directory. In a sweep, a failing job records its failure in its own
+directory and the sweep goes on; the sweep lists every failed job at the end and exits non-zero. ``resume=true``
+skips jobs whose directory already holds a completed result for the same overrides.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from metapeft import affinity, backend, blas
+from metapeft.config import register_configs
+from metapeft.errors import STOP_REQUESTS, ConfigError, DivergedError, Interrupted
+from metapeft.experiment import run
+from metapeft.launchers import threads_per_job
+from metapeft.measure import seconds_since_process_start
+from metapeft.sweep import completed_metrics
+
+log = logging.getLogger("metapeft")
+
+
+_first_job_in_process = [True]
+
+
+def start_up_seconds() -> float | None:
+    """How long this process ran before its first job began; later jobs of a sweep run in the same process (the
+    basic launcher) have no start-up of their own: 0."""
+    if not _first_job_in_process[0]:
+        return 0.0
+    _first_job_in_process[0] = False
+    return seconds_since_process_start()
+
+
+def validation_objective(metrics: dict) -> float:
+    """What a sweeper optimizes: the validation metric of the meta-parameters the run kept (keep=last|best_val)."""
+    train = metrics["train"]
+    return train.get("kept_val_metric", train["final_val_metric"])
+
+
+def requeued_by_slurm() -> bool:
+    """A Slurm job run again after preemption or a timeout (submitit requeues it on Slurm's warning signal, with
+    the same overrides into the same directory): it goes on from its last training state, as ``resume=true``."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def under_submitit_slurm() -> bool:
+    # submitit ignores SIGTERM on Slurm (preemption sends it before the USR2 on which submitit requeues the job)
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+
+
+def stop_on_signal(signum, frame) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (Slurm's timeout or preemption) stop the run so that its files are written."""
+    name = signal.Signals(signum).name
+    STOP_REQUESTS.append(name)
+    raise Interrupted(name)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    if requeued_by_slurm() and not cfg.resume:
+        log.info("requeued by Slurm (restart %s): resuming", os.environ["SLURM_RESTART_COUNT"])
+        cfg.resume = True
+    if cfg.resume and (done := completed_metrics(out_dir, overrides)) is not None:
+        log.info("resume: %s already completed with these overrides; skipped", out_dir)
+        return validation_objective(done)
+    backend.load()  # the BLAS, then MLX (--help and --cfg never get here: they load neither)
+    side_by_side = sweeping and (threads := threads_per_job(hydra_cfg.launcher)) is not None
+    if side_by_side:
+        blas.set_threads(threads)  # parallel jobs share the cores
+        cfg.progress = False  # bars of jobs side by side overwrite each other: the sweep prints k of N instead
+    affinity.colocate(enabled=not side_by_side)  # side by side, two jobs could pin themselves to one core
+    log.info("BLAS for MLX's CPU matmuls: %s; MLX thread placement: %s", blas.status(), affinity.status())
+    if blas.status()["backend"] == "bundled" and blas.status()["reason"] != "METAPEFT_BLAS=bundled":
+        log.warning("MLX uses its bundled reference BLAS (%s): small matrix products run about 10x slower and "
+                    "meta-training about 3x; install a C compiler (cc) so metapeft can load scipy-openblas32",
+                    blas.status()["reason"])
+    for key in ("checkpoint", "task.root"):  # relative to where the command ran, even with hydra.job.chdir=true
+        if OmegaConf.select(cfg, key):
+            OmegaConf.update(cfg, key, to_absolute_path(str(OmegaConf.select(cfg, key))))
+    with contextlib.suppress(ValueError):  # a launcher running jobs off the main thread keeps its own handling
+        signal.signal(signal.SIGINT, stop_on_signal)
+        if not under_submitit_slurm():
+            signal.signal(signal.SIGTERM, stop_on_signal)
+    try:
+        metrics = run(cfg, out_dir, overrides=overrides, start_up_seconds=start_up_seconds())
+    except KeyboardInterrupt as error:  # recorded in metrics.json (status interrupted) and history.csv by run()
+        signal_name = getattr(error, "signal_name", "SIGINT")
+        log.error("interrupted by %s: metrics.json and history.csv written to %s", signal_name, out_dir)
+        sys.exit(128 + getattr(signal, signal_name))
+    except Exception as error:  # noqa: BLE001 - recorded in metrics.json by run(); reported here
+        kind = {ConfigError: "invalid configuration", DivergedError: "run diverged"}.get(type(error), "run failed")
+        log.error("%s: %s (recorded in %s)", kind, error, out_dir / "metrics.json")
+        if sweeping:
+            return None  # the sweep goes on; SweepReport lists every failure at the end
+        if isinstance(error, (ConfigError, DivergedError)):
+            sys.exit(2 if isinstance(error, ConfigError) else 3)
+        raise
+    evaluation = metrics["evaluation"]
+    for k, result in evaluation["shots"].items():
+        ours = result["meta_learned"]
+        baselines = " | ".join(f"{name} {b['mean']:.4f}" for name, b in result["baselines"].items())
+        identity = metrics["identity"]  # a saved run's own choices under train=false, not this command's defaults
+        log.info("%s-shot %s: %s+%s %.4f ± %.4f | %s", k, evaluation["metric"], identity["algorithm"],
+                 identity["peft"], ours["mean"], ours["ci95"], baselines)
+        if "versus_best_baseline" in result:
+            best = result["versus_best_baseline"]
+            verdict = "better than" if best["better"] else "worse than" if best["worse"] else "not distinguishable from"
+            log.info("%s-shot: %s the best baseline, %s (paired difference %+.4f ± %.4f)", k, verdict,
+                     best["baseline"], best["difference"], best["ci95"])
+    if "seconds_per_iteration" in metrics["train"]:
+        log.info("%.2f ms per meta-iteration", 1e3 * metrics["train"]["seconds_per_iteration"])
+    log.info("outputs in %s", out_dir)
+    return validation_objective(metrics)
+
+
+def refuse_before_hydra(argv: list[str]) -> None:
+    """Input Hydra would answer with a traceback, refused with one line and exit 2: ``shots=5`` (a number where
+    Hydra wants an option name) and an output directory that cannot be created."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key == "shots" and value.isdigit():
+            print(f"error: {arg}: shots takes an option name (1shot, 5shot, 10shot); for another number of "
+                  f"support examples set it directly: shots.train={value}", file=sys.stderr)
+            sys.exit(2)
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in value:
+            try:
+                Path(value).expanduser().mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                print(f"error: {key}={value}: cannot create that directory ({error.strerror})", file=sys.stderr)
+                sys.exit(2)
+
+
+def cli() -> None:
+    """The command line: what Hydra would answer with a traceback is refused first, the config schemas and plugins
+    are registered, then Hydra composes and runs."""
+    refuse_before_hydra(sys.argv[1:])
+    try:
+        register_configs()
+    except ConfigError as error:  # a plugin that does not import: before Hydra, so said here
+        print(f"invalid configuration: {error}", file=sys.stderr)
+        sys.exit(2)
+    # conf/hydra/launcher/{ray,submitit_*}.yaml are complete configs that share their names with the plugins'
+    # schemas; Hydra 1.3 validates them against those schemas and warns that it will stop doing so. Either way
+    # they work.
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
+    main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,1 @@
+"""The configs (Hydra finds them here, from a checkout or an installed package)."""
