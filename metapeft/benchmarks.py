@@ -2,7 +2,8 @@
 
 ``experiment=meta_learning_benchmark`` compares the algorithms; ``experiment=peft_comparison`` the PEFT methods.
 Each is a multirun (conf/experiment/*.yaml); when it ends, ``BenchmarkReport`` reads every job of the sweep
-through ``metapeft.report`` and writes ``outputs/benchmarks/<name>.json``.
+through ``metapeft.report`` and writes ``outputs/benchmarks/<name>_<task>_<mode>.json`` and, as the latest run of
+that benchmark, ``outputs/benchmarks/<name>.json``.
 """
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def table(rows: list[dict], compare: str) -> str:
 
 class BenchmarkReport(Callback):
     """On multirun end: gather the sweep into ``<out_dir>/<name>_<task>_<mode>.json`` and print the comparison
-    table (one file per task and mode: a glyphs benchmark does not overwrite the digits one)."""
+    table (one file per task and mode: a glyphs benchmark does not overwrite the digits one). ``<out_dir>/<name>.json``
+    holds the latest of them, the path the benchmark has always been documented at."""
 
     def __init__(self, name: str, compare: str, out_dir: str = "outputs/benchmarks"):
         self.name, self.compare, self.out_dir = name, compare, Path(out_dir)
@@ -103,6 +105,7 @@ class BenchmarkReport(Callback):
                   "command_overrides": list(config.hydra.overrides.task), "compare": self.compare, "results": rows}
         path = self.out_dir / f"{self.name}_{config.task.name}_{config.mode.name}.json"
         io.write_json(path, result)
+        io.write_json(self.out_dir / f"{self.name}.json", result)
         print(f"\n{self.name} ({config.mode.name} mode), mean ± 95% CI over evaluation tasks:\n")
         print(table(rows, self.compare))
         print(f"\nwritten to {path}")

@@ -141,3 +141,24 @@ def test_every_plot_renders_from_a_fixture_sweep_without_a_layout_warning(tmp_pa
                                             (0.1234, 0.0034, "0.1234 ± 0.0034"), (2.5, 1.2, "2.5 ± 1.2")])
 def test_table_figures_carry_the_decimals_their_interval_supports(mean, ci, text):
     assert with_ci(mean, ci) == text
+
+
+def test_a_benchmark_is_written_under_its_task_and_mode_and_as_its_documented_name(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from metapeft.benchmarks import BenchmarkReport
+
+    for seed, algorithm in enumerate(("maml", "reptile")):
+        fake_job(tmp_path / "sweep" / algorithm, [f"algorithm={algorithm}"], seed, [0.8, 0.9], [0.7, 0.8])
+        path = tmp_path / "sweep" / algorithm / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics["identity"]["algorithm"] = algorithm
+        metrics.update(memory={"peak_mlx_mb": 1.0, "max_rss_mb": 2.0}, inference_ms_per_sample=0.1,
+                       parameters={"total": 10, "adapted": 10, "reduction_ratio": 1.0})
+        path.write_text(json.dumps(metrics))
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}, "overrides": {"task": []}},
+                               "task": {"name": "digits"}, "mode": {"name": "quick"}})
+    BenchmarkReport("meta_learning_benchmark", "algorithm", str(tmp_path / "benchmarks")).on_multirun_end(config)
+    named = json.loads((tmp_path / "benchmarks" / "meta_learning_benchmark_digits_quick.json").read_text())
+    assert json.loads((tmp_path / "benchmarks" / "meta_learning_benchmark.json").read_text()) == named
+    assert [row["algorithm"] for row in named["results"]] == ["maml", "reptile"]
