@@ -6,6 +6,7 @@ tree: backbone, AdaLoRA's masks; absent for peft=none) and ``config.yaml`` (the 
 """
 from __future__ import annotations
 
+import logging
 import math
 import signal
 from contextlib import contextmanager
@@ -20,10 +21,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metapeft import io
 from metapeft.backend import mx, utils
-from metapeft.config import GROUPS
+from metapeft.config import CONF_DIR, GROUPS, RunConfig
 from metapeft.errors import ConfigError
 from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS
 from metapeft.train import TrainLog, TrainState
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_directory(path: str | Path) -> Path:
@@ -49,16 +52,40 @@ def saved_config(path: str | Path) -> tuple[Path, DictConfig]:
 
 
 def with_later_keys(saved: DictConfig) -> DictConfig:
-    """A run saved before a key was added to its algorithm, task, model or PEFT schema gets that key's default
-    (the behaviour the run had then, e.g. ``model.init=pytorch``), so older checkpoints still evaluate."""
+    """A run saved before a key existed gets that key's default (the behaviour the run had then, e.g.
+    ``model.init=pytorch``), so older checkpoints still evaluate: the keys of its algorithm, task, model and PEFT
+    schemas, its mode's (from ``conf/mode/<name>.yaml``) and the top-level ones (``evaluation``, ``finetune``, ...).
+    What was filled in is logged."""
+    added: list[str] = []
+
+    def fill(node: DictConfig, defaults: dict, prefix: str) -> None:
+        for key, value in defaults.items():
+            if key not in node:
+                node[key] = value  # an interpolation stays one, resolved against the saved run's config
+                added.append(prefix + str(key))
+            elif isinstance(value, dict) and OmegaConf.is_dict(node._get_node(key)):
+                fill(node[key], value, f"{prefix}{key}.")
+
     for group, registry in (("algorithm", ALGORITHMS), ("task", TASKS), ("model", MODELS), ("peft", PEFT_METHODS)):
         try:
-            defaults = OmegaConf.structured(registry.schema(saved[group].name))
-            OmegaConf.set_struct(defaults, False)
-            saved[group] = OmegaConf.merge(defaults, saved[group])
+            fill(saved[group], plain(OmegaConf.structured(registry.schema(saved[group].name))), f"{group}.")
         except (ConfigError, OmegaConfBaseException):
             continue  # an unknown name or a changed type: left as saved, and refused later where it is used
+    mode_file = CONF_DIR / "mode" / f"{saved.mode.get('name')}.yaml"
+    if mode_file.is_file():
+        mode = OmegaConf.to_container(OmegaConf.load(mode_file), resolve=False)
+        fill(saved.mode, {k: v for k, v in mode.items() if k != "defaults"}, "mode.")
+    fill(saved, {k: v for k, v in plain(OmegaConf.structured(RunConfig)).items() if k not in GROUPS}, "")
+    if added:
+        log.warning("the saved run predates %s: %s take today's defaults", "these keys" if len(added) > 1
+                    else "this key", ", ".join(added))
     return saved
+
+
+def plain(structured: DictConfig) -> dict:
+    """A structured config's values as plain containers (interpolations kept, required values left out)."""
+    return {k: v for k, v in OmegaConf.to_container(structured, resolve=False, enum_to_str=True).items()
+            if v != "???"}
 
 
 def evaluation_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:

@@ -81,3 +81,22 @@ def test_a_run_saved_before_a_schema_key_existed_still_loads_with_that_keys_defa
     (tmp_path / "checkpoint" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     _, saved = saved_config(tmp_path)
     assert saved.model.init == "pytorch" and saved.algorithm.init_lr_range is None
+
+
+def test_a_run_saved_before_keys_existed_evaluates_with_their_defaults(compose_cfg, tmp_path, caplog):
+    """An older version's run directory: its config lacks keys added since (top level, mode, algorithm); they take
+    today's defaults, which reproduce the run."""
+    import yaml
+
+    cache = f"pretrain.cache_dir={tmp_path / 'cache'}"
+    trained = run(compose_cfg(*TINY, cache, "peft=lora", "shots.eval=[5]"), tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    for section, key in (("mode", "finetune_steps"), ("mode", "pretrain_iterations"), ("algorithm", "meta_learn"),
+                         ("evaluation", "finetune_meta_learned"), ("pretrain", "val_shots")):
+        del saved[section][key]
+    del saved["finetune"], saved["device"]
+    path.write_text(yaml.safe_dump(saved))
+    reloaded = evaluate_saved(compose_cfg, tmp_path / "run", tmp_path / "eval")
+    assert reloaded["evaluation"] == trained["evaluation"]
+    assert "mode.finetune_steps" in caplog.text and "finetune" in caplog.text
