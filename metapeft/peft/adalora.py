@@ -50,6 +50,7 @@ class AdaLoRAConfig(LowRankConfig):
 @PEFT_METHODS.register("adalora", AdaLoRAConfig)
 class AdaLoRA(LowRankMethod):
     needs_meta_learned_adapter = True  # importance comes from the adapter's meta-gradient
+    hf_peft_type = "ADALORA"
     rank_key = "peft.init_r"
 
     def __init__(self, cfg: AdaLoRAConfig, model):
@@ -82,6 +83,31 @@ class AdaLoRA(LowRankMethod):
 
     def learnable_backbone(self, frozen: dict) -> dict:
         return without_key(frozen, "ada_mask")
+
+    def low_rank_factors(self, adapted: dict, frozen: dict) -> dict[str, tuple]:
+        factors = {}
+        for path in paths_holding(adapted, "ada_p"):
+            layer, mask = get_in(adapted, path), get_in(frozen, path)["ada_mask"]
+            factors[path_name(path)] = (layer["ada_p"], layer["ada_lambda"] * mask, layer["ada_q"])
+        return factors
+
+    def hf_adapter_tensors(self, adapted: dict, frozen: dict, prefix: str) -> dict:
+        """lora_A (r, in) = P^T, lora_E (r, 1) = lambda * mask (pruned triplets as zeros), lora_B (out, r) = Q^T;
+        peft scales by lora_alpha / ranknum with ranknum = init_r, as ours."""
+        tensors = {}
+        for module, (down, singular, up) in self.low_rank_factors(adapted, frozen).items():
+            tensors[f"{prefix}{module}.lora_A"] = down.T
+            tensors[f"{prefix}{module}.lora_E"] = singular[:, None]
+            tensors[f"{prefix}{module}.lora_B"] = up.T
+        return tensors
+
+    def hf_adapter_config(self, num_iterations: int) -> dict:
+        """peft's pruning schedule in its own step counts: tinit = prune_start T, tfinal = (1 - prune_end) T."""
+        c = self.cfg
+        return {**self.hf_common_config(), "r": c.init_r, "init_r": c.init_r, "target_r": c.target_r,
+                "beta1": c.beta1, "beta2": c.beta2, "orth_reg_weight": c.orth_reg_weight,
+                "total_step": num_iterations, "tinit": round(c.prune_start * num_iterations),
+                "tfinal": round((1 - c.prune_end) * num_iterations), "deltaT": 1, "rank_pattern": None}
 
     def init_adapter(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
         adapter: dict = {}

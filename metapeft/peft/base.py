@@ -14,7 +14,7 @@ from metapeft.backend import mx
 from metapeft.errors import require
 from metapeft.models.layers import Backbone
 from metapeft.peft.targets import target_layers, without_head
-from metapeft.trees import Path, merge, path_name
+from metapeft.trees import Path, get_in, merge, path_name, paths_holding, set_in
 
 
 @dataclass
@@ -79,6 +79,22 @@ class PeftMethod:
         """Method-specific facts for ``metrics.json``."""
         return {}
 
+    # Formats other tools read (``metapeft.export``). A method that has one sets ``hf_peft_type`` and brings its own
+    # tensors, config and merge, as mlx-lm's LoRA layer brings ``fuse()``.
+    hf_peft_type: str | None = None  # Hugging Face peft's name of this method; None: no adapter format
+
+    def hf_adapter_tensors(self, adapted: dict, frozen: dict, prefix: str) -> dict:
+        """The adapter's tensors under Hugging Face peft's names and layouts (PyTorch's (out, in))."""
+        raise NotImplementedError
+
+    def hf_adapter_config(self, num_iterations: int) -> dict:
+        """This method's entries of Hugging Face peft's ``adapter_config.json``."""
+        raise NotImplementedError
+
+    def merged(self, adapted: dict, frozen: dict) -> dict:
+        """The backbone with the adapter folded in (only the backbone's own entries)."""
+        raise NotImplementedError
+
 
 @dataclass
 class LowRankConfig(PeftConfig):
@@ -98,6 +114,23 @@ class LowRankMethod(PeftMethod):
 
     def check(self, backbone: dict) -> None:
         self.target_layers(backbone)
+
+    def low_rank_factors(self, adapted: dict, frozen: dict) -> dict[str, tuple]:
+        """module name -> (down (in, r), per-rank scale (r,), up (r, out)): the update is scale * down diag(.) up."""
+        raise NotImplementedError
+
+    def merged(self, adapted: dict, frozen: dict) -> dict:
+        """Each targeted layer's weight replaced by W + scale * down diag(s) up; the method's own state dropped."""
+        factors, updates = self.low_rank_factors(adapted, frozen), {}
+        for path in paths_holding(frozen, "weight"):
+            if path_name(path) in factors:
+                down, singular, up = factors[path_name(path)]
+                update = self.scale * ((down * singular) @ up)
+                set_in(updates, path, {"weight": get_in(frozen, path)["weight"] + update})
+        return merge(self.learnable_backbone(frozen), updates)
+
+    def hf_common_config(self) -> dict:
+        return {"lora_alpha": self.cfg.alpha, "lora_dropout": float(getattr(self.cfg, "dropout", 0.0))}
 
     def target_layers(self, backbone: dict) -> list[tuple[Path, dict]]:
         """The targeted linear layers, each checked to admit the rank."""

@@ -16,7 +16,7 @@ from metapeft.errors import require
 from metapeft.models.layers import affine
 from metapeft.peft.base import LowRankConfig, LowRankMethod
 from metapeft.registry import PEFT_METHODS
-from metapeft.trees import merge, set_in
+from metapeft.trees import get_in, merge, path_name, paths_holding, set_in
 
 
 @dataclass
@@ -29,6 +29,7 @@ class LoRAConfig(LowRankConfig):
 @PEFT_METHODS.register("lora", LoRAConfig)
 class LoRA(LowRankMethod):
     rank_key = "peft.rank"
+    hf_peft_type = "LORA"
 
     def __init__(self, cfg: LoRAConfig, model):
         require(cfg.rank >= 1, "peft.rank", f"must be >= 1, got {cfg.rank}")
@@ -62,3 +63,18 @@ class LoRA(LowRankMethod):
                 "lora_b": mx.zeros((self.cfg.rank, fan_out)),
             })
         return adapter
+
+    def low_rank_factors(self, adapted: dict, frozen: dict) -> dict[str, tuple]:
+        return {path_name(path): (get_in(adapted, path)["lora_a"], mx.ones((self.cfg.rank,)),
+                                  get_in(adapted, path)["lora_b"]) for path in paths_holding(adapted, "lora_a")}
+
+    def hf_adapter_tensors(self, adapted: dict, frozen: dict, prefix: str) -> dict:
+        """lora_A.weight (r, in) = A^T, lora_B.weight (out, r) = B^T; peft scales by lora_alpha / r, as ours."""
+        tensors = {}
+        for module, (down, _, up) in self.low_rank_factors(adapted, frozen).items():
+            tensors[f"{prefix}{module}.lora_A.weight"] = down.T
+            tensors[f"{prefix}{module}.lora_B.weight"] = up.T
+        return tensors
+
+    def hf_adapter_config(self, num_iterations: int) -> dict:
+        return {**self.hf_common_config(), "r": self.cfg.rank, "init_lora_weights": True, "use_rslora": False}
