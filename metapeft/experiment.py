@@ -33,7 +33,7 @@ from metapeft.evaluate import evaluate_shots, learner_curves
 from metapeft.loggers.base import active_loggers, log_everywhere
 from metapeft.measure import PhaseTimes, inference_ms_per_sample, memory_mb
 from metapeft.sweep import identifying
-from metapeft.train import TrainLog, TrainState, meta_train
+from metapeft.train import MetaTraining, TrainLog, TrainState, meta_train
 
 logger = logging.getLogger("metapeft")
 
@@ -156,17 +156,16 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
         (directory / "trained.json").unlink(missing_ok=True)  # an earlier run's, here: this run trains anew
         until_meta_training = phases.since_process_start()  # start-up as a user waits for it
         with phases.phase("meta_training_with_checks"):
-            meta, frozen = meta_train(
-                learner, meta, frozen,
+            meta, frozen = meta_train(learner, meta, frozen, MetaTraining(
                 sample_batch=lambda: task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, train_rng),
                 num_iterations=cfg.mode.num_iterations, validate=validate, val_interval=cfg.mode.val_interval,
-                log=log, progress=cfg.progress, after_step=exp.peft.after_meta_step, after_step_state=peft_state,
+                progress=cfg.progress, after_step=exp.peft.after_meta_step, after_step_state=peft_state,
                 better=better, patience=cfg.patience,
                 keep_from=exp.peft.first_keepable_iteration(cfg.mode.num_iterations),
                 snapshot=phases.timed("training_state_writes",
                                       lambda state: save_training_state(directory, state, log, train_rng, job)),
                 resume_from=resume_from, label=progress_label(cfg, job),
-            )
+            ), log)
         train = {
             "iterations": log.iterations,
             # compilation is in the first iteration: per-iteration time is measured without it

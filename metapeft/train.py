@@ -76,37 +76,43 @@ def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
     return accumulated_step
 
 
-def meta_train(
-    learner: MetaLearner,
-    meta: dict,
-    frozen: dict,
-    sample_batch: Callable[[], Episodes],
-    num_iterations: int,
-    validate: Callable[[dict, dict], float],
-    val_interval: int,
-    log: TrainLog,
-    progress: bool = True,
-    after_step: Callable[[dict, dict, dict, Any, int, int], tuple[dict, Any]] | None = None,
-    after_step_state: Any = None,
-    better: Callable[[float, float], bool] | None = None,
-    patience: int | None = None,
-    keep_from: int = 0,
-    snapshot: Callable[[TrainState], None] | None = None,
-    resume_from: TrainState | None = None,
-    label: str = "",
-) -> tuple[dict, dict]:
-    """Run ``num_iterations`` outer updates from ``meta``; return the meta-learned parameters and the frozen tree:
-    the last ones, or, given ``better(new, old)``, those with the best validation metric (early stopping's choice).
-    Given ``patience`` too, training stops once that many validations in a row have not been better. Validations
-    before iteration ``keep_from`` are recorded but neither kept nor counted.
+@dataclass
+class MetaTraining:
+    """What ``meta_train`` runs: where its tasks come from, how long, how it validates, what it keeps, and what runs
+    between its iterations.
 
     ``after_step(meta_weights, meta_grads, frozen, state, iteration, num_iterations) -> (frozen, state)`` runs
-    between iterations, its state (``after_step_state`` at first) passed from one call to the next.
-
-    ``snapshot(state)`` receives a ``TrainState`` after every validation; ``resume_from`` continues from one
-    (``log`` must hold the history up to it). Resuming gives the uninterrupted run's results, bit for bit, except
-    for randomness inside the meta-step (LoRA's dropout), which is drawn afresh after the resume point.
+    between iterations, its state (``after_step_state`` at first) passed from one call to the next. Given
+    ``better(new, old)``, the meta-parameters kept are those with the best validation metric (early stopping's
+    choice), else the last; given ``patience`` too, training stops once that many validations in a row have not
+    been better. Validations before iteration ``keep_from`` are recorded but neither kept nor counted.
+    ``snapshot(state)`` receives a ``TrainState`` after every validation; ``resume_from`` continues from one.
     """
+
+    sample_batch: Callable[[], Episodes]
+    num_iterations: int
+    validate: Callable[[dict, dict], float]
+    val_interval: int
+    progress: bool = True
+    after_step: Callable[[dict, dict, dict, Any, int, int], tuple[dict, Any]] | None = None
+    after_step_state: Any = None
+    better: Callable[[float, float], bool] | None = None
+    patience: int | None = None
+    keep_from: int = 0
+    snapshot: Callable[[TrainState], None] | None = None
+    resume_from: TrainState | None = None
+    label: str = ""
+
+
+def meta_train(learner: MetaLearner, meta: dict, frozen: dict, plan: MetaTraining, log: TrainLog) -> tuple[dict, dict]:
+    """Run ``plan.num_iterations`` outer updates from ``meta``; return the meta-learned parameters and the frozen
+    tree that ``plan`` keeps (see ``MetaTraining``), filling ``log`` as it goes (``log`` must hold the history up to
+    ``plan.resume_from`` when resuming). Resuming gives the uninterrupted run's results, bit for bit, except for
+    randomness inside the meta-step (LoRA's dropout), which is drawn afresh after the resume point.
+    """
+    num_iterations, validate, val_interval = plan.num_iterations, plan.validate, plan.val_interval
+    after_step, after_step_state, better, patience = plan.after_step, plan.after_step_state, plan.better, plan.patience
+    keep_from, snapshot, resume_from = plan.keep_from, plan.snapshot, plan.resume_from
     optimizer = learner.make_optimizer(num_iterations)
     first, kept, validations_since_kept = 0, None, 0
     if resume_from is not None:
@@ -117,11 +123,11 @@ def meta_train(
     optimizer.init(meta)
     step = compiled_meta_step(learner, optimizer)
     bar = tqdm(range(first, num_iterations), initial=first, total=num_iterations,
-               desc=f"meta-train {label or learner.cfg.name}", disable=not progress, mininterval=1.0)
+               desc=f"meta-train {plan.label or learner.cfg.name}", disable=not plan.progress, mininterval=1.0)
     for iteration in bar:
         stop_requested()
         start = time.perf_counter()
-        loss, meta, grads = step(meta, frozen, *sample_batch())
+        loss, meta, grads = step(meta, frozen, *plan.sample_batch())
         mx.eval(loss, meta, grads)
         loss = loss.item()
         row = {"iteration": iteration, "loss": loss, "val_metric": math.nan}

@@ -35,7 +35,7 @@ import numpy as np
 from metapeft import affinity, blas, io
 from metapeft.backend import mx, utils
 from metapeft.tasks.base import Episodes
-from metapeft.train import TrainLog, compiled_meta_step, meta_train
+from metapeft.train import MetaTraining, TrainLog, compiled_meta_step, meta_train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the runners package, when run as a script
 from runners import bench_encoder as encoder  # noqa: E402
@@ -90,10 +90,9 @@ def memory_workload(overrides: list[str], checkpoints: list[int]) -> dict:
         return frozen, state
 
     start = time.perf_counter()
-    meta_train(exp.learner, meta, frozen,
-               lambda: exp.task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, rng),
-               max(checkpoints), validate=lambda meta, frozen: 0.0, val_interval=10**9, log=TrainLog(),
-               progress=False, after_step=record)
+    meta_train(exp.learner, meta, frozen, MetaTraining(
+        lambda: exp.task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, rng), max(checkpoints),
+        validate=lambda meta, frozen: 0.0, val_interval=10**9, progress=False, after_step=record), TrainLog())
     return readings
 
 

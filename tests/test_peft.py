@@ -8,7 +8,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from metapeft.build import build, parameter_counts
 from metapeft.experiment import run
-from metapeft.train import TrainLog, meta_train
+from metapeft.train import MetaTraining, TrainLog, meta_train
 from metapeft.trees import count, get_in, merge, paths_holding
 
 
@@ -110,10 +110,9 @@ def test_every_pair_lowers_the_meta_loss_and_keeps_the_backbone(compose_cfg, alg
     before = snapshot(frozen)
     episodes = exp.task.sample("train", 2, 2, np.random.default_rng(0))  # one fixed batch: the loss must fall
     log = TrainLog()
-    meta, frozen_after = meta_train(exp.learner, exp.learner.meta_parameters(adapted), frozen, lambda: episodes,
-                                    num_iterations=15, validate=lambda m, f: 0.0, val_interval=100, log=log,
-                                    progress=False, after_step=exp.peft.after_meta_step,
-                                    after_step_state=exp.peft.init_meta_state(adapted))
+    meta, frozen_after = meta_train(exp.learner, exp.learner.meta_parameters(adapted), frozen, MetaTraining(
+        lambda: episodes, num_iterations=15, validate=lambda m, f: 0.0, val_interval=100, progress=False,
+        after_step=exp.peft.after_meta_step, after_step_state=exp.peft.init_meta_state(adapted)), log)
     losses = [row["loss"] for row in log.rows]
     assert losses[-1] < losses[0], losses
     after = snapshot(frozen_after)

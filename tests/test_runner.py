@@ -22,7 +22,7 @@ from metapeft.errors import ConfigError
 from metapeft.experiment import run
 from metapeft.io import load_tree
 from metapeft.stats import ci95_method
-from metapeft.train import TrainLog, meta_train
+from metapeft.train import MetaTraining, TrainLog, meta_train
 
 TINY = ["mode=tiny", "progress=false"]
 
@@ -137,8 +137,10 @@ def test_validations_before_keep_from_are_recorded_but_neither_kept_nor_counted(
     episodes = exp.task.sample("train", 2, 5, np.random.default_rng(0))
     log = TrainLog()
     # The validation metric (MSE, lower is better) worsens with every check, so the earliest check is the best.
-    meta_train(exp.learner, meta, {}, lambda: episodes, num_iterations=100, validate=lambda m, f: float(len(log.rows)),
-               val_interval=5, log=log, progress=False, better=lambda new, old: new < old, patience=3, keep_from=22)
+    meta_train(exp.learner, meta, {}, MetaTraining(lambda: episodes, num_iterations=100,
+                                                   validate=lambda m, f: float(len(log.rows)), val_interval=5,
+                                                   progress=False, better=lambda new, old: new < old, patience=3,
+                                                   keep_from=22), log)
     assert log.kept_iteration == 25  # the first check at or after keep_from, though checks 0..20 scored better
     assert log.iterations == 41 and log.stopped_early  # checks 30, 35, 40 without improvement; 0..20 not counted
     assert pd.DataFrame(log.rows).val_metric.notna().sum() == 9  # every check recorded
