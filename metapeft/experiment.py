@@ -18,20 +18,13 @@ from metapeft import affinity, blas, io
 from metapeft.backend import mx, use_device
 from metapeft.baselines import chosen, make_baselines
 from metapeft.build import Experiment, InitialState, build, initial_state, parameter_counts, pretrained
-from metapeft.checkpoint import (
-    evaluation_config,
-    load_checkpoint,
-    load_training_done,
-    load_training_state,
-    save_checkpoint,
-    save_training_done,
-    save_training_state,
-)
+from metapeft.checkpoint import evaluation_config, load_checkpoint, save_checkpoint
 from metapeft.config import GROUPS, Keep
 from metapeft.errors import ConfigError, DivergedError
 from metapeft.evaluate import evaluate_shots, learner_curves
 from metapeft.loggers.base import active_loggers, log_everywhere
 from metapeft.measure import PhaseTimes, inference_ms_per_sample, memory_mb
+from metapeft.resume import load_training_done, load_training_state, save_training_done, save_training_state
 from metapeft.sweep import identifying
 from metapeft.train import MetaTraining, TrainLog, TrainState, meta_train
 
