@@ -5,7 +5,7 @@ primitive over with a condition-variable signal. A meta-step of the sinusoid MLP
 hand-over dominates: with the two threads free to run on different cores, every signal wakes a sleeping thread on
 the other core (a system call and a cross-core wake-up, ``pthread_cond_signal`` was a quarter of all samples in a
 profile). On one core the woken worker simply runs when the main thread waits for the result. Measured with
-``python runners/bench.py`` against ``METAPEFT_COLOCATE=off python runners/bench.py``: see docs/performance.md.
+``python -m benchmarks steps`` against ``METAPEFT_COLOCATE=off python -m benchmarks steps``: see docs/performance.md.
 
 Only the main thread and MLX's stream thread are pinned; BLAS threads keep every core, so large matrix products
 still run in parallel. ``METAPEFT_COLOCATE=off`` (or ``colocate(False)``) leaves the threads alone. Parallel sweep

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from runners import bench, bench_encoder, bench_setup
-from runners.bench_peers import PEERS
+from benchmarks import common as bench_setup
+from benchmarks import encoder as bench_encoder
+from benchmarks import steps as bench
+from benchmarks.peers import PEERS
 
 
 @pytest.mark.parametrize("peer", sorted(PEERS))
@@ -37,11 +39,11 @@ def test_missing_peers_are_reported_and_the_project_still_measured(monkeypatch):
 
 @pytest.mark.parametrize("variant", ["maml_task_by_task", "reptile"])
 def test_the_pytorch_peer_computes_our_meta_loss_on_the_encoder(tmp_path, variant):
-    """bench.py --encoder's peer: BERT under Hugging Face's names with LoRA (a tiny random BERT here), second-order
-    MAML task by task or Reptile vmapped, from our parameters and batches."""
+    """``python -m benchmarks encoder``'s peer: BERT under Hugging Face's names with LoRA (a tiny random BERT here),
+    second-order MAML task by task or Reptile vmapped, from our parameters and batches."""
     pytest.importorskip("torch")
+    from benchmarks.peers import torch_peer
     from helpers import tiny_bert
-    from runners.bench_peers import torch_peer
 
     overrides = [*bench_encoder.ENCODER, *bench_encoder.ENCODER_VARIANTS[variant],
                  f"model.path={tiny_bert(tmp_path / 'bert')}", "algorithm.num_inner_steps=2", "model.max_length=16",
@@ -54,3 +56,11 @@ def test_the_pytorch_peer_computes_our_meta_loss_on_the_encoder(tmp_path, varian
                                     [tuple(np.array(a) for a in batch)])
     assert theirs == pytest.approx(ours, rel=1e-4)
     assert sync(step(0)) == pytest.approx(ours, rel=1e-4)  # the task-by-task step's loss is the same meta-loss
+
+
+def test_the_benchmarks_command_line_refuses_an_unknown_workload(capsys):
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--workloads", "z_nothing", "steps"])
+    assert "--workloads: unknown ['z_nothing']" in capsys.readouterr().err

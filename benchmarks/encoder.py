@@ -1,6 +1,6 @@
 """The pretrained encoder: MAML task by task (plain and checkpointed), FOMAML and Reptile with LoRA on
-``model=hf_encoder``, each against its PyTorch ``torch.func`` peer in a process of its own (``--encoder``), and the
-encoder's largest operations in MLX and PyTorch (``--encoder-ops``). ``runners/bench.py`` is the command line."""
+``model=hf_encoder``, each against its PyTorch ``torch.func`` peer in a process of its own (``encoder``), and the
+encoder's largest operations in MLX and PyTorch (``encoder-ops``). ``python -m benchmarks`` is the command line."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 
+from benchmarks.common import in_own_process, peer_spec, setup
 from metapeft.backend import mx, utils
 from metapeft.train import compiled_meta_step
-from runners.bench_setup import BENCH, PYTHON, peer_spec, setup
 
 # second-order MAML + LoRA over the pretrained encoder: meta-batch 4, 5 inner steps, 5-way 5-shot,
 # 64 tokens per text; FOMAML and Reptile beside it.
@@ -51,7 +51,7 @@ def encoder_one(variant: str, implementation: str, repeats: int) -> dict:
             mx.eval(loss, state["meta"], grads)
             return loss.item()
     else:
-        from runners.bench_peers import torch_peer
+        from benchmarks.peers import torch_peer
 
         to_numpy = lambda tree: utils.tree_map(lambda a: np.array(a), tree)
         _, peer_step, sync = torch_peer(peer_spec(exp), to_numpy(meta["weights"]), to_numpy(frozen),
@@ -77,8 +77,8 @@ PEER_OF = {"maml_task_by_task": "maml_task_by_task", "maml_task_by_task_checkpoi
 
 
 def encoder_ops(implementation: str, repeats: int = 20) -> dict:
-    """Milliseconds per call of the encoder's largest operations at bench --encoder's shapes (25 texts of 39 tokens,
-    MiniLM's widths), in MLX (compiled, as in the meta-step) or PyTorch (eager, its own threads)."""
+    """Milliseconds per call of the encoder's largest operations at the encoder benchmark's shapes (25 texts of 39
+    tokens, MiniLM's widths), in MLX (compiled, as in the meta-step) or PyTorch (eager, its own threads)."""
     rng = np.random.default_rng(0)
     shapes = {"x": (975, 384), "w": (384, 1536), "h": (975, 1536), "scores": (25, 12, 39, 39)}
     data = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
@@ -117,8 +117,8 @@ def encoder_workloads(repeats: int, variants: list[str]) -> dict:
     """Each variant and, where PyTorch is installed, its peer, each in a process of its own (peak memory is the
     process's), the peer timed only if its first meta-loss equals ours."""
     def one(variant: str, implementation: str) -> dict:
-        done = subprocess.run([PYTHON, BENCH, "--encoder-one", variant, implementation, "--repeats",
-                               str(repeats)], capture_output=True, text=True)
+        done = subprocess.run(in_own_process("encoder", "one", variant, implementation, str(repeats)),
+                              capture_output=True, text=True)
         if done.returncode != 0:
             return {"failed": f"exit {done.returncode}" + (" (killed: out of memory?)" if done.returncode < 0 else ""),
                     "stderr_tail": done.stderr[-500:]}
@@ -144,7 +144,7 @@ def encoder_workloads(repeats: int, variants: list[str]) -> dict:
 
 def encoder_ops_both() -> dict:
     """encoder_ops in MLX and in PyTorch, each in a process of its own (PyTorch's threads slow MLX's in one)."""
-    return {impl: json.loads(subprocess.run([PYTHON, BENCH, "--encoder-ops-one", impl], check=True,
+    return {impl: json.loads(subprocess.run(in_own_process("encoder", "ops", impl), check=True,
                                             capture_output=True, text=True).stdout.splitlines()[-1])
             for impl in ("mlx", "pytorch")}
 
@@ -166,3 +166,17 @@ def print_encoder(results: dict) -> None:
                   else f"; PyTorch: {peer}" if peer else "")
         print(f"encoder {name:32s} {r['ms_per_iteration']:8.0f} ms per iteration, MLX peak "
               f"{r['mlx_peak_mb']:6.0f} MB, {r['max_rss_mb']:6.0f} MB RSS{versus}")
+
+
+if __name__ == "__main__":
+    # the parts encoder_workloads and encoder_ops_both start in processes of their own:
+    #   python -m benchmarks.encoder one VARIANT IMPLEMENTATION REPEATS    one variant (mlx or pytorch), as JSON
+    #   python -m benchmarks.encoder ops IMPLEMENTATION                     the largest operations, as JSON
+    import sys
+
+    if sys.argv[1:2] == ["one"] and len(sys.argv) == 5:
+        print(json.dumps(encoder_one(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+    elif sys.argv[1:2] == ["ops"] and len(sys.argv) == 3:
+        print(json.dumps(encoder_ops(sys.argv[2])))
+    else:
+        sys.exit("usage: python -m benchmarks.encoder one VARIANT IMPLEMENTATION REPEATS | ops IMPLEMENTATION")

@@ -1,9 +1,10 @@
-"""Peer implementations of the benchmark's meta-steps, for ``runners/bench.py`` (optional: ``pip install -e .[bench]``).
+"""Peer implementations of the benchmark's meta-steps, for ``python -m benchmarks`` (optional:
+``pip install -e .[bench]``).
 
 The same meta-step as the project's, written once more in JAX (``jit`` + ``vmap``, optax) and in PyTorch
 (``torch.func.grad`` + ``vmap``, eager): the sinusoid MLP of workloads (a) and (b), the digits transformer with LoRA
 of (c) and (d), under second-order MAML, FOMAML or Reptile. Each peer starts from the project's own initial adapted
-and frozen trees and its batches; ``runners/bench.py`` checks that its meta-loss on the first batch equals the
+and frozen trees and its batches; the benchmark checks that its meta-loss on the first batch equals the
 project's before timing it. The models are written once, over a small table of array operations (``Ops``), so both
 peers compute exactly the same function.
 """
@@ -21,7 +22,7 @@ from metapeft.trees import merge  # pure Python over dicts and lists: serves any
 
 @dataclass
 class Spec:
-    """What a workload computes, read from the project's config by ``runners/bench.py``."""
+    """What a workload computes, read from the project's config by the benchmark."""
 
     model: str  # "mlp", "transformer" or "hf_encoder"
     loss: str  # "mse" or "cross_entropy"

@@ -1,6 +1,6 @@
-"""Where whole runs spend their time: the phases of quick runs as users start them (``--runs``), the
-seconds to the first meta-iteration against importing MLX and Hydra alone, and their parts (``--start-up``), and
-each part of a run's evaluation (``--evaluation``). ``runners/bench.py`` is the command line."""
+"""Where whole runs spend their time: the phases of quick runs as users start them (``runs``), the
+seconds to the first meta-iteration against importing MLX and Hydra alone, and their parts (``start-up``), and
+each part of a run's evaluation (``evaluation``). ``python -m benchmarks`` is the command line."""
 from __future__ import annotations
 
 import json
@@ -13,13 +13,13 @@ from typing import Callable
 
 import numpy as np
 
+from benchmarks.common import PYTHON, RUNNER, compose_workload, in_own_process
 from metapeft import affinity, io
 from metapeft.backend import mx
 from metapeft.build import build
 from metapeft.tasks.base import Episodes
-from runners.bench_setup import BENCH, PYTHON, RUNNER, compose_workload
 
-# Whole runs whose time --runs splits into phases (metrics.json "seconds"), quick mode.
+# Whole runs whose time the runs subcommand splits into phases (metrics.json "seconds"), quick mode.
 RUNS = {
     "sinusoid_maml_mlp": [],
     "digits_maml_mlp": ["task=digits"],
@@ -55,7 +55,8 @@ IMPORTS_ONLY = ("import os, mlx.core, hydra; "
 
 def start_up_parts(run_dir: Path) -> None:
     """The runner, in this process, stopped where its run would begin: seconds since the process started, and the
-    time inside Hydra's composition and in loading MLX and the BLAS on the way (``--start-up`` runs this alone)."""
+    time inside Hydra's composition and in loading MLX and the BLAS on the way (``start-up`` runs this alone, in a
+    process of its own)."""
     import runpy
 
     from hydra._internal.hydra import Hydra
@@ -102,7 +103,7 @@ def start_up(repeats: int, out_dir: Path) -> dict:
     result = {"import_mlx_hydra_seconds": float(np.median(imports)), "to_first_iteration_seconds":
               float(np.median(runner)), "all_imports": imports, "all_runner": runner}
     result["ratio"] = result["to_first_iteration_seconds"] / result["import_mlx_hydra_seconds"]
-    parts = [json.loads(subprocess.run([PYTHON, BENCH, "--start-up-parts", str(out_dir / "parts")],
+    parts = [json.loads(subprocess.run(in_own_process("runs", "start-up-parts", str(out_dir / "parts")),
                                        check=True, capture_output=True, text=True).stdout.splitlines()[-1])
              for _ in range(repeats)]
     result["parts"] = {key: float(np.median([p[key] for p in parts])) for key in parts[0]}
@@ -171,3 +172,11 @@ def print_evaluation(parts: dict) -> None:
     for name, per_k in parts.items():
         print(f"{name:32s} " + "  ".join(f"K={k}: {v:6.2f} s" for k, v in per_k.items())
               + f"  total {sum(per_k.values()):6.2f} s")
+
+
+if __name__ == "__main__":
+    # python -m benchmarks.runs start-up-parts RUN_DIR: the start-up parts of one runner process (start_up's repeats)
+    if sys.argv[1:2] != ["start-up-parts"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m benchmarks.runs start-up-parts RUN_DIR")
+    start_up_parts(Path(sys.argv[2]))  # prints its parts and ends the process where the run would begin
+    sys.exit(1)  # reached only if the runner stopped before its run

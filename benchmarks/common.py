@@ -1,5 +1,5 @@
-"""What the benchmarks in ``runners/`` start from: a workload's composed config, experiment and parameters, the
-peers' description of it."""
+"""What the benchmarks start from: a workload's composed config, experiment and parameters, the peers' description
+of it, and how a benchmark starts a part of itself in a process of its own."""
 from __future__ import annotations
 
 import sys
@@ -9,15 +9,20 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from benchmarks.peers import Spec
 from metapeft.backend import mx
 from metapeft.build import build
-from metapeft.config import register_configs
-from runners.bench_peers import Spec
+from metapeft.config import CONF_DIR, register_configs
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-# bench.py's hidden options run one part of a benchmark in a process of its own; run.py is the runner users start
-BENCH, RUNNER = (str(Path(__file__).with_name(name)) for name in ("bench.py", "run.py"))
+CONF = str(CONF_DIR)
+RUNNER = str(Path(__file__).resolve().parents[1] / "runners" / "run.py")  # the runner as users start it
 PYTHON = sys.executable
+
+
+def in_own_process(module: str, *args: str) -> list[str]:
+    """The command that runs ``python -m benchmarks.<module> ARGS``: a part of a benchmark in a fresh process (its
+    peak memory its own, no other library's threads beside it); each such module documents its arguments."""
+    return [PYTHON, "-m", f"benchmarks.{module}", *args]
 
 
 def compose_workload(overrides: list[str]) -> DictConfig:
