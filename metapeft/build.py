@@ -60,6 +60,12 @@ def build(cfg: DictConfig) -> Experiment:
         task.tokenize(model.tokenize, model.pad_id)  # once, in one batch: episodes are token ids from here on
     peft = PEFT_METHODS.get(cfg.peft.name)(cfg.peft, model)
     peft.check(model.init(mx.random.key(0)))  # target layers and ranks against the real layer shapes
+    if task.num_classes is None and cfg.algorithm.get("head_init") == "prototypes":
+        protonet = cfg.algorithm.name == "protonet"
+        require(False, "algorithm" if protonet else "algorithm.head_init",
+                f"task={cfg.task.name} is regression, and {'ProtoNet' if protonet else 'head_init=prototypes'} "
+                "classifies by class prototypes: use a classification task (task=digits, task=glyphs, ...) or "
+                + ("another algorithm (maml, fomaml, reptile, metasgd, anil)" if protonet else "head_init=learned"))
     experiment = Experiment(cfg, task, model, peft, learner=None)  # type: ignore[arg-type]
     experiment.learner = ALGORITHMS.get(cfg.algorithm.name)(cfg.algorithm, experiment)
     learner = experiment.learner

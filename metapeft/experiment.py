@@ -146,6 +146,8 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
             expected = TrainState(0, meta, frozen, optimizer.state, peft_state, None, 0)
             resume_from = load_training_state(directory, expected, log, train_rng, job)
             logger.info("resuming meta-training at iteration %d from %s", resume_from.iteration, directory)
+        elif cfg.resume:
+            logger.info("resume=true: %s holds no interrupted run to go on with; starting afresh", directory)
         (directory / "trained.json").unlink(missing_ok=True)  # an earlier run's, here: this run trains anew
         until_meta_training = phases.since_process_start()  # start-up as a user waits for it
         with phases.phase("meta_training_with_checks"):

@@ -34,7 +34,9 @@ def test_prototypes_build_for_classification_and_are_refused_for_regression(comp
     assert build(compose_cfg(*overrides, "task=digits", "model=conv4")).learner.cfg.head_init == "prototypes"
     with pytest.raises(ConfigError) as error:
         build(compose_cfg(*overrides, "task=sinusoid"))
-    assert error.value.key == "algorithm.head_init"
+    # ProtoNet is blamed as the algorithm (its head_init is not a choice); Proto-MAML's head_init as the key
+    assert error.value.key == ("algorithm" if "algorithm=protonet" in overrides else "algorithm.head_init")
+    assert "task=sinusoid is regression" in str(error.value)
 
 
 def test_command_line_overrides_reach_the_groups(compose_cfg):
@@ -162,3 +164,22 @@ def test_a_gpu_where_mlx_has_none_is_refused_naming_the_key():
         assert error.value.key == "device" and "auto, cpu" in str(error.value)
     assert use_device("cpu") == "cpu" and mx.default_device() == mx.cpu
     use_device("auto")
+
+
+@pytest.mark.parametrize("argument, words", [("foo=bar", "valid: algorithm, baselines"),
+                                             ("algoritm=maml", "did you mean algorithm?")])
+def test_a_key_that_is_no_key_of_the_config_exits_2_naming_the_closest(argument, words):
+    from helpers import run_cli
+
+    result = run_cli(argument, "--cfg", "job")
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_with_nothing_to_resume_says_so(compose_cfg, tmp_path, caplog):
+    import logging
+
+    from metapeft.experiment import run
+
+    with caplog.at_level(logging.INFO, logger="metapeft"):
+        metrics = run(compose_cfg("mode=tiny", "resume=true", "shots.eval=[5]"), tmp_path)
+    assert metrics["status"] == "completed" and "holds no interrupted run to go on with" in caplog.text

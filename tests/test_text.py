@@ -155,6 +155,7 @@ def test_text_folder_reads_split_files_and_jsonl(compose_cfg, bert_dir, tmp_path
     ("missing_column", "task.text_column", "'text' is not a column"),
     ("empty_class", "task.root", "has no non-empty text"),
     ("too_few", "shots", "exceed the"),
+    ("one_text", "task.num_query", "drop that class"),
     ("shared_label", "task.root", "must be disjoint"),
 ])
 def test_text_folder_refuses_bad_data_naming_the_key(compose_cfg, bert_dir, tmp_path, problem, key, words):
@@ -165,7 +166,10 @@ def test_text_folder_refuses_bad_data_naming_the_key(compose_cfg, bert_dir, tmp_
         classes["class3"] = ["", "  "]
         write_text_csv(tmp_path / "data.csv", classes)
     elif problem == "too_few":
-        classes["class3"] = classes["class3"][:4]
+        classes["class3"] = classes["class3"][:8]  # enough for K=1, not for K=5 or 10
+        write_text_csv(tmp_path / "data.csv", classes)
+    elif problem == "one_text":  # no K fits it whatever shots says
+        classes["class3"] = classes["class3"][:1]
         write_text_csv(tmp_path / "data.csv", classes)
     else:
         names = sorted(classes)
@@ -350,3 +354,14 @@ def test_roberta_matches_transformers_where_installed(bert_dir, tmp_path):
     params, _ = model.pretrained(mx.random.key(0), 2)
     np.testing.assert_allclose(np.array(model.features(params, mx.array(ids))),
                                ((hidden * mask).sum(1) / mask.sum(1)).numpy(), atol=1e-4)
+
+
+def test_task_text_without_the_text_extra_is_refused_with_the_pip_line(monkeypatch, tmp_path):
+    import sys
+
+    from metapeft.tasks.text import corpus
+
+    monkeypatch.setitem(sys.modules, "babel", None)  # as if the text extra were not installed
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[text\]"') as error:
+        corpus(str(tmp_path))
+    assert error.value.key == "task"

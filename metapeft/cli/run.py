@@ -9,8 +9,11 @@ skips jobs whose directory already holds a completed result for the same overrid
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
@@ -23,7 +26,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from metapeft import affinity, backend, blas
-from metapeft.config import register_configs
+from metapeft.config import GROUPS, RunConfig, register_configs
 from metapeft.errors import STOP_REQUESTS, ConfigError, DivergedError, Interrupted
 from metapeft.experiment import run
 from metapeft.launchers import threads_per_job
@@ -131,9 +134,27 @@ def main(cfg: DictConfig) -> float | None:
     return validation_objective(metrics)
 
 
+def top_level_keys() -> list[str]:
+    """What a command-line override may start with: the config groups and the run config's keys."""
+    return sorted({*GROUPS, *(f.name for f in dataclasses.fields(RunConfig)), "experiment", "hydra", "budget"})
+
+
 def refuse_before_hydra(argv: list[str]) -> None:
-    """Input Hydra would answer with a traceback, refused with one line and exit 2: ``shots=5`` (a number where
-    Hydra wants an option name) and an output directory that cannot be created."""
+    """Input Hydra would answer with a traceback or a misleading hint, refused with one line and exit 2: a key that
+    is no key of the config (``foo=bar``; ``algoritm=maml``, for which Hydra suggests adding it with ``+``), named
+    with the closest valid one; ``shots=5`` (a number where Hydra wants an option name); an output directory that
+    cannot be created."""
+    valid = top_level_keys()
+    for arg in argv:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg:  # flags; '+' adds and '~' deletes: checked later
+            continue
+        top = re.split(r"[./@]", arg.partition("=")[0], maxsplit=1)[0]
+        if top not in valid:
+            close = difflib.get_close_matches(top, valid, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            print(f"error: {arg}: '{top}' is not a key of the config; {hint}valid: {', '.join(valid)}",
+                  file=sys.stderr)
+            sys.exit(2)
     for arg in argv:
         key, _, value = arg.partition("=")
         if key == "shots" and value.isdigit():

@@ -65,7 +65,10 @@ def language_names() -> dict[str, list[str]]:
 
 def corpus(cache_dir: str) -> dict[str, list[str]]:
     """``language_names``, cached under the Babel version that produced it."""
-    import babel
+    try:
+        import babel
+    except ImportError as error:
+        raise ConfigError("task", f'task=text reads Babel\'s CLDR data: pip install -e ".[text]" ({error})') from error
 
     directory = Path(cache_dir).expanduser()
     key = hashlib.sha256(f"cldr-names-1-{babel.__version__}".encode()).hexdigest()[:16]

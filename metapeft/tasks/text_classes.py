@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from metapeft.errors import require
+from metapeft.errors import ConfigError, require
 from metapeft.tasks.classification import SPLITS, ClassImagesTask
 
 
@@ -34,10 +34,15 @@ class TextClassesTask(ClassImagesTask):
         for split in SPLITS:
             for name, texts in zip(self.class_names[split], self.class_images[split]):
                 for k in shots:
+                    if len(texts) <= self.cfg.num_query:  # no K at all fits this class
+                        raise ConfigError("task.num_query", f"class '{name}' ({split} split) has {len(texts)} "
+                                          f"text(s), too few for any K with task.num_query={self.cfg.num_query} "
+                                          f"query texts: drop that class from your data, give it at least "
+                                          f"{self.cfg.num_query + min(shots)} texts, or lower task.num_query")
                     require(k + self.cfg.num_query <= len(texts), "shots",
                             f"K={k} support + task.num_query={self.cfg.num_query} query texts per class exceed the "
                             f"{len(texts)} texts of class '{name}' ({split} split); valid: K + num_query <= "
-                            f"{min(len(t) for s in SPLITS for t in self.class_images[s])}")
+                            f"{min(len(t) for s in SPLITS for t in self.class_images[s])}, or drop that class")
 
     def tokenize(self, tokenize: Callable[[list[str]], np.ndarray], pad_id: int) -> None:
         """Replace every class's texts with token ids (one batch through ``tokenize``), padded with ``pad_id``."""
