@@ -49,6 +49,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), start_up_
     ``start_up_seconds``: how long the process ran before this run began (the runner says; see ``seconds``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    earlier = earlier_record(out_dir / "metrics.json")
     metrics: dict = {"status": "running", "identity": identity(cfg, overrides)}
     log = TrainLog()
     loggers = []
@@ -76,6 +77,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), start_up_
         raise
     except ConfigError as error:  # refused before any work: aggregation leaves it out of its tables
         metrics.update(status="refused", reason=str(error), config_key=error.key)
+        error.record = out_dir / ("refused.json" if earlier is not None else "metrics.json")
         raise
     except BaseException as error:
         metrics.update(status="failed", reason=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
@@ -88,11 +90,26 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), start_up_
                 io.write_csv(out_dir / "history.csv", pd.DataFrame(log.rows))
         metrics["total_seconds"] = time.perf_counter() - started
         metrics["seconds"] = time_breakdown(phases, metrics["total_seconds"])
-        io.write_json(out_dir / "metrics.json", metrics)
+        if metrics["status"] == "refused" and earlier is not None:  # a refusal never overwrites a run's record
+            io.write_json(out_dir / "refused.json", metrics)
+            io.write_json(out_dir / "metrics.json", earlier)
+            logger.info("the refusal is recorded in %s; metrics.json keeps the earlier run's record (%s)",
+                        out_dir / "refused.json", earlier.get("status"))
+        else:
+            io.write_json(out_dir / "metrics.json", metrics)
         if metrics["status"] == "completed":  # evaluated: nothing left to resume
             (out_dir / "checkpoint" / "trained.json").unlink(missing_ok=True)
         if metrics["status"] != "refused":
             log_everywhere(loggers, cfg, out_dir, metrics)
+
+
+def earlier_record(path: Path) -> dict | None:
+    """The metrics.json of an earlier run in this directory (interrupted, completed, ...), if there is one."""
+    try:
+        record = io.read_json(path)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("status") not in (None, "refused") else None
 
 
 def time_breakdown(phases: PhaseTimes, total: float) -> dict:

@@ -249,6 +249,17 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_if_never_stoppe
     assert not (tmp_path / "stopped" / "checkpoint" / "training.json").exists()  # nothing left to resume
 
 
+def test_a_refused_resume_keeps_the_interrupted_runs_record(tmp_path):
+    args = ["progress=false", "mode.num_iterations=1500", "mode.val_interval=100", "mode.num_eval_tasks=20"]
+    stopped = stopped_by_sigterm(tmp_path / "stopped", args, "training.json")
+    refused = run_cli(f"hydra.run.dir={tmp_path / 'stopped'}", *args, "resume=true", "algorithm.inner_lr=0.02")
+    console = refused.stdout + refused.stderr
+    assert refused.returncode == 2 and "holds the training state of a run with other overrides" in console
+    assert f"recorded in {tmp_path / 'stopped' / 'refused.json'}" in console
+    assert json.loads((tmp_path / "stopped" / "metrics.json").read_text()) == stopped  # the record is intact
+    assert json.loads((tmp_path / "stopped" / "refused.json").read_text())["status"] == "refused"
+
+
 def test_a_run_stopped_during_evaluation_resumes_there_without_meta_training_again(tmp_path):
     args = ["progress=false", "mode.num_iterations=300", "mode.num_eval_tasks=40"]
     stopped_by_sigterm(tmp_path / "stopped", args, "trained.json")  # meta-training done, evaluation begun

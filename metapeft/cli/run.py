@@ -110,7 +110,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(128 + getattr(signal, signal_name))
     except Exception as error:  # noqa: BLE001 - recorded in metrics.json by run(); reported here
         kind = {ConfigError: "invalid configuration", DivergedError: "run diverged"}.get(type(error), "run failed")
-        log.error("%s: %s (recorded in %s)", kind, error, out_dir / "metrics.json")
+        log.error("%s: %s (recorded in %s)", kind, error, getattr(error, "record", out_dir / "metrics.json"))
         if sweeping:
             return None  # the sweep goes on; SweepReport lists every failure at the end
         if isinstance(error, (ConfigError, DivergedError)):
