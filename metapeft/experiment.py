@@ -210,16 +210,22 @@ def evaluate_run(exp: Experiment, start: InitialState, meta: dict, frozen: dict,
     """Evaluation, inference timing and what the run reports, for meta-parameters trained now or loaded."""
     cfg = exp.cfg
     mx.random.seed(cfg.seed)  # evaluation draws the same dropout masks whether trained now or loaded
-    pretraining = dict(start.pretraining)
+    pretraining, pretraining_seconds = dict(start.pretraining), [0.0]
 
     def pretrained_backbone() -> dict:  # peft=none: pretrained for the feature baselines alone, recorded all the same
+        started = time.perf_counter()
         backbone, facts = pretrained(exp)
         pretraining.update(facts)
+        pretraining_seconds[0] += time.perf_counter() - started
         return backbone
 
     with phases.phase("evaluation"):
         baselines = make_baselines(exp, start.plain, frozen, pretrained_backbone)
         evaluation = evaluate_shots(exp, meta, frozen, baselines)
+    # the baselines' backbone is pretraining's time, not evaluation's, though it is first needed there
+    phases.seconds["evaluation"] -= pretraining_seconds[0]
+    phases.seconds["pretraining_and_initialization"] = \
+        phases.seconds.get("pretraining_and_initialization", 0.0) + pretraining_seconds[0]
     with phases.phase("inference_timing"):
         inference_ms = inference_ms_per_sample(exp.peft.__call__, meta["weights"],
                                                exp.learner.task_frozen(meta, frozen), start.sample_inputs)
