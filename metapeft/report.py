@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -242,12 +245,31 @@ def public(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[[c for c in frame.columns if not c.startswith("_")]]
 
 
+REPORT_FILES = ("summary.csv", "comparison.csv", "baselines.csv", "comparison.md")
+
+
 def write_report(sweep_dirs: list[Path], out_dir: Path) -> dict:
+    """The report of ``sweep_dirs`` in ``out_dir``, written into a temporary folder beside it and moved into place
+    whole: an interrupted aggregation leaves the previous report as it was, and two at once leave one of theirs, not
+    a mix. An ``out_dir`` holding other files than a report's is written into file by file instead."""
     frame = collect(sweep_dirs)  # reads the runs' files only: an empty or unreadable sweep leaves no report folder
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # as a folder made by mkdir would be (mkdtemp's is private)
     except OSError as error:
         raise ReportError(f"--out {out_dir}: cannot create that directory ({error.strerror})") from None
+    try:
+        result = write_report_files(frame, staging)
+        replace_report(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def write_report_files(frame, out_dir: Path) -> dict:
     io.write_csv(out_dir / "summary.csv", public(frame))
     table = comparison(frame)
     baselines = baselines_table(frame)
@@ -259,3 +281,18 @@ def write_report(sweep_dirs: list[Path], out_dir: Path) -> dict:
     problems = frame[frame.status.isin(["unreadable", "missing", "refused"])]
     return {"runs": len(frame), "completed": int((frame.status == "completed").sum()), "table": table,
             "plots": plots, "problems": [f"{r.status}: {r.job_dir}: {r.reason}" for r in problems.itertuples()]}
+
+
+def replace_report(staging: Path, out_dir: Path) -> None:
+    """Move the finished report in ``staging`` to ``out_dir``: a rename of the whole folder where ``out_dir`` is
+    absent or holds only an earlier report, else file by file (each write atomic)."""
+    earlier = list(out_dir.iterdir()) if out_dir.is_dir() else []
+    if all(f.name in REPORT_FILES or f.suffix == ".png" for f in earlier):
+        retired = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            out_dir.rename(retired)
+        staging.rename(out_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+        return
+    for path in staging.iterdir():
+        os.replace(path, out_dir / path.name)

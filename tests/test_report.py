@@ -162,3 +162,24 @@ def test_a_benchmark_is_written_under_its_task_and_mode_and_as_its_documented_na
     named = json.loads((tmp_path / "benchmarks" / "meta_learning_benchmark_digits_quick.json").read_text())
     assert json.loads((tmp_path / "benchmarks" / "meta_learning_benchmark.json").read_text()) == named
     assert [row["algorithm"] for row in named["results"]] == ["maml", "reptile"]
+
+
+def test_an_interrupted_aggregation_leaves_the_previous_report_whole(tmp_path, monkeypatch):
+    import metapeft.report as report
+
+    fake_job(tmp_path / "sweep" / "a", ["algorithm.inner_lr=0.1"], 0, [0.8, 0.9], [0.7, 0.8])
+    write_report([tmp_path / "sweep"], tmp_path / "report")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()}
+    fake_job(tmp_path / "sweep" / "b", ["algorithm.inner_lr=0.2"], 0, [0.1, 0.2], [0.7, 0.8])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "plot_all", interrupted)  # Ctrl-C after the tables, before the plots
+    with pytest.raises(KeyboardInterrupt):
+        write_report([tmp_path / "sweep"], tmp_path / "report")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "sweep"]  # no staging folder left behind
+    monkeypatch.undo()
+    write_report([tmp_path / "sweep"], tmp_path / "report")  # uninterrupted: the new report replaces the old
+    assert "algorithm.inner_lr=0.2" in (tmp_path / "report" / "comparison.md").read_text()
