@@ -330,3 +330,11 @@ def test_metrics_say_where_a_runs_time_went(tmp_path):
     assert set(seconds) == phases | {"total"}
     assert all(v >= 0 for v in seconds.values()) and seconds["start_up"] > 0 and seconds["meta_training"] > 0
     assert sum(seconds[p] for p in phases) == pytest.approx(seconds["total"], rel=1e-6)
+
+
+def test_a_quoted_run_directory_is_used_as_hydra_reads_it_and_leaves_nothing_behind(tmp_path):
+    where = tmp_path / "é ü" / "run"
+    result = subprocess.run([sys.executable, str(REPO / "runners" / "run.py"), f'hydra.run.dir="{where}"', "--cfg",
+                             "job"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert where.is_dir() and not [p for p in tmp_path.iterdir() if p.name.startswith(('"', "'"))]

@@ -161,6 +161,8 @@ def refuse_before_hydra(argv: list[str]) -> None:
             print(f"error: {arg}: shots takes an option name (1shot, 5shot, 10shot); for another number of "
                   f"support examples set it directly: shots.train={value}", file=sys.stderr)
             sys.exit(2)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":  # quoted, as Hydra's grammar allows
+            value = value[1:-1]
         if key in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in value:
             try:
                 Path(value).expanduser().mkdir(parents=True, exist_ok=True)
