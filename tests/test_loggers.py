@@ -126,6 +126,17 @@ def test_a_failing_logger_leaves_the_run_complete(compose_cfg, tmp_path, caplog)
     assert "logger MlflowLogger failed" in caplog.text
 
 
+def test_an_unreachable_mlflow_server_costs_seconds_not_minutes(compose_cfg, tmp_path, caplog, monkeypatch):
+    pytest.importorskip("mlflow")
+    for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(name, raising=False)
+    started = time.perf_counter()
+    nobody = f"logger.mlflow.tracking_uri=http://127.0.0.1:{free_port()}"  # a port no server listens on
+    metrics = run(compose_cfg(*TINY, "logger=[csv,mlflow]", nobody), tmp_path)
+    assert metrics["status"] == "completed" and "logger MlflowLogger failed" in caplog.text
+    assert time.perf_counter() - started < 60  # MLflow's own defaults waited about 250 s
+
+
 def test_metrics_json_says_running_while_the_run_runs(compose_cfg, tmp_path, monkeypatch):
     seen = []
     original = experiment.train_and_evaluate

@@ -4,10 +4,14 @@ Params: the resolved config (dotted keys). Metrics: ``loss`` at every meta-itera
 validation (step = iteration), then the final K-shot figures with their CIs. Artifacts: ``metrics.json``,
 ``history.csv``, plots and the checkpoint. Tracking store: ``logger.mlflow.tracking_uri`` (a server such as
 ``http://127.0.0.1:5000``, or a database); default ``sqlite:///mlflow.db`` in the folder the command runs in, with
-artifacts in ``./mlartifacts``, which is what ``mlflow ui`` opens there.
+artifacts in ``./mlartifacts``, which is what ``mlflow ui`` opens there. A server that does not answer costs
+seconds, not minutes: ``request_timeout`` and ``max_retries`` bound MLflow's HTTP requests (its defaults, 120 s and
+7 retries with exponential back-off, kept a run waiting for about four minutes), unless the environment sets
+``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` itself.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,8 @@ class MlflowConfig:
     tracking_uri: Optional[str] = None  # default: sqlite:///<where the command runs>/mlflow.db
     experiment_name: str = "metapeft"
     run_name: Optional[str] = None  # default: the run directory's name
+    request_timeout: float = 10.0  # seconds per HTTP request to a tracking server
+    max_retries: int = 2  # retries of a failed HTTP request (back-off 1 s, 2 s)
 
 
 @LOGGERS.register("mlflow", MlflowConfig)
@@ -33,6 +39,9 @@ class MlflowLogger(Logger):
     def log_run(self, run_cfg, out_dir, metrics, history) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.cfg.request_timeout))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(self.cfg.max_retries))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         here = launch_directory()
         client = self.package.MlflowClient(tracking_uri=self.cfg.tracking_uri or f"sqlite:///{here / 'mlflow.db'}")
         experiment = client.get_experiment_by_name(self.cfg.experiment_name)
