@@ -128,8 +128,8 @@ def test_a_failing_logger_leaves_the_run_complete(compose_cfg, tmp_path, caplog)
 
 def test_an_unreachable_mlflow_server_costs_seconds_not_minutes(compose_cfg, tmp_path, caplog, monkeypatch):
     pytest.importorskip("mlflow")
-    for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("TIMEOUT", "MAX_RETRIES", "BACKOFF_FACTOR"):
+        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}", raising=False)
     started = time.perf_counter()
     nobody = f"logger.mlflow.tracking_uri=http://127.0.0.1:{free_port()}"  # a port no server listens on
     metrics = run(compose_cfg(*TINY, "logger=[csv,mlflow]", nobody), tmp_path)
