@@ -25,6 +25,16 @@ class DivergedError(RuntimeError):
         super().__init__(f"meta-training loss became {loss} at iteration {iteration}")
 
 
+class WriteFailed(OSError):
+    """A file could not be written (the disk is full, most often): names the path; what was written before is
+    intact, since every write goes to a temporary file that replaces the old one only when complete."""
+
+    def __init__(self, path, cause: BaseException, disk_full: bool):
+        self.path, self.disk_full = str(path), disk_full
+        why = "no space left on the device" if disk_full else f"{type(cause).__name__}: {cause}"
+        super().__init__(f"cannot write {path}: {why}")
+
+
 class Interrupted(KeyboardInterrupt):
     """The run was stopped by a signal (SIGINT, or SIGTERM as Slurm sends on timeout or preemption)."""
 

@@ -5,6 +5,7 @@ meta-training -> evaluation -> files (``metrics.json``, ``history.csv``, ``check
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -20,7 +21,7 @@ from metapeft.baselines import chosen, make_baselines
 from metapeft.build import Experiment, InitialState, build, initial_state, parameter_counts, pretrained
 from metapeft.checkpoint import evaluation_config, load_checkpoint, save_checkpoint
 from metapeft.config import GROUPS, Keep
-from metapeft.errors import ConfigError, DivergedError
+from metapeft.errors import ConfigError, DivergedError, WriteFailed
 from metapeft.evaluate import evaluate_shots, learner_curves
 from metapeft.loggers.base import active_loggers, log_everywhere
 from metapeft.measure import PhaseTimes, inference_ms_per_sample, memory_mb
@@ -79,24 +80,30 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), start_up_
         metrics.update(status="refused", reason=str(error), config_key=error.key)
         error.record = out_dir / ("refused.json" if earlier is not None else "metrics.json")
         raise
+    except WriteFailed as error:  # a full disk: the reason is the file, no traceback (a smaller record may still fit)
+        metrics.update(status="failed", reason=str(error))
+        raise
     except BaseException as error:
         metrics.update(status="failed", reason=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
         raise
     finally:
-        with phases.phase("writing_results"):
+        with phases.phase("writing_results"), contextlib.suppress(WriteFailed):  # a full disk: written what fits
             if log.rows:
                 import pandas as pd  # here, not at import: pandas is a fifth of the runner's start-up
 
                 io.write_csv(out_dir / "history.csv", pd.DataFrame(log.rows))
         metrics["total_seconds"] = time.perf_counter() - started
         metrics["seconds"] = time_breakdown(phases, metrics["total_seconds"])
-        if metrics["status"] == "refused" and earlier is not None:  # a refusal never overwrites a run's record
-            io.write_json(out_dir / "refused.json", metrics)
-            io.write_json(out_dir / "metrics.json", earlier)
-            logger.info("the refusal is recorded in %s; metrics.json keeps the earlier run's record (%s)",
-                        out_dir / "refused.json", earlier.get("status"))
-        else:
-            io.write_json(out_dir / "metrics.json", metrics)
+        try:
+            if metrics["status"] == "refused" and earlier is not None:  # a refusal never overwrites a run's record
+                io.write_json(out_dir / "refused.json", metrics)
+                io.write_json(out_dir / "metrics.json", earlier)
+                logger.info("the refusal is recorded in %s; metrics.json keeps the earlier run's record (%s)",
+                            out_dir / "refused.json", earlier.get("status"))
+            else:
+                io.write_json(out_dir / "metrics.json", metrics)
+        except WriteFailed as error:  # metrics.json keeps its last complete version (atomic writes)
+            logger.error("%s; %s keeps its last complete version", error, out_dir / "metrics.json")
         if metrics["status"] == "completed":  # evaluated: nothing left to resume
             (out_dir / "checkpoint" / "trained.json").unlink(missing_ok=True)
         if metrics["status"] != "refused":

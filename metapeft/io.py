@@ -1,6 +1,7 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from metapeft.backend import mx, utils
+from metapeft.errors import WriteFailed
 
 
 def _file_mode() -> int:
@@ -20,16 +22,27 @@ def _file_mode() -> int:
 
 
 def _replace_atomically(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``: a reader sees the old file
+    or the new one, never half of one. A write that fails (a full disk: ``OSError`` ENOSPC, or MLX's
+    ``RuntimeError`` "Unable to write") raises ``WriteFailed`` naming ``path``, and ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
+        os.close(fd)
         write(Path(tmp))
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if getattr(error, "errno", None) != errno.ENOSPC and "Unable to write" not in str(error):
+            raise
+        raise WriteFailed(path, error, disk_full=True) from error
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

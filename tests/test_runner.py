@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -338,3 +339,20 @@ def test_a_quoted_run_directory_is_used_as_hydra_reads_it_and_leaves_nothing_beh
                              "job"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert where.is_dir() and not [p for p in tmp_path.iterdir() if p.name.startswith(('"', "'"))]
+
+
+def test_a_full_disk_ends_the_run_in_one_line_naming_the_file_and_loses_nothing_written(tmp_path):
+    """A run into a 64 KiB tmpfs (mounting one needs root; skipped where it cannot be mounted)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        result = run_cli(f"hydra.run.dir={disk / 'run'}", "mode=tiny", "progress=false")
+        console = result.stdout + result.stderr
+        assert result.returncode == 4 and "Traceback" not in console, console[-3000:]
+        assert re.search(rf"cannot write {re.escape(str(disk / 'run'))}/\S+: no space left on the device", console)
+        assert json.loads((disk / "run" / "metrics.json").read_text())["status"] in ("running", "failed")
+        assert not list((disk / "run").rglob(".*.tmp")) and not list((disk / "run").rglob(".metrics.*"))
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metapeft import affinity, backend, blas
 from metapeft.config import GROUPS, RunConfig, register_configs
-from metapeft.errors import STOP_REQUESTS, ConfigError, DivergedError, Interrupted
+from metapeft.errors import STOP_REQUESTS, ConfigError, DivergedError, Interrupted, WriteFailed
 from metapeft.experiment import run
 from metapeft.launchers import threads_per_job
 from metapeft.measure import seconds_since_process_start
@@ -108,6 +108,11 @@ def main(cfg: DictConfig) -> float | None:
         signal_name = getattr(error, "signal_name", "SIGINT")
         log.error("interrupted by %s: metrics.json and history.csv written to %s", signal_name, out_dir)
         sys.exit(128 + getattr(signal, signal_name))
+    except WriteFailed as error:  # a full disk: one line naming the file; what was written before is intact
+        log.error("%s; the run's earlier files are intact (every write replaces a file only when complete)", error)
+        if sweeping:
+            return None
+        sys.exit(4)
     except Exception as error:  # noqa: BLE001 - recorded in metrics.json by run(); reported here
         kind = {ConfigError: "invalid configuration", DivergedError: "run diverged"}.get(type(error), "run failed")
         log.error("%s: %s (recorded in %s)", kind, error, getattr(error, "record", out_dir / "metrics.json"))
