@@ -6,6 +6,7 @@ meta-training -> evaluation -> files (``metrics.json``, ``history.csv``, ``check
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import time
 import traceback
@@ -58,7 +59,9 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), start_up_
     phases = PhaseTimes()
     if start_up_seconds is not None:
         phases.seconds["start_up"] = start_up_seconds
+    lock = None
     try:
+        lock = hold_directory(out_dir)  # one writer at a time: a resume never races a job still running there
         if not cfg.train and cfg.checkpoint is not None:
             cfg = evaluation_config(cfg, overrides)
             metrics["identity"] = identity(cfg, overrides)
@@ -106,8 +109,23 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), start_up_
             logger.error("%s; %s keeps its last complete version", error, out_dir / "metrics.json")
         if metrics["status"] == "completed":  # evaluated: nothing left to resume
             (out_dir / "checkpoint" / "trained.json").unlink(missing_ok=True)
+        if lock is not None:
+            lock.close()
         if metrics["status"] != "refused":
             log_everywhere(loggers, cfg, out_dir, metrics)
+
+
+def hold_directory(out_dir: Path):
+    """An exclusive lock on ``out_dir`` for this process (released when the returned file closes, or the process
+    ends); refused, naming the directory, while another process holds it."""
+    lock = open(out_dir / ".metapeft.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError("hydra.run.dir", f"{out_dir} is in use by another metapeft process (a job still running "
+                          "there?): let it finish or stop it, then resume") from None
+    return lock
 
 
 def earlier_record(path: Path) -> dict | None:

@@ -356,3 +356,15 @@ def test_a_full_disk_ends_the_run_in_one_line_naming_the_file_and_loses_nothing_
         assert not list((disk / "run").rglob(".*.tmp")) and not list((disk / "run").rglob(".metrics.*"))
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_run_directory_has_one_writer_at_a_time(tmp_path):
+    from metapeft.errors import ConfigError
+    from metapeft.experiment import hold_directory
+
+    held = hold_directory(tmp_path)
+    with pytest.raises(ConfigError, match="in use by another metapeft process") as error:
+        hold_directory(tmp_path)  # as a second process (a resume started beside a job still running) would be
+    assert error.value.key == "hydra.run.dir"
+    held.close()
+    hold_directory(tmp_path).close()  # free again once the holder is done
