@@ -92,9 +92,10 @@ def test_a_sweep_with_a_long_override_gets_short_stable_job_directories(tmp_path
 
 
 def test_a_parallel_sweep_prints_how_many_jobs_are_done_and_a_sequential_one_names_each_bar(tmp_path):
-    # tiny jobs, two at a time: the progress line (polled every second) sees the first pair done before the second
+    # small jobs, two at a time, each long enough (300 iterations) that the progress line, polled every second,
+    # sees the first pair done before the second
     parallel = run_cli("--multirun", "hydra/launcher=joblib", "algorithm=maml,reptile", "seed=0,1", "mode=tiny",
-                       f"hydra.sweep.dir={tmp_path / 'parallel'}")
+                       "mode.num_iterations=300", f"hydra.sweep.dir={tmp_path / 'parallel'}")
     assert parallel.returncode == 0, parallel.stderr[-2000:]
     console = parallel.stdout + parallel.stderr
     assert re.search(r"sweep: [1-3] of 4 jobs done \(0 failed, \d running\)", console), console[-3000:]
