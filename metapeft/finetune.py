@@ -87,7 +87,9 @@ def choose_on_validation(step_tasks: Callable, metric: MetricFn, start: Start, v
     grid = {lr: finetune_scores(step_tasks, metric, start, val_episodes, lr, checkpoints, chunk_size).mean(axis=0)
             for lr in learning_rates}
     pick = max if higher_is_better else min
-    lr, index = pick(((lr, i) for lr in grid for i in range(len(checkpoints))), key=lambda c: grid[c[0]][c[1]])
+    worst = -np.inf if higher_is_better else np.inf  # a setting that diverged (NaN) is never chosen
+    score = lambda c: grid[c[0]][c[1]] if np.isfinite(grid[c[0]][c[1]]) else worst
+    lr, index = pick(((lr, i) for lr in grid for i in range(len(checkpoints))), key=score)
     # a choice at the grid's largest step count or at either end of its rates may be cut short by the grid
     at_edge = index == len(checkpoints) - 1 or (len(grid) > 1 and lr in (min(grid), max(grid)))
     return {"learning_rate": lr, "steps": checkpoints[index], "val_metric": float(grid[lr][index]),

@@ -153,3 +153,12 @@ def test_without_peft_the_whole_pretrained_network_and_its_head_alone_are_fine_t
     assert "finetune_head" not in applicable(build(compose_cfg("task=digits", "peft=lora")))
     assert "oracle" not in applicable(build(compose_cfg("task=digits", "peft=lora")))
     assert "oracle" in applicable(build(compose_cfg("task=low_rank", "model=linear", "peft=lora")))
+
+
+def test_a_fine_tuning_setting_that_diverges_is_never_chosen(monkeypatch):
+    import metapeft.finetune as finetune
+
+    scores = {0.1: np.array([[np.nan, np.nan]]), 0.01: np.array([[3.0, 2.0]])}  # MSE: lower is better
+    monkeypatch.setattr(finetune, "finetune_scores", lambda step, metric, start, e, lr, *rest: scores[lr])
+    chosen = finetune.choose_on_validation(None, None, {}, [None], [0.1, 0.01], [10, 20], 1, higher_is_better=False)
+    assert (chosen["learning_rate"], chosen["steps"], chosen["val_metric"]) == (0.01, 20, 2.0)
