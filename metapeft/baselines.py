@@ -39,6 +39,7 @@ from metapeft.errors import require
 from metapeft.evaluate import BaselineFn, plain_init_curves
 from metapeft.finetune import tuned_finetune
 from metapeft.peft.targets import without_head
+from metapeft.probes import flat, nearest_centroid, ridge_mse
 from metapeft.tasks.base import Episodes
 from metapeft.trees import merge
 
@@ -68,20 +69,6 @@ def chosen(exp: Experiment) -> tuple[str, ...]:
     return tuple(dict.fromkeys(exp.cfg.baselines))
 
 
-def flat(a) -> np.ndarray:
-    """(tasks, examples, ...) -> (tasks, examples, features) in float64."""
-    a = np.asarray(a, dtype=np.float64)
-    return a.reshape(a.shape[0], a.shape[1], -1)
-
-
-def nearest_centroid(xs, ys, xq, yq, num_classes: int) -> np.ndarray:
-    """Accuracy per task of assigning each query to the nearest class mean of the support set."""
-    one_hot = np.asarray(ys)[..., None] == np.arange(num_classes)  # (tasks, support, classes)
-    centroids = np.einsum("tsc,tsd->tcd", one_hot, xs) / one_hot.sum(axis=1)[..., None]
-    distances = ((xq[:, :, None, :] - centroids[:, None, :, :]) ** 2).sum(axis=-1)
-    return (distances.argmin(axis=-1) == np.asarray(yq)).mean(axis=1)
-
-
 def nearest_neighbour(xs, ys, xq, yq) -> np.ndarray:
     """Accuracy per task of giving each query the label of its nearest support example (1-NN)."""
     distances = ((xq[:, :, None, :] - xs[:, None, :, :]) ** 2).sum(axis=-1)  # (tasks, query, support)
@@ -99,14 +86,6 @@ def logistic_regression(xs, ys, xq, yq) -> np.ndarray:
 
 def l2_normalized(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
-
-
-def ridge_mse(xs, ys, xq, yq) -> np.ndarray:
-    from sklearn.linear_model import Ridge
-
-    ys, yq = flat(ys)[..., 0], flat(yq)[..., 0]
-    return np.array([np.mean((Ridge(alpha=1.0).fit(xs[t], ys[t]).predict(xq[t]) - yq[t]) ** 2)
-                     for t in range(len(xs))])
 
 
 def last_episodes(compute: Callable[[Episodes], tuple]) -> Callable[[Episodes], tuple]:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from metapeft import io
 from metapeft.backend import mx, optim
+from metapeft.probes import flat, nearest_centroid, ridge_mse
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: early stopping on meta-validation
@@ -76,20 +77,10 @@ def feature_score(model, task, params: dict, episodes) -> float:
     support class mean (classification) or the mean query MSE of a ridge head (alpha=1) refit on the support set
     (regression)."""
     embed = mx.vmap(lambda x: model.features(params, x))
-    support, query = (np.asarray(embed(x), dtype=np.float64) for x in (episodes.xs, episodes.xq))
-    ys, yq = np.asarray(episodes.ys), np.asarray(episodes.yq)
+    support, query = (flat(embed(x)) for x in (episodes.xs, episodes.xq))
     if task.num_classes is not None:
-        one_hot = ys[..., None] == np.arange(task.num_classes)
-        centroids = np.einsum("tsc,tsd->tcd", one_hot, support) / one_hot.sum(axis=1)[..., None]
-        distances = ((query[:, :, None, :] - centroids[:, None, :, :]) ** 2).sum(axis=-1)
-        return float((distances.argmin(axis=-1) == yq).mean())
-    ys, yq = ys.reshape(len(ys), ys.shape[1], -1), yq.reshape(len(yq), yq.shape[1], -1)
-    errors = []
-    for fs, ts, fq, tq in zip(support, ys, query, yq):  # ridge with an unpenalized intercept, in closed form
-        mean_f, mean_t = fs.mean(axis=0), ts.mean(axis=0)
-        weight = np.linalg.solve((fs - mean_f).T @ (fs - mean_f) + np.eye(fs.shape[1]), (fs - mean_f).T @ (ts - mean_t))
-        errors.append(np.mean(((fq - mean_f) @ weight + mean_t - tq) ** 2))
-    return float(np.mean(errors))
+        return float(nearest_centroid(support, episodes.ys, query, episodes.yq, task.num_classes).mean())
+    return float(ridge_mse(support, episodes.ys, query, episodes.yq).mean())
 
 
 def train(model, task, cfg, key: mx.array, seed: int, progress: bool) -> tuple[dict, dict]:

@@ -162,3 +162,11 @@ def test_a_fine_tuning_setting_that_diverges_is_never_chosen(monkeypatch):
     monkeypatch.setattr(finetune, "finetune_scores", lambda step, metric, start, e, lr, *rest: scores[lr])
     chosen = finetune.choose_on_validation(None, None, {}, [None], [0.1, 0.01], [10, 20], 1, higher_is_better=False)
     assert (chosen["learning_rate"], chosen["steps"], chosen["val_metric"]) == (0.01, 20, 2.0)
+
+
+def test_ridge_scores_every_output_of_a_multi_output_task():
+    x = np.linspace(-1, 1, 20)[None, :, None]
+    y = 3 * x + 1
+    both = np.concatenate([y, 10 * y], axis=-1)  # task=low_rank's targets have task.dim outputs
+    expected = (ridge_mse(x, y, x, y)[0] + ridge_mse(x, 10 * y, x, 10 * y)[0]) / 2
+    assert ridge_mse(x, both, x, both)[0] == pytest.approx(expected, rel=1e-9)
