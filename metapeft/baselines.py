@@ -141,10 +141,9 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
         if not head_only:
             return tuned_finetune(exp, lambda w, x, y: exp.loss(w, over, x, y),
                                   lambda w, x, y: exp.metric(w, over, x, y), start, e)
-        # the body is fixed: its features are computed once, and the head alone is trained on them
-        body = {k: v for k, v in start.items() if k != "head"}
-        embed = mx.vmap(lambda x: exp.peft.features(body, over, x))
-        chunked = lambda x: mx.concatenate([embed(x[lo: lo + chunk]) for lo in range(0, len(x), chunk)])
+        # the body is the pretrained backbone, fixed: its features (as the feature baselines embed them) are
+        # computed once, and the head alone is trained on them
+        chunked = lambda x: mx.array(embedded(x), dtype=mx.float32)
         head_output = lambda head, f: exp.model.head_output(head, f)
         return tuned_finetune(exp, lambda head, f, y: exp.task.loss(head_output(head, f), y),
                               lambda head, f, y: exp.task.metric(head_output(head, f), y), start.get("head", {}), e,
