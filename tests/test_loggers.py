@@ -134,7 +134,7 @@ def test_an_unreachable_mlflow_server_costs_seconds_not_minutes(compose_cfg, tmp
     nobody = f"logger.mlflow.tracking_uri=http://127.0.0.1:{free_port()}"  # a port no server listens on
     metrics = run(compose_cfg(*TINY, "logger=[csv,mlflow]", nobody), tmp_path)
     assert metrics["status"] == "completed" and "logger MlflowLogger failed" in caplog.text
-    assert time.perf_counter() - started < 60  # MLflow's own defaults waited about 250 s
+    assert time.perf_counter() - started < 60  # MLflow's own defaults: 7 retries with growing back-off
 
 
 def test_metrics_json_says_running_while_the_run_runs(compose_cfg, tmp_path, monkeypatch):

@@ -5,8 +5,8 @@ validation (step = iteration), then the final K-shot figures with their CIs. Art
 ``history.csv``, plots and the checkpoint. Tracking store: ``logger.mlflow.tracking_uri`` (a server such as
 ``http://127.0.0.1:5000``, or a database); default ``sqlite:///mlflow.db`` in the folder the command runs in, with
 artifacts in ``./mlartifacts``, which is what ``mlflow ui`` opens there. A server that does not answer costs
-seconds, not minutes: ``request_timeout`` and ``max_retries`` bound MLflow's HTTP requests (its defaults, 120 s and
-7 retries with exponential back-off, kept a run waiting for about four minutes), unless the environment sets
+seconds, not minutes: ``request_timeout`` and ``max_retries`` bound MLflow's HTTP requests (its own defaults: a
+120 s timeout and 7 retries with back-off factor 2), unless the environment sets
 ``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` itself.
 """
 from __future__ import annotations
