@@ -45,11 +45,9 @@ def peft_adapter(learned: LearnedInitialization, out: Path) -> Path:
     """A Hugging Face PEFT adapter directory for the run's meta-learned initialization."""
     exp, weights = learned.experiment, learned.meta["weights"]
     tensors = exp.peft.hf_adapter_tensors(weights, learned.frozen, PREFIX)
-    modules = sorted({name[len(PREFIX):].rsplit(".lora_", 1)[0] for name in tensors})
-    config = {"base_model_name_or_path": str(exp.model.directory), "bias": "none", "fan_in_fan_out": False,
-              "inference_mode": True, "modules_to_save": None, "target_modules": modules, "task_type": None,
+    config = {"base_model_name_or_path": str(exp.model.directory), "inference_mode": True, "task_type": None,
               "revision": None, "peft_type": exp.peft.hf_peft_type,
-              **exp.peft.hf_adapter_config(exp.cfg.mode.num_iterations)}
+              **exp.peft.hf_adapter_config(weights, exp.cfg.mode.num_iterations)}
     out.mkdir(parents=True, exist_ok=True)
     io.save_tree(out / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     io.write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")

@@ -80,6 +80,18 @@ def test_meta_learn_backbone_keeps_the_adapters_start_bit_for_bit_and_the_backbo
     assert 8 < ratio < 12
 
 
+def test_the_first_meta_gradient_reaches_a_backbone_that_is_also_the_frozen_tree():
+    """As the runner calls it: the frozen tree passed to every step is the very tree the backbone was read from.
+    MLX gives a dict shared by the differentiated and a non-differentiated argument a zero gradient, so the
+    meta-parameters must hold their own containers (a shared one lost the first step's backbone gradient)."""
+    adapted, frozen, episodes, loss = adapter_problem()
+    learner = make(MAML, MAMLConfig, loss, meta_learn="both")
+    _, shared = learner.meta_value_and_grad(learner.initial_meta(adapted, frozen), frozen, episodes)
+    _, separate = learner.meta_value_and_grad(learner.initial_meta(adapted, frozen), {}, episodes)
+    np.testing.assert_array_equal(flat(shared), flat(separate))
+    assert np.abs(flat(shared["backbone"])).max() > 1e-3
+
+
 def test_the_meta_learned_backbone_is_what_tasks_adapt_over():
     adapted, frozen, episodes, loss = adapter_problem()
     learner = make(MAML, MAMLConfig, loss, meta_learn="backbone")

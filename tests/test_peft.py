@@ -1,13 +1,19 @@
-"""PEFT methods: exact at initialization, a frozen backbone, AdaLoRA's schedule, and every algorithm x method pair."""
+"""PEFT methods: exact at initialization, meta-gradients checked against finite differences, merging, a frozen
+backbone, AdaLoRA's schedule, and every algorithm x method pair."""
 from __future__ import annotations
+
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
+from omegaconf import OmegaConf
 
 from metapeft.build import build, parameter_counts
+from metapeft.errors import ConfigError
 from metapeft.experiment import run
+from metapeft.tasks.base import Episodes
 from metapeft.train import MetaTraining, TrainLog, meta_train
 from metapeft.trees import count, get_in, merge, paths_holding
 
@@ -23,9 +29,14 @@ def snapshot(tree):
     return {k: np.array(v) for k, v in tree_flatten(tree)}
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora"])
-def test_low_rank_methods_start_exactly_at_the_backbone(compose_cfg, method):
-    exp, backbone, frozen, adapted = setup(compose_cfg, f"peft={method}")
+IDENTITY_AT_START = ["lora", "adalora", "ia3", "dora", "bitfit"]  # prefix tuning has no such start (its docstring)
+ALL_METHODS = ["none", *IDENTITY_AT_START, "prompt_tuning", "prefix_tuning"]
+
+
+@pytest.mark.parametrize("model", ["transformer", "mlp", "conv4"])
+@pytest.mark.parametrize("method", IDENTITY_AT_START)
+def test_methods_start_exactly_at_the_backbone(compose_cfg, method, model):
+    exp, backbone, frozen, adapted = setup(compose_cfg, f"peft={method}", f"model={model}")
     x = exp.task.sample("test", 1, 5, np.random.default_rng(0)).xq[0]
     with_backbone_head = {**adapted, "head": backbone["head"]}
     assert mx.array_equal(exp.peft(with_backbone_head, frozen, x), exp.model(backbone, x)).item()
@@ -53,6 +64,136 @@ def test_prompt_tuning_acts_only_through_its_prompt(compose_cfg):
     assert not mx.allclose(without_prompt, out).item()
 
 
+def test_ia3_rescales_keys_values_and_the_feed_forward_input_with_vectors_of_ones(compose_cfg):
+    exp, backbone, frozen, adapted = setup(compose_cfg, "peft=ia3")
+    layer = adapted["layers"][0]
+    assert set(layer) == {"attention", "mlp"} and set(layer["attention"]) == {"key", "value"}
+    assert layer["attention"]["key"]["ia3_out"].shape == (32,) and layer["mlp"]["fc2"]["ia3_in"].shape == (64,)
+    assert all(np.all(np.array(v) == 1) for k, v in tree_flatten(adapted) if "ia3" in k)
+    _, _, _, mlp_adapted = setup(compose_cfg, "peft=ia3", "model=mlp")
+    assert mlp_adapted["hidden"][0] == {} and set(mlp_adapted["hidden"][1]) == {"ia3_out"}  # input layer left out
+    with pytest.raises(ConfigError, match="peft.feedforward_modules"):
+        build(compose_cfg("task=digits", "peft=ia3", "peft.target_modules=[key]", "peft.feedforward_modules=[fc2]"))
+
+
+def test_dora_starts_with_the_weights_norms_and_keeps_them_when_the_direction_moves(compose_cfg):
+    exp, backbone, frozen, adapted = setup(compose_cfg, "peft=dora")
+    query = adapted["layers"][0]["attention"]["query"]
+    weight = backbone["layers"][0]["attention"]["query"]["weight"]
+    np.testing.assert_allclose(np.array(query["dora_magnitude"]), np.linalg.norm(np.array(weight), axis=0), rtol=1e-6)
+    moved = tree_map(lambda a: a + 0.1, adapted)  # B != 0: the direction changes, the magnitude is the adapter's
+    merged = exp.peft.merged(moved, frozen)["layers"][0]["attention"]["query"]["weight"]
+    np.testing.assert_allclose(np.linalg.norm(np.array(merged), axis=0),
+                               np.array(moved["layers"][0]["attention"]["query"]["dora_magnitude"]), rtol=1e-5)
+
+
+def test_bitfit_adapts_the_biases_alone(compose_cfg):
+    exp, backbone, frozen, adapted = setup(compose_cfg, "peft=bitfit")
+    names = [k for k, _ in tree_flatten({k: v for k, v in adapted.items() if k != "head"})]
+    assert names and all(k.endswith(".bias") for k in names)
+    assert "layers.0.attention_norm.bias" in names and "layers.0.mlp.fc1.bias" in names
+    assert not any(k.endswith("bias") for k, _ in tree_flatten(exp.peft.learnable_backbone(frozen)))
+    _, _, _, without_norms = setup(compose_cfg, "peft=bitfit", "peft.include_norms=false")
+    assert not any("norm" in k for k, _ in tree_flatten(without_norms))
+
+
+def test_prefix_tuning_starts_from_real_tokens_keys_and_values_and_acts_through_attention(compose_cfg):
+    exp, backbone, frozen, adapted = setup(compose_cfg, "peft=prefix_tuning")
+    prefix = np.array(adapted["prefix"])
+    assert prefix.shape == (2, 2, 4, 32)  # layers, (keys, values), virtual tokens, width
+    inputs, _ = exp.task.pretraining_batch(np.random.default_rng(0), 64)
+    for layer, (keys, values) in enumerate(exp.model.token_keys_values(backbone, inputs)):
+        keys, values = np.array(keys), np.array(values)
+        for token in range(4):  # each virtual token is one real token's key and value in every layer
+            row = np.flatnonzero(np.all(keys == prefix[layer, 0, token], axis=1))
+            assert row.size and np.array_equal(values[row[0]], prefix[layer, 1, token])
+    x = exp.task.sample("test", 1, 5, np.random.default_rng(0)).xq[0]
+    out = exp.peft(adapted, frozen, x)
+    assert not mx.allclose(exp.peft({**adapted, "prefix": adapted["prefix"] * 2}, frozen, x), out).item()
+    assert not mx.allclose(exp.model(merge(frozen, {"head": adapted["head"]}), x), out).item()  # not the backbone
+    _, _, _, random = setup(compose_cfg, "peft=prefix_tuning", "peft.init=random", "peft.init_std=0.5")
+    assert 0.4 < float(np.std(np.array(random["prefix"]))) < 0.6
+    with pytest.raises(ConfigError, match="model=transformer or model=hf_encoder"):
+        build(compose_cfg("task=digits", "peft=prefix_tuning", "model=mlp"))
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "ia3", "dora", "bitfit"])
+def test_merging_folds_the_adapter_into_the_backbone(compose_cfg, method):
+    exp, backbone, frozen, adapted = setup(compose_cfg, f"peft={method}")
+    rng = np.random.default_rng(0)
+    moved = tree_map(lambda a: a + mx.array(0.2 * rng.normal(size=a.shape).astype(np.float32)), adapted)
+    x = exp.task.sample("test", 1, 5, np.random.default_rng(0)).xq[0]
+    merged = exp.peft.merged(moved, frozen)
+    np.testing.assert_allclose(np.array(exp.model.features(merged, x)), np.array(exp.peft.features(moved, frozen, x)),
+                               atol=1e-5)
+    assert np.abs(np.array(exp.model.features(merged, x)) - np.array(exp.model.features(backbone, x))).max() > 1e-3
+
+
+# MLX's CPU float64 is float32-accurate in two places the transformer uses, noise to a finite difference: the fused
+# ``mx.fast.layer_norm`` (forward error 2e-7 here) and ``mx.exp`` under ``mx.softmax`` (1e-6 on exp of N(0, 1)
+# inputs; ``mx.power`` is exact). The meta-gradient tests swap in these, the same functions at float64 accuracy.
+def exact_layer_norm(params: dict, x: mx.array, eps: float = 1e-5) -> mx.array:
+    mean = x.mean(axis=-1, keepdims=True)
+    variance = mx.square(x - mean).mean(axis=-1, keepdims=True)
+    return (x - mean) * mx.rsqrt(variance + eps) * params["scale"] + params["bias"]
+
+
+def exact_softmax(x: mx.array, axis: int = -1) -> mx.array:
+    e = mx.power(mx.array(np.e, dtype=x.dtype), x - mx.stop_gradient(x.max(axis=axis, keepdims=True)))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def float64_problem(method: str, tasks=2, shots=3, queries=4):
+    """A one-layer transformer over 3 tokens of 2 features, adapted by ``method`` (perturbed off its start), and a
+    batch of regression tasks, in float64 (the caller swaps in ``exact_layer_norm`` and ``exact_softmax``)."""
+    from metapeft.models.transformer import Transformer, TransformerConfig
+    from metapeft.registry import PEFT_METHODS, import_submodules
+
+    import_submodules("metapeft.peft")
+    model = Transformer(OmegaConf.structured(TransformerConfig(hidden_size=4, num_layers=1, num_heads=2,
+                                                               mlp_ratio=1)), (3, 2), 1)
+    settings = {"lora": {"rank": 1}, "dora": {"rank": 1}, "adalora": {"init_r": 2, "target_r": 1},
+                "prefix_tuning": {"num_virtual_tokens": 2}}.get(method, {})
+    schema = PEFT_METHODS.schema(method)
+    peft = PEFT_METHODS.get(method)(OmegaConf.structured(schema(**settings)), model)
+    rng = np.random.default_rng(0)
+    backbone = model.init(mx.random.key(0))
+    sample = mx.array(rng.normal(size=(8, 3, 2)), dtype=mx.float32)
+    adapted = peft.init_adapted(backbone, mx.random.key(1), sample)
+    to64 = partial(tree_map, lambda a: a.astype(mx.float64))
+    adapted = to64(tree_map(lambda a: a + mx.array(0.1 * rng.normal(size=a.shape), dtype=a.dtype), adapted))
+    frozen = to64(peft.frozen(backbone))
+    episodes = Episodes(*(mx.array(rng.normal(size=(tasks, n, *shape)), dtype=mx.float64)
+                          for n, shape in [(shots, (3, 2)), (shots, (1,)), (queries, (3, 2)), (queries, (1,))]))
+
+    def loss(adapted, frozen, x, y):
+        return mx.mean(mx.square(peft(adapted, frozen, x) - y)) + peft.regularizer(adapted)
+
+    return peft, adapted, frozen, episodes, loss
+
+
+@pytest.mark.parametrize("method, meta_learn", [
+    *((method, "adapter") for method in ["lora", "adalora", "ia3", "dora", "bitfit", "prompt_tuning", "prefix_tuning"]),
+    *((method, "both") for method in ["lora", "ia3", "dora", "bitfit", "prefix_tuning"]),  # the backbone's too
+])
+def test_maml_meta_gradient_through_each_method_matches_finite_differences(method, meta_learn, monkeypatch):
+    from test_algorithms import finite_difference_gradient, flat, make
+
+    from metapeft.algorithms.maml import MAML, MAMLConfig
+    from metapeft.models import transformer
+
+    monkeypatch.setattr(transformer, "layer_norm", exact_layer_norm)
+    monkeypatch.setattr(transformer.mx, "softmax", exact_softmax)
+    with mx.stream(mx.cpu):
+        peft, adapted, frozen, episodes, loss = float64_problem(method)
+        learner = make(MAML, MAMLConfig, loss, meta_batch_size=2, inner_lr=0.1, meta_learn=meta_learn)
+        meta = learner.initial_meta(adapted, peft.learnable_backbone(frozen))
+        _, grads = learner.meta_value_and_grad(meta, frozen, episodes)
+        numeric = finite_difference_gradient(lambda m: learner.meta_loss(m, frozen, episodes), meta)
+        np.testing.assert_allclose(flat(grads), numeric, rtol=1e-4, atol=1e-7)
+        assert np.abs(flat(grads["weights"])).max() > 1e-3
+
+
 def test_parameter_counts_match_hand_computation(compose_cfg):
     # transformer on digits: embed 8*32+32, positions 8*32, per layer 2 norms (2*64), 4 attention projections
     # 4*(32*32+32), fc1 32*64+64, fc2 64*32+32; final norm 64; 5-way head 32*5+5
@@ -62,8 +203,14 @@ def test_parameter_counts_match_hand_computation(compose_cfg):
         "lora": 4 * (32 * 4 + 4 * 32) + (32 * 4 + 4 * 64) + (64 * 4 + 4 * 32),  # rank 4 on 6 linear layers
         "adalora": 4 * (32 * 8 + 8 + 8 * 32) + (32 * 8 + 8 + 8 * 64) + (64 * 8 + 8 + 8 * 32),  # init_r 8
     }
+    per_layer["ia3"] = 32 + 32 + 64  # key and value outputs, fc2's input
+    per_layer["dora"] = per_layer["lora"] + 4 * 32 + 64 + 32  # a magnitude per output feature of each layer
+    per_layer["bitfit"] = 2 * 32 + 4 * 32 + 64 + 32  # the norms' shifts, the attention biases, fc1 and fc2
+    per_layer["prefix_tuning"] = 2 * 4 * 32  # keys and values of 4 virtual tokens
     expected = {"lora": 2 * per_layer["lora"] + head, "adalora": 2 * per_layer["adalora"] + head,
-                "prompt_tuning": 4 * 32 + head}
+                "prompt_tuning": 4 * 32 + head, "ia3": 2 * per_layer["ia3"] + head,
+                "dora": 2 * per_layer["dora"] + head, "bitfit": 2 * per_layer["bitfit"] + 32 + 32 + head,  # embed, norm
+                "prefix_tuning": 2 * per_layer["prefix_tuning"] + head}
     assert body == 17696
     for method, adapted_count in expected.items():
         exp, backbone, frozen, adapted = setup(compose_cfg, f"peft={method}")
@@ -100,7 +247,7 @@ def test_adalora_orthogonality_regularizer(compose_cfg):
     assert exp.peft.regularizer(skewed).item() > 1.0
 
 
-@pytest.mark.parametrize("method", ["none", "lora", "adalora", "prompt_tuning"])
+@pytest.mark.parametrize("method", ALL_METHODS)
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd", "anil", "protonet"])
 def test_every_pair_lowers_the_meta_loss_and_keeps_the_backbone(compose_cfg, algorithm, method):
     # inner_lr 0.1: at digits' default 0.5, FOMAML's first-order gradient is too biased to descend reliably

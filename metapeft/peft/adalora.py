@@ -52,6 +52,7 @@ class AdaLoRA(LowRankMethod):
     needs_meta_learned_adapter = True  # importance comes from the adapter's meta-gradient
     hf_peft_type = "ADALORA"
     rank_key = "peft.init_r"
+    down_key = "ada_p"
 
     def __init__(self, cfg: AdaLoRAConfig, model):
         require(cfg.init_r >= 1, "peft.init_r", f"must be >= 1, got {cfg.init_r}")
@@ -101,10 +102,10 @@ class AdaLoRA(LowRankMethod):
             tensors[f"{prefix}{module}.lora_B"] = up.T
         return tensors
 
-    def hf_adapter_config(self, num_iterations: int) -> dict:
+    def hf_adapter_config(self, adapted: dict, num_iterations: int) -> dict:
         """peft's pruning schedule in its own step counts: tinit = prune_start T, tfinal = (1 - prune_end) T."""
         c = self.cfg
-        return {**self.hf_common_config(), "r": c.init_r, "init_r": c.init_r, "target_r": c.target_r,
+        return {**self.hf_common_config(adapted), "r": c.init_r, "init_r": c.init_r, "target_r": c.target_r,
                 "beta1": c.beta1, "beta2": c.beta2, "orth_reg_weight": c.orth_reg_weight,
                 "total_step": num_iterations, "tinit": round(c.prune_start * num_iterations),
                 "tfinal": round((1 - c.prune_end) * num_iterations), "deltaT": 1, "rank_pattern": None}

@@ -87,9 +87,16 @@ class PeftMethod:
         """The adapter's tensors under Hugging Face peft's names and layouts (PyTorch's (out, in))."""
         raise NotImplementedError
 
-    def hf_adapter_config(self, num_iterations: int) -> dict:
-        """This method's entries of Hugging Face peft's ``adapter_config.json``."""
+    def hf_adapter_config(self, adapted: dict, num_iterations: int) -> dict:
+        """This method's entries of Hugging Face peft's ``adapter_config.json`` (``peft_type`` and the base model
+        are the exporter's)."""
         raise NotImplementedError
+
+    @staticmethod
+    def hf_layer_config(target_modules: list[str]) -> dict:
+        """The entries every peft method that wraps layers has (LoRA, AdaLoRA, (IA)^3), for these modules."""
+        return {"target_modules": sorted(target_modules), "bias": "none", "fan_in_fan_out": False,
+                "modules_to_save": None}
 
     def merged(self, adapted: dict, frozen: dict) -> dict:
         """The backbone with the adapter folded in (only the backbone's own entries)."""
@@ -106,6 +113,7 @@ class LowRankMethod(PeftMethod):
     """Shared by LoRA and AdaLoRA: a low-rank update of ``rank_key``'s rank on each targeted linear layer."""
 
     rank_key: str  # the config key of the rank each targeted layer gets
+    down_key: str  # the adapted tree's name of the down-projection factor (marks an adapted layer)
 
     @property
     def scale(self) -> float:
@@ -129,8 +137,9 @@ class LowRankMethod(PeftMethod):
                 set_in(updates, path, {"weight": get_in(frozen, path)["weight"] + update})
         return merge(self.learnable_backbone(frozen), updates)
 
-    def hf_common_config(self) -> dict:
-        return {"lora_alpha": self.cfg.alpha, "lora_dropout": float(getattr(self.cfg, "dropout", 0.0))}
+    def hf_common_config(self, adapted: dict) -> dict:
+        return {**self.hf_layer_config([path_name(p) for p in paths_holding(adapted, self.down_key)]),
+                "lora_alpha": self.cfg.alpha, "lora_dropout": float(getattr(self.cfg, "dropout", 0.0))}
 
     def target_layers(self, backbone: dict) -> list[tuple[Path, dict]]:
         """The targeted linear layers, each checked to admit the rank."""

@@ -29,6 +29,7 @@ class LoRAConfig(LowRankConfig):
 @PEFT_METHODS.register("lora", LoRAConfig)
 class LoRA(LowRankMethod):
     rank_key = "peft.rank"
+    down_key = "lora_a"
     hf_peft_type = "LORA"
 
     def __init__(self, cfg: LoRAConfig, model):
@@ -76,5 +77,5 @@ class LoRA(LowRankMethod):
             tensors[f"{prefix}{module}.lora_B.weight"] = up.T
         return tensors
 
-    def hf_adapter_config(self, num_iterations: int) -> dict:
-        return {**self.hf_common_config(), "r": self.cfg.rank, "init_lora_weights": True, "use_rslora": False}
+    def hf_adapter_config(self, adapted: dict, num_iterations: int) -> dict:
+        return {**self.hf_common_config(adapted), "r": self.cfg.rank, "init_lora_weights": True, "use_rslora": False}
