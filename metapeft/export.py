@@ -1,13 +1,14 @@
 """Meta-learned adapters in formats other tools load: a Hugging Face PEFT adapter directory, or a merged model.
 
 For a ``model=hf_encoder`` run whose PEFT method has a Hugging Face peft format (``PeftMethod.hf_peft_type``: LoRA,
-AdaLoRA), ``peft_adapter`` writes the meta-learned initialization as ``adapter_config.json`` +
-``adapter_model.safetensors``; the method supplies the tensors under peft's names and layouts and its entries of the
-config (``hf_adapter_tensors``, ``hf_adapter_config``). ``merged_model`` writes the backbone with the update folded
-in (the method's ``merged``) as a Hugging Face model directory (``model.safetensors``, the source's ``config.json``
-and tokenizer files). The task head, which a BERT encoder has no place for, goes beside either as
-``head.safetensors`` (a ``torch.nn.Linear`` state dict: ``weight`` (n_way, hidden), ``bias``); it is the meta-learned
-head a task's adaptation starts from. Nothing here names a method: a new one brings its formats with it.
+AdaLoRA, (IA)^3, DoRA, prefix tuning), ``peft_adapter`` writes the meta-learned initialization as
+``adapter_config.json`` + ``adapter_model.safetensors``; the method supplies the tensors under peft's names and
+layouts and its entries of the config (``hf_adapter_tensors``, ``hf_adapter_config``). ``merged_model`` writes the
+backbone with the update folded in (the method's ``merged``; every method that changes weights or biases, BitFit
+included) as a Hugging Face model directory (``model.safetensors``, the source's ``config.json`` and tokenizer
+files). The task head, which a BERT encoder has no place for, goes beside either as ``head.safetensors`` (a
+``torch.nn.Linear`` state dict: ``weight`` (n_way, hidden), ``bias``); it is the meta-learned head a task's
+adaptation starts from. Nothing here names a method: a new one brings its formats with it.
 """
 from __future__ import annotations
 
@@ -19,21 +20,33 @@ from metapeft import io
 from metapeft.api import LearnedInitialization
 from metapeft.errors import ConfigError, require
 from metapeft.models.hf_encoder import to_hf_names
+from metapeft.peft.base import PeftMethod
 from metapeft.registry import PEFT_METHODS
 
 PREFIX = "base_model.model."
 
 
-def check_exportable(learned: LearnedInitialization) -> None:
+def check_exportable(learned: LearnedInitialization, merge_weights: bool) -> None:
     cfg, peft = learned.experiment.cfg, learned.experiment.peft
     require(cfg.model.name == "hf_encoder", "model", f"export writes Hugging Face formats, for model=hf_encoder runs; "
             f"this run used model={cfg.model.name}")
-    require(peft.hf_peft_type is not None, "peft", f"peft={cfg.peft.name} has no Hugging Face peft format; "
-            f"methods that have one: {[name for name in PEFT_METHODS.names() if exportable(name)]}")
+    if merge_weights:
+        require(merges(type(peft)), "--merge", f"peft={cfg.peft.name} adds no weights that fold into the model; "
+                f"methods that do: {[name for name in PEFT_METHODS.names() if merges(PEFT_METHODS.get(name))]}"
+                + (" (export this run's adapter without --merge)" if peft.hf_peft_type else ""))
+    else:
+        require(peft.hf_peft_type is not None, "peft", f"peft={cfg.peft.name} has no Hugging Face peft format; "
+                f"methods that have one: {[name for name in PEFT_METHODS.names() if exportable(name)]}"
+                + (" (or export the merged model with --merge)" if merges(type(peft)) else ""))
 
 
 def exportable(name: str) -> bool:
     return PEFT_METHODS.get(name).hf_peft_type is not None
+
+
+def merges(method: type[PeftMethod]) -> bool:
+    """Whether the method folds into the backbone's weights (it brings a ``merged``)."""
+    return method.merged is not PeftMethod.merged
 
 
 def write_head(learned: LearnedInitialization, out: Path) -> None:
@@ -81,7 +94,7 @@ def export(run: str | Path, out: str | Path, merge_weights: bool = False) -> Pat
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", f"{out} exists and is not empty; give a new directory")
     learned = load_run(run)
-    check_exportable(learned)
+    check_exportable(learned, merge_weights)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -225,19 +225,23 @@ def test_the_runner_meta_trains_on_your_text_and_reports_baselines(bert_dir, tex
 
 @pytest.fixture(scope="module")
 def text_runs(bert_dir, text_dir, tmp_path_factory) -> dict[str, Path]:
-    """A tiny meta-trained run per low-rank method on the tiny BERT."""
-    runs = {}
-    for method in ("lora", "adalora", "lora_both"):
-        run_dir = tmp_path_factory.mktemp(f"run_{method}")
-        result = run_cli("model=hf_encoder", f"model.path={bert_dir}", "task=text_folder", f"task.root={text_dir}",
-                         "task.n_way=3", "task.val_fraction=0.34", "task.test_fraction=0.34",
-                         f"peft={method.removesuffix('_both')}",
-                         *(["algorithm.meta_learn=both", "algorithm.backbone_outer_lr=0.01"]
-                           if "both" in method else []),
-                         "mode=tiny", "shots.eval=[1]", "baselines=[]", "progress=false", f"hydra.run.dir={run_dir}",
-                         *(["peft.prune_end=0.5"] if method == "adalora" else []))
+    """A tiny meta-trained run per PEFT method on the tiny BERT (one sweep: one start-up), and LoRA under
+    meta_learn=both."""
+    common = ["model=hf_encoder", f"model.path={bert_dir}", "task=text_folder", f"task.root={text_dir}", "task.n_way=3",
+              "task.val_fraction=0.34", "task.test_fraction=0.34", "mode=tiny", "shots.eval=[1]", "baselines=[]",
+              "progress=false"]
+    methods = ("lora", "ia3", "dora", "prefix_tuning", "bitfit")
+    sweep = tmp_path_factory.mktemp("text_runs")
+    result = run_cli("--multirun", *common, f"peft={','.join(methods)}", f"hydra.sweep.dir={sweep}",
+                     "hydra.sweep.subdir=${peft.name}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {method: sweep / method for method in methods}
+    for name, overrides in {"adalora": ["peft=adalora", "peft.prune_end=0.5"],
+                            "lora_both": ["peft=lora", "algorithm.meta_learn=both", "algorithm.backbone_outer_lr=0.01"]
+                            }.items():
+        runs[name] = tmp_path_factory.mktemp(f"run_{name}")
+        result = run_cli(*common, *overrides, f"hydra.run.dir={runs[name]}")
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[method] = run_dir
     return runs
 
 
@@ -245,7 +249,7 @@ def adapted_features(learned, x):
     return np.array(learned.experiment.peft.features(learned.meta["weights"], learned.frozen, x))
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "ia3", "dora", "prefix_tuning"])
 def test_an_exported_adapter_has_peft_names_and_layouts(text_runs, tmp_path, method):
     from metapeft.api import load_run
     from runners.export import main as export_main
@@ -254,14 +258,27 @@ def test_an_exported_adapter_has_peft_names_and_layouts(text_runs, tmp_path, met
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     tensors = mx.load(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     learned = load_run(text_runs[method])
-    assert config["peft_type"] == method.upper() and len(config["target_modules"]) == 12
     module = "encoder.layer.0.attention.self.query"
-    if method == "lora":
+    if method == "prefix_tuning":  # (virtual tokens, layers x (key, value) x width), as peft's PrefixTuning
+        assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 4
+        prefix = learned.meta["weights"]["prefix"]
+        assert list(tensors) == ["prompt_embeddings"] and tensors["prompt_embeddings"].shape == (4, 2 * 2 * 16)
+        assert mx.array_equal(tensors["prompt_embeddings"][:, 16:32], prefix[0, 1]).item()  # layer 0's values
+    elif method == "ia3":  # keys' and values' outputs (out, 1), output.dense's inputs (1, in), as peft's IA3
+        assert config["peft_type"] == "IA3" and len(config["target_modules"]) == 8
+        assert set(config["feedforward_modules"]) < set(config["target_modules"])
+        assert tensors["base_model.model.encoder.layer.0.attention.self.key.ia3_l"].shape == (16, 1)
+        assert tensors["base_model.model.encoder.layer.0.output.dense.ia3_l"].shape == (1, 32)
+    elif method == "dora":
+        assert config["peft_type"] == "LORA" and config["use_dora"] and len(config["target_modules"]) == 12
+        assert tensors[f"base_model.model.{module}.lora_magnitude_vector"].shape == (16,)
+    elif method == "lora":
         a = tensors[f"base_model.model.{module}.lora_A.weight"]
         assert a.shape == (config["r"], 16) and tensors[f"base_model.model.{module}.lora_B.weight"].shape == (16, 4)
         assert mx.array_equal(a, learned.meta["weights"]["encoder"]["layer"][0]["attention"]["self"]["query"]
                               ["lora_a"].T).item()
     else:
+        assert config["peft_type"] == "ADALORA" and len(config["target_modules"]) == 12
         assert tensors[f"base_model.model.{module}.lora_E"].shape == (config["init_r"], 1)
         masked = int((np.array(tensors[f"base_model.model.{module}.lora_E"]) == 0).sum())
         kept = learned.experiment.peft.report(learned.frozen)["final_rank_per_layer"][module]
@@ -269,7 +286,7 @@ def test_an_exported_adapter_has_peft_names_and_layouts(text_runs, tmp_path, met
     assert mx.load(str(tmp_path / "adapter" / "head.safetensors"))["weight"].shape == (3, 16)
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "ia3", "dora", "bitfit"])
 def test_a_merged_model_reproduces_the_adapted_one(text_runs, tmp_path, method):
     from metapeft.api import load_run
     from runners.export import main as export_main
@@ -303,7 +320,7 @@ def test_a_meta_learned_backbone_is_exported_merged_and_the_adapter_alone_is_ref
     assert np.abs(np.array(moved) - np.array(pretrained)).max() > 0  # the backbone was meta-learned
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "ia3", "dora", "prefix_tuning"])
 def test_an_exported_adapter_loads_in_hugging_face_peft(text_runs, tmp_path, method):
     torch = pytest.importorskip("torch", reason="peft needs torch, not installed here")
     transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
@@ -327,8 +344,13 @@ def test_an_exported_adapter_loads_in_hugging_face_peft(text_runs, tmp_path, met
     assert np.abs(ours - np.array(backbone)).max() > 1e-3  # the meta-learned update is not zero: a real check
 
 
-def test_export_refuses_a_run_it_cannot_write(text_runs, tmp_path):
+def test_export_refuses_a_run_it_cannot_write(text_runs, tmp_path, capsys):
     from runners.export import main as export_main
+
+    assert export_main([str(text_runs["bitfit"]), "--out", str(tmp_path / "bitfit")]) == 2  # no peft format
+    assert "--merge" in capsys.readouterr().err
+    assert export_main([str(text_runs["prefix_tuning"]), "--merge", "--out", str(tmp_path / "prefix")]) == 2
+    assert "without --merge" in capsys.readouterr().err
 
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")

@@ -95,8 +95,7 @@ class PeftMethod:
     @staticmethod
     def hf_layer_config(target_modules: list[str]) -> dict:
         """The entries every peft method that wraps layers has (LoRA, AdaLoRA, (IA)^3), for these modules."""
-        return {"target_modules": sorted(target_modules), "bias": "none", "fan_in_fan_out": False,
-                "modules_to_save": None}
+        return {"target_modules": sorted(target_modules), "fan_in_fan_out": False, "modules_to_save": None}
 
     def merged(self, adapted: dict, frozen: dict) -> dict:
         """The backbone with the adapter folded in (only the backbone's own entries)."""
@@ -139,7 +138,7 @@ class LowRankMethod(PeftMethod):
 
     def hf_common_config(self, adapted: dict) -> dict:
         return {**self.hf_layer_config([path_name(p) for p in paths_holding(adapted, self.down_key)]),
-                "lora_alpha": self.cfg.alpha, "lora_dropout": float(getattr(self.cfg, "dropout", 0.0))}
+                "bias": "none", "lora_alpha": self.cfg.alpha, "lora_dropout": float(getattr(self.cfg, "dropout", 0.0))}
 
     def target_layers(self, backbone: dict) -> list[tuple[Path, dict]]:
         """The targeted linear layers, each checked to admit the rank."""
