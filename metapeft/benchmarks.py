@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from metapeft import io
-from metapeft.report import baseline_names, collect, eval_shots, pooled
+from metapeft.report import baseline_names, collect, eval_shots, paired_difference, pooled
 
 log = logging.getLogger("metapeft.benchmarks")
 
@@ -50,10 +50,13 @@ def benchmark_rows(sweep_dir: Path, compare: str) -> list[dict]:
             for k in eval_shots(done):
                 baselines = {name: dict(zip(("mean", "ci95"), pooled(done, k, f"baseline.{name}")))
                              for name in baseline_names(done, k)}
+                row[f"{k}shot_meta_learned"] = dict(zip(("mean", "ci95"), pooled(done, k, "meta_learned")))
                 if baselines:
                     best = (max if higher else min)(baselines, key=lambda name: baselines[name]["mean"])
                     row[f"{k}shot_best_baseline"] = {"name": best, **baselines[best]}
-                row[f"{k}shot_meta_learned"] = dict(zip(("mean", "ci95"), pooled(done, k, "meta_learned")))
+                    paired = paired_difference(done, k, best, higher)
+                    if paired:  # positive: the meta-learned start is better, on the same episodes
+                        row[f"{k}shot_versus_best_baseline"] = dict(zip(("difference", "ci95"), paired))
                 row[f"{k}shot_baselines"] = baselines
                 # adaptation speed: the test metric after 0, 1, ... inner steps (first seed)
                 row[f"{k}shot_adaptation_curve"] = done.iloc[0][f"_{k}shot.meta_learned.curve"]
@@ -82,6 +85,9 @@ def table(rows: list[dict], compare: str) -> str:
                     f"{value['name']} {value['mean']:.3f} ± {value['ci95']:.3f}"
             if key.endswith("shot_meta_learned"):
                 line[key.replace("shot_meta_learned", "-shot")] = f"{value['mean']:.3f} ± {value['ci95']:.3f}"
+            if key.endswith("shot_versus_best_baseline"):
+                line[key.replace("shot_versus_best_baseline", "-shot vs best")] = \
+                    f"{value['difference']:+.3f} ± {value['ci95']:.3f}"
         for key in ("seconds_per_iteration", "adapted_parameters", "total_parameters", "inference_ms_per_sample",
                     "peak_memory_mb"):
             if key in row:

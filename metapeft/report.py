@@ -181,6 +181,15 @@ def pooled(runs: pd.DataFrame, k: str, side: str) -> tuple[float, float]:
     return (float(means[0]), float(runs[f"{k}shot.{side}.ci95"].iloc[0])) if len(means) == 1 else mean_ci95(means)
 
 
+def paired_difference(runs: pd.DataFrame, k: str, baseline: str, higher: bool) -> tuple[float, float] | None:
+    """The meta-learned figure minus ``baseline``'s (sign flipped where lower is better: positive is better), task
+    by task on the same episodes, with its class-aware 95% CI; None for runs that stored no per-task values."""
+    if not all(isinstance(v, list) for v in runs[f"_{k}shot.meta_learned.per_task"]):
+        return None
+    ours, theirs = per_task(runs, k, "meta_learned"), per_task(runs, k, f"baseline.{baseline}")
+    return mean_ci95((ours - theirs) if higher else (theirs - ours), task_sources(runs, k))
+
+
 GROUP_KEYS = ["task", "algorithm", "peft", "model", "shots", "mode", "config"]
 
 
@@ -217,11 +226,9 @@ def comparison(frame: pd.DataFrame) -> pd.DataFrame:
                 mean, ci = pooled(done, k, "meta_learned")
                 row[f"{k}-shot"] = with_ci(mean, ci)
                 row[f"_{k}-shot mean"], row[f"_{k}-shot ci95"] = mean, ci
-                if names and all(isinstance(v, list) for v in done[f"_{k}shot.meta_learned.per_task"]):
-                    ours, theirs = per_task(done, k, "meta_learned"), per_task(done, k, f"baseline.{best}")
-                    difference, difference_ci = mean_ci95((ours - theirs) if higher else (theirs - ours),
-                                                          task_sources(done, k))
-                    row[f"{k}-shot vs {best}"] = with_ci(difference, difference_ci, signed=True)
+                paired = paired_difference(done, k, best, higher) if names else None
+                if paired:
+                    row[f"{k}-shot vs {best}"] = with_ci(*paired, signed=True)
             row["s/iteration"] = done["train.seconds_per_iteration"].mean()
             row["adapted params"] = int(done["parameters.adapted"].iloc[0])
         rows.append(row)

@@ -162,6 +162,10 @@ def test_a_benchmark_is_written_under_its_task_and_mode_and_as_its_documented_na
     named = json.loads((tmp_path / "benchmarks" / "meta_learning_benchmark_digits_quick.json").read_text())
     assert json.loads((tmp_path / "benchmarks" / "meta_learning_benchmark.json").read_text()) == named
     assert [row["algorithm"] for row in named["results"]] == ["maml", "reptile"]
+    versus = named["results"][0]["5shot_versus_best_baseline"]  # paired on the same episodes: +0.1 on every task
+    assert versus["difference"] == pytest.approx(0.1) and named["results"][0]["5shot_best_baseline"]["name"] == \
+        "nearest_centroid"
+    assert "+0.100" in capsys.readouterr().out
 
 
 def test_an_interrupted_aggregation_leaves_the_previous_report_whole(tmp_path, monkeypatch):
