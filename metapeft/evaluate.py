@@ -7,6 +7,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from metapeft import distributed
 from metapeft.backend import mx
 from metapeft.build import Experiment
 from metapeft.errors import stop_requested
@@ -37,14 +38,15 @@ def curves_over_tasks(start: StartFn, step: StepFn, metric: MetricFn, num_steps:
 def adaptation_curves(start: StartFn, step: StepFn, metric: MetricFn, episodes: Episodes, num_steps: int,
                       chunk_size: int) -> np.ndarray:
     """Query metric after 0, 1, ..., num_steps inner steps from ``start(support)``: an array (tasks, num_steps + 1),
-    computed ``chunk_size`` tasks at a time (bounds memory)."""
+    computed ``chunk_size`` tasks at a time (bounds memory; under ``mlx.launch`` the chunks are shared out)."""
     per_task = curves_over_tasks(start, step, metric, num_steps)
-    chunks = []
-    for lo in range(0, len(episodes), chunk_size):
-        curves = per_task(*(a[lo: lo + chunk_size] for a in episodes))
+
+    def chunk(lo: int, hi: int) -> np.ndarray:
+        curves = per_task(*(a[lo:hi] for a in episodes))
         mx.eval(curves)
-        chunks.append(np.array(curves))
-    return np.concatenate(chunks)
+        return np.array(curves)
+
+    return distributed.gather_rows(chunk, len(episodes), chunk_size)  # under mlx.launch: chunks split by process
 
 
 def summarize_values(per_task: np.ndarray, classes: np.ndarray | None = None) -> dict:

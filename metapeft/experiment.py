@@ -16,13 +16,13 @@ from typing import Sequence
 import numpy as np
 from omegaconf import DictConfig
 
-from metapeft import affinity, blas, io
+from metapeft import affinity, blas, distributed, io
 from metapeft.backend import mx, use_device
 from metapeft.baselines import chosen, make_baselines
 from metapeft.build import Experiment, InitialState, build, initial_state, parameter_counts, pretrained
 from metapeft.checkpoint import evaluation_config, load_checkpoint, save_checkpoint
 from metapeft.config import GROUPS, Keep
-from metapeft.errors import ConfigError, DivergedError, WriteFailed
+from metapeft.errors import ConfigError, DivergedError, WriteFailed, require
 from metapeft.evaluate import evaluate_shots, learner_curves
 from metapeft.loggers.base import active_loggers, log_everywhere
 from metapeft.measure import PhaseTimes, inference_ms_per_sample, memory_mb
@@ -48,9 +48,17 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), start_up_
     """Run one experiment into ``out_dir``. Writes ``metrics.json`` whatever happens, then re-raises failures.
 
     With ``train=false`` the saved run's own config is evaluated, with ``overrides`` (the command line) on top.
-    ``start_up_seconds``: how long the process ran before this run began (the runner says; see ``seconds``)."""
+    ``start_up_seconds``: how long the process ran before this run began (the runner says; see ``seconds``).
+    Under ``mlx.launch`` every process runs it and only the first writes (``metapeft.distributed``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not distributed.is_main():
+        with io.muted(out_dir):
+            return run_here(cfg, out_dir, overrides, start_up_seconds)
+    return run_here(cfg, out_dir, overrides, start_up_seconds)
+
+
+def run_here(cfg: DictConfig, out_dir: Path, overrides: Sequence[str], start_up_seconds: float | None) -> dict:
     earlier = earlier_record(out_dir / "metrics.json")
     metrics: dict = {"status": "running", "identity": identity(cfg, overrides)}
     log = TrainLog()
@@ -61,7 +69,8 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), start_up_
         phases.seconds["start_up"] = start_up_seconds
     lock = None
     try:
-        lock = hold_directory(out_dir)  # one writer at a time: a resume never races a job still running there
+        if distributed.is_main():  # one writer at a time: a resume never races a job still running there
+            lock = hold_directory(out_dir)
         if not cfg.train and cfg.checkpoint is not None:
             cfg = evaluation_config(cfg, overrides)
             metrics["identity"] = identity(cfg, overrides)
@@ -108,10 +117,10 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), start_up_
         except WriteFailed as error:  # metrics.json keeps its last complete version (atomic writes)
             logger.error("%s; %s keeps its last complete version", error, out_dir / "metrics.json")
         if metrics["status"] == "completed":  # evaluated: nothing left to resume
-            (out_dir / "checkpoint" / "trained.json").unlink(missing_ok=True)
+            io.remove(out_dir / "checkpoint" / "trained.json")
         if lock is not None:
             lock.close()
-        if metrics["status"] != "refused":
+        if metrics["status"] != "refused" and distributed.is_main():
             log_everywhere(loggers, cfg, out_dir, metrics)
 
 
@@ -156,6 +165,9 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
     cfg, learner, task = exp.cfg, exp.learner, exp.task
     phases = phases or PhaseTimes()
     chosen(exp)  # a bad `baselines` list is refused before any work
+    require(cfg.algorithm.meta_batch_size >= distributed.size(), "algorithm.meta_batch_size",
+            f"must be >= the number of processes ({distributed.size()}, mlx.launch -n) so that each has a task, "
+            f"got {cfg.algorithm.meta_batch_size}")
     mx.random.seed(cfg.seed)
     mx.reset_peak_memory()
     with phases.phase("pretraining_and_initialization"):
@@ -190,7 +202,7 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
             logger.info("resuming meta-training at iteration %d from %s", resume_from.iteration, directory)
         elif cfg.resume:
             logger.info("resume=true: %s holds no interrupted run to go on with; starting afresh", directory)
-        (directory / "trained.json").unlink(missing_ok=True)  # an earlier run's, here: this run trains anew
+        io.remove(directory / "trained.json")  # an earlier run's, here: this run trains anew
         until_meta_training = phases.since_process_start()  # start-up as a user waits for it
         with phases.phase("meta_training_with_checks"):
             meta, frozen = meta_train(learner, meta, frozen, MetaTraining(
@@ -223,7 +235,7 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
             save_checkpoint(directory, meta, frozen, cfg)
             save_training_done(directory, train, log, job)  # with it, a stop in evaluation resumes there
         for name in ("training.safetensors", "training.json"):  # meta-training is done: nothing of it to resume
-            (directory / name).unlink(missing_ok=True)
+            io.remove(directory / name)
     else:
         meta, frozen = load_checkpoint(Path(cfg.checkpoint), meta, frozen)
         train = {"iterations": 0, "from_checkpoint": str(cfg.checkpoint), "final_val_metric": validate(meta, frozen)}

@@ -1,6 +1,7 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -21,11 +22,27 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+_muted: list[Path] = []  # folders this process leaves to another (the other processes of a distributed run)
+
+
+@contextlib.contextmanager
+def muted(folder: Path):
+    """Within it, writes under ``folder`` are skipped: the first process of a distributed run writes the run
+    directory, the others compute the same and write nothing there."""
+    _muted.append(Path(folder).resolve())
+    try:
+        yield
+    finally:
+        _muted.remove(Path(folder).resolve())
+
+
 def _replace_atomically(path: Path, write) -> None:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``: a reader sees the old file
     or the new one, never half of one. A write that fails (a full disk: ``OSError`` ENOSPC, or MLX's
     ``RuntimeError`` "Unable to write") raises ``WriteFailed`` naming ``path``, and ``path`` is left as it was."""
     path = Path(path)
+    if _muted and any(path.resolve().is_relative_to(folder) for folder in _muted):
+        return
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +61,13 @@ def _replace_atomically(path: Path, write) -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove(path: Path) -> None:
+    """Delete ``path`` if it exists (skipped under a muted folder, as writes are)."""
+    path = Path(path)
+    if not (_muted and any(path.resolve().is_relative_to(folder) for folder in _muted)):
+        path.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:

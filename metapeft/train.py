@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from metapeft import distributed
 from metapeft.algorithms.base import MetaLearner
 from metapeft.backend import mx, utils
 from metapeft.errors import DivergedError, stop_requested
@@ -45,7 +46,9 @@ def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
 
     Returns the loss, the updated meta-parameters and the meta-gradient (AdaLoRA reads its importance from it).
     With ``algorithm.tasks_per_pass`` smaller than the meta-batch, the gradient is taken pass by pass (each pass
-    compiled, evaluated before the next so that its activations are freed) and averaged by tasks.
+    compiled, evaluated before the next so that its activations are freed) and averaged by tasks. Under
+    ``mlx.launch`` each process takes the gradient of its share of the meta-batch and the shares are summed,
+    weighted by their sizes (``metapeft.distributed``): every process applies the same update.
     """
     state = [optimizer.state, mx.random.state]  # random state: LoRA's dropout
     per_pass = learner.cfg.tasks_per_pass
@@ -54,23 +57,25 @@ def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
         loss, grads = learner.meta_value_and_grad(meta, frozen, Episodes(xs, ys, xq, yq))
         return loss, optimizer.apply_gradients(grads, meta), grads
 
-    if per_pass is None:
+    if per_pass is None and distributed.size() == 1:
         return mx.compile(step, inputs=state, outputs=state)
 
     one_pass = mx.compile(lambda meta, frozen, *tasks: learner.meta_value_and_grad(meta, frozen, Episodes(*tasks)),
                           inputs=[mx.random.state], outputs=[mx.random.state])
     update = mx.compile(optimizer.apply_gradients, inputs=[optimizer.state], outputs=[optimizer.state])
 
-    def accumulated_step(meta, frozen, xs, ys, xq, yq):
-        num_tasks, loss, grads = xs.shape[0], 0.0, None
-        for lo in range(0, num_tasks, per_pass):
-            tasks = [a[lo: lo + per_pass] for a in (xs, ys, xq, yq)]
-            share = tasks[0].shape[0] / num_tasks
+    def accumulated_step(meta, frozen, *batch):
+        lo, hi = distributed.share(batch[0].shape[0])  # one process: the whole batch
+        mine, loss, grads = [a[lo:hi] for a in batch], 0.0, None
+        for first in range(0, hi - lo, per_pass or hi - lo):
+            tasks = [a[first: first + (per_pass or hi - lo)] for a in mine]
+            share = tasks[0].shape[0] / (hi - lo)
             pass_loss, pass_grads = one_pass(meta, frozen, *tasks)
             loss = loss + share * pass_loss
             grads = utils.tree_map(lambda g: share * g, pass_grads) if grads is None else \
                 utils.tree_map(lambda total, g: total + share * g, grads, pass_grads)
             mx.eval(loss, grads)
+        loss, grads = distributed.weighted_sum((loss, grads), (hi - lo) / batch[0].shape[0])
         return loss, update(grads, meta), grads
 
     return accumulated_step

@@ -8,14 +8,17 @@ skips jobs whose directory already holds a completed result for the same overrid
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import difflib
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from metapeft import affinity, backend, blas
+from metapeft import affinity, backend, blas, distributed
 from metapeft.config import GROUPS, RunConfig, register_configs
 from metapeft.errors import STOP_REQUESTS, ConfigError, DivergedError, Interrupted, WriteFailed
 from metapeft.experiment import run
@@ -85,6 +88,13 @@ def main(cfg: DictConfig) -> float | None:
         log.info("resume: %s already completed with these overrides; skipped", out_dir)
         return validation_objective(done)
     backend.load()  # the BLAS, then MLX (--help and --cfg never get here: they load neither)
+    if distributed.size() > 1:  # under mlx.launch: one run, written by the first process into its directory
+        out_dir = Path(distributed.shared_text(str(out_dir)))
+        if not distributed.is_main():
+            cfg.progress = False
+            log.setLevel(logging.WARNING)
+        else:
+            log.info("one run on %d processes (mlx.launch): rank 0 writes %s", distributed.size(), out_dir)
     side_by_side = sweeping and (threads := threads_per_job(hydra_cfg.launcher)) is not None
     if side_by_side:
         blas.set_threads(threads)  # parallel jobs share the cores
@@ -176,10 +186,27 @@ def refuse_before_hydra(argv: list[str]) -> None:
                 sys.exit(2)
 
 
+def distributed_arguments(argv: list[str]) -> list[str]:
+    """Under ``mlx.launch`` the processes make one run: a sweep is refused; every process but the first composes
+    into a scratch directory (it writes nothing; it learns the first one's run directory after start-up)."""
+    if not distributed.launched():
+        return argv
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        print("error: --multirun: mlx.launch runs one run on several processes; sweep without it, or launch each "
+              "job of the sweep on its own", file=sys.stderr)
+        sys.exit(2)
+    if os.environ[distributed.LAUNCHED] == "0":
+        return argv
+    scratch = tempfile.mkdtemp(prefix=f"metapeft-rank{os.environ[distributed.LAUNCHED]}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return [*argv, f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+
+
 def cli() -> None:
     """The command line: what Hydra would answer with a traceback is refused first, the config schemas and plugins
     are registered, then Hydra composes and runs."""
     refuse_before_hydra(sys.argv[1:])
+    sys.argv[1:] = distributed_arguments(sys.argv[1:])
     try:
         register_configs()
     except ConfigError as error:  # a plugin that does not import: before Hydra, so said here
