@@ -10,8 +10,9 @@ against JAX and PyTorch peers where installed. One command line, run from the re
     python -m benchmarks evaluation [OVERRIDE ...]        # each part of a quick run's evaluation
     python -m benchmarks encoder [VARIANTS]               # MAML task by task, FOMAML, Reptile + LoRA, hf_encoder
     python -m benchmarks encoder-ops                      # the encoder's largest operations, MLX vs PyTorch
+    python -m benchmarks processes [--processes 2]        # one run on 1 and on N processes (mlx.launch)
 
 Modules: ``steps`` (the workloads and their timing), ``runs`` (whole runs), ``encoder`` (the pretrained encoder),
-``peers`` (the JAX and PyTorch implementations), ``common`` (composing a workload). Results go to
-``outputs/benchmarks/bench*.json`` (``--out``).
+``processes`` (one run on several processes), ``peers`` (the JAX and PyTorch implementations), ``common`` (composing
+a workload). Results go to ``outputs/benchmarks/bench*.json`` (``--out``).
 """

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks import encoder, runs, steps
+from benchmarks import encoder, processes, runs, steps
 from metapeft import blas, io
 from metapeft.backend import mx
 
@@ -95,6 +95,14 @@ def encoder_ops(args) -> None:
     encoder.print_encoder_ops(both)
 
 
+def process_scaling(args) -> None:
+    results = processes.scaling(args.names, args.processes, args.out.parent / "processes")
+    path = args.out.with_name("bench_processes.json")
+    io.write_json(path, {"blas": blas.status(), "scaling": results})
+    processes.print_scaling(results)
+    print(f"written to {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__import__("benchmarks").__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,12 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("encoder", help="MAML, FOMAML, Reptile + LoRA on model=hf_encoder").add_argument(
         "variants", nargs="?", default=encoder.ENCODER_DEFAULT, help=f"some of {list(encoder.ENCODER_VARIANTS)}")
     commands.add_parser("encoder-ops", help="the encoder's largest operations, MLX and PyTorch")
+    scaling = commands.add_parser("processes", help="meta-iterations per second on 1 and N processes (mlx.launch)")
+    scaling.add_argument("names", nargs="?", default=",".join(processes.WORKLOADS),
+                         help=f"some of {list(processes.WORKLOADS)}")
+    scaling.add_argument("--processes", type=int, default=2)
     args = parser.parse_args(argv)
     args.workloads = checked(args.workloads, steps.WORKLOADS, "--workloads", parser)
     if args.command == "encoder":
         args.variants = checked(args.variants, encoder.ENCODER_VARIANTS, "encoder", parser)
+    if args.command == "processes":
+        args.names = checked(args.names, processes.WORKLOADS, "processes", parser)
     {"steps": timings, "memory": memory, "per-call": per_call, "runs": whole_runs, "start-up": start_up,
-     "evaluation": evaluation, "encoder": encoder_workloads, "encoder-ops": encoder_ops}[args.command](args)
+     "evaluation": evaluation, "encoder": encoder_workloads, "encoder-ops": encoder_ops,
+     "processes": process_scaling}[args.command](args)
     return 0
 
 
