@@ -83,6 +83,11 @@ def gather_rows(compute, num_rows: int, chunk_size: int) -> np.ndarray:
     return np.array(mx.distributed.all_sum(mx.array(rows)))
 
 
+def peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` is MLX's word that another process of the run is gone (it was stopped, or it failed)."""
+    return size() > 1 and isinstance(error, RuntimeError) and "connection to a peer was lost" in str(error)
+
+
 def shared_text(text: str, length: int = 4096) -> str:
     """The first process's ``text`` on every process (the run directory: only the first one's is used)."""
     if size() == 1:

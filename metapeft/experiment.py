@@ -22,7 +22,7 @@ from metapeft.baselines import chosen, make_baselines
 from metapeft.build import Experiment, InitialState, build, initial_state, parameter_counts, pretrained
 from metapeft.checkpoint import evaluation_config, load_checkpoint, save_checkpoint
 from metapeft.config import GROUPS, Keep
-from metapeft.errors import ConfigError, DivergedError, WriteFailed, require
+from metapeft.errors import ConfigError, DivergedError, Interrupted, WriteFailed, require
 from metapeft.evaluate import evaluate_shots, learner_curves
 from metapeft.loggers.base import active_loggers, log_everywhere
 from metapeft.measure import PhaseTimes, inference_ms_per_sample, memory_mb
@@ -96,6 +96,10 @@ def run_here(cfg: DictConfig, out_dir: Path, overrides: Sequence[str], start_up_
         metrics.update(status="failed", reason=str(error))
         raise
     except BaseException as error:
+        if distributed.peer_lost(error):  # another process of this mlx.launch run was stopped: so is this one
+            metrics.update(status="interrupted", reason=f"another process of this run stopped ({error})",
+                           interrupted_at_iteration=len(log.rows))
+            raise Interrupted("SIGTERM") from error
         metrics.update(status="failed", reason=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
         raise
     finally:
