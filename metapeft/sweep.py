@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from metapeft.config import NON_IDENTIFYING_KEYS
 from metapeft.launchers import missing_plugin
+from metapeft.sweep_stop import forward_stop
 
 log = logging.getLogger("metapeft.sweep")
 
@@ -113,9 +114,9 @@ RUNNING_PROGRESS: dict[str, SweepProgress] = {}
 
 
 class SweepReport(Callback):
-    """Before a multirun: refuse a launcher or sweeper whose plugin is not installed, saying what to install, and
-    start the "k of N jobs done" line. At its end: list every job that failed or diverged, and exit non-zero if
-    there was one."""
+    """Before a multirun: refuse a launcher or sweeper whose plugin is not installed, saying what to install, start
+    the "k of N jobs done" line and forward a SIGTERM to the jobs (``metapeft.sweep_stop``). At its end: list every
+    job that failed or diverged, and exit non-zero if there was one."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         for role in ("launcher", "sweeper"):
@@ -123,6 +124,7 @@ class SweepReport(Callback):
             if message:
                 log.error("hydra/%s=%s: %s", role, config.hydra.runtime.choices.get(f"hydra/{role}"), message)
                 raise SystemExit(2)
+        forward_stop(Path(config.hydra.sweep.dir))  # SIGTERM reaches jobs in worker processes too
         # Kept outside the callback: launchers pickle the callbacks to send them to their workers.
         RUNNING_PROGRESS[str(config.hydra.sweep.dir)] = progress = SweepProgress(Path(config.hydra.sweep.dir))
         progress.start()

@@ -112,3 +112,38 @@ def test_a_parallel_sweep_prints_how_many_jobs_are_done_and_a_sequential_one_nam
     # the time a user waits for the first meta-iteration: from the process's start, so the first job's alone
     assert metrics["maml"]["train"]["seconds_to_first_iteration"] > start_up["maml"]
     assert metrics["reptile"]["train"]["seconds_to_first_iteration"] is None
+
+
+def test_sigterm_to_a_parallel_sweep_stops_its_workers_and_records_every_running_job(tmp_path):
+    """What a scheduler does: SIGTERM to the sweep's main process alone. Its joblib workers are stopped (none
+    outlives it), each running job's metrics.json says interrupted with its training state kept, and the main
+    process exits 143 saying so; resume=true then goes on."""
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "runners/run.py", "--multirun", "seed=0,1", "mode.num_iterations=100000",
+               "mode.val_interval=50", "hydra/launcher=joblib", f"hydra.sweep.dir={sweep}"]
+    output = open(tmp_path / "output.txt", "w+")  # a file, not a pipe nobody reads while the sweep runs
+    main = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while len(list(sweep.glob("*/checkpoint/training.json"))) < 2 and time.monotonic() < deadline and \
+            main.poll() is None:
+        time.sleep(0.5)  # both jobs are training: each has saved a training state
+    children = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(main.pid)], capture_output=True,
+                              text=True)
+    workers = [int(line.split()[0]) for line in children.stdout.splitlines() if "popen_loky" in line]
+    assert len(workers) == 2
+    main.send_signal(signal.SIGTERM)
+    main.wait(timeout=180)
+    text = (tmp_path / "output.txt").read_text()
+    assert main.returncode == 143, text[-2000:]
+    assert "sweep stopped by SIGTERM" in text
+    jobs = sorted(sweep.glob("*seed=*"))
+    assert len(jobs) == 2
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["status"] == "interrupted" and metrics["reason"] == "stopped by SIGTERM"
+        assert (job / "checkpoint" / "training.safetensors").exists()
+    for pid in workers:
+        assert subprocess.run(["ps", "-p", str(pid)], capture_output=True).returncode != 0, f"{pid} outlived it"

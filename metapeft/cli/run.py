@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from metapeft import affinity, backend, blas, distributed
+from metapeft import affinity, backend, blas, distributed, sweep_stop
 from metapeft.config import GROUPS, RunConfig, register_configs
 from metapeft.errors import STOP_REQUESTS, ConfigError, DivergedError, Interrupted, WriteFailed
 from metapeft.experiment import run
@@ -117,6 +117,9 @@ def main(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt as error:  # recorded in metrics.json (status interrupted) and history.csv by run()
         signal_name = getattr(error, "signal_name", "SIGINT")
         log.error("interrupted by %s: metrics.json and history.csv written to %s", signal_name, out_dir)
+        if sweep_stop.in_worker():  # the sweep's main process waits for this worker to end, not for more jobs
+            logging.shutdown()
+            os._exit(128 + getattr(signal, signal_name))
         sys.exit(128 + getattr(signal, signal_name))
     except WriteFailed as error:  # a full disk: one line naming the file; what was written before is intact
         log.error("%s; the run's earlier files are intact (every write replaces a file only when complete)", error)
