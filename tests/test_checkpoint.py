@@ -1,8 +1,12 @@
 """Checkpoints reload to the same test metrics; a corrupt or mismatched checkpoint is refused, naming what differs."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from omegaconf import OmegaConf
+
+from helpers import REPO
 
 from metapeft.checkpoint import saved_config
 from metapeft.errors import ConfigError
@@ -81,6 +85,17 @@ def test_a_run_saved_before_a_schema_key_existed_still_loads_with_that_keys_defa
     (tmp_path / "checkpoint" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     _, saved = saved_config(tmp_path)
     assert saved.model.init == "pytorch" and saved.algorithm.init_lr_range is None
+
+
+def test_a_run_directory_made_by_an_older_version_evaluates_to_its_own_figures(compose_cfg, tmp_path, caplog):
+    """tests/fixtures/run_f37a9f3: ``python runners/run.py mode=tiny shots.eval=[5]`` at commit f37a9f3 (before
+    ``device``, ``algorithm.meta_learn``, ``mode.finetune_steps`` and others existed), as that version wrote it."""
+    fixture = REPO / "tests" / "fixtures" / "run_f37a9f3"
+    assert "device" not in (fixture / "checkpoint" / "config.yaml").read_text()
+    reloaded = evaluate_saved(compose_cfg, fixture, tmp_path / "eval", "baselines=[]")
+    then = json.loads((fixture / "metrics.json").read_text())["evaluation"]["shots"]["5"]["meta_learned"]
+    assert reloaded["evaluation"]["shots"]["5"]["meta_learned"]["per_task"] == then["per_task"]
+    assert "predates these keys" in caplog.text and "algorithm.meta_learn" in caplog.text
 
 
 def test_a_run_saved_before_keys_existed_evaluates_with_their_defaults(compose_cfg, tmp_path, caplog):
