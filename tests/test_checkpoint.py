@@ -7,7 +7,6 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers import REPO
-
 from metapeft.checkpoint import saved_config
 from metapeft.errors import ConfigError
 from metapeft.experiment import run
