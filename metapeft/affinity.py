@@ -51,12 +51,12 @@ def status() -> dict:
     return dict(_status)
 
 
-def colocate(enabled: bool = True) -> dict:
+def colocate(enabled: bool = True, reason: str = "parallel sweep job") -> dict:
     """Pin the calling (main) thread and MLX's CPU stream thread to the core the calling thread runs on now.
     Needs MLX loaded (``metapeft.backend.load()``), which identifies the stream thread."""
     global _status
     if not enabled or os.environ.get("METAPEFT_COLOCATE", "auto") == "off":
-        _status = {"colocated": False, "reason": "off" if enabled else "parallel sweep job"}
+        _status = {"colocated": False, "reason": "off" if enabled else reason}
         return status()
     if not _mlx_threads:
         _status = {"colocated": False, "reason": f"MLX's stream thread not identified on {sys.platform} (was MLX "

@@ -99,7 +99,11 @@ def main(cfg: DictConfig) -> float | None:
     if side_by_side:
         blas.set_threads(threads)  # parallel jobs share the cores
         cfg.progress = False  # bars of jobs side by side overwrite each other: the sweep prints k of N instead
-    affinity.colocate(enabled=not side_by_side)  # side by side, two jobs could pin themselves to one core
+    elif distributed.size() > 1:  # mlx.launch -n N: the processes share this machine's cores (as if on one host)
+        blas.set_threads(max(1, (os.cpu_count() or 1) // distributed.size()))
+    # side by side, two jobs or two processes of one run could pin themselves to one core
+    affinity.colocate(enabled=not side_by_side and distributed.size() == 1,
+                      reason="parallel sweep job" if side_by_side else "one of several processes (mlx.launch)")
     log.info("BLAS for MLX's CPU matmuls: %s; MLX thread placement: %s", blas.status(), affinity.status())
     if blas.status()["backend"] == "bundled" and blas.status()["reason"] != "METAPEFT_BLAS=bundled":
         log.warning("MLX uses its bundled reference BLAS (%s): small matrix products run about 10x slower and "
