@@ -91,3 +91,24 @@ def test_a_meta_batch_smaller_than_the_processes_is_refused_naming_the_key(compo
     exp = build(compose_cfg("task=sinusoid", "mode=tiny", "algorithm.meta_batch_size=4"))
     with pytest.raises(ConfigError, match="algorithm.meta_batch_size.*number of processes"):
         train_and_evaluate(exp, tmp_path, TrainLog())
+
+
+def test_a_process_that_loses_its_peer_records_the_run_as_interrupted(compose_cfg, tmp_path, monkeypatch):
+    """SIGTERM to one process of a launch: the others get MLX's "[ring] connection to a peer was lost" at their next
+    all_sum; rank 0 records interrupted (resumable), not failed."""
+    import metapeft.experiment as experiment
+    from metapeft.errors import Interrupted
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("[ring] connection to a peer was lost")
+
+    monkeypatch.setattr(distributed, "size", lambda: 2)
+    monkeypatch.setattr(experiment, "train_and_evaluate", lost)
+    with pytest.raises(Interrupted):
+        experiment.run(compose_cfg("task=sinusoid", "mode=tiny"), tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and "another process of this run stopped" in metrics["reason"]
+    monkeypatch.setattr(distributed, "size", lambda: 1)  # one process: the same error is a failure
+    with pytest.raises(RuntimeError):
+        experiment.run(compose_cfg("task=sinusoid", "mode=tiny"), tmp_path / "alone")
+    assert json.loads((tmp_path / "alone" / "metrics.json").read_text())["status"] == "failed"
