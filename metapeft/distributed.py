@@ -60,10 +60,9 @@ def weighted_sum(tree, weight: float):
     if size() == 1:
         return tree
     leaves = utils.tree_flatten(tree)
-    flat = mx.concatenate([(weight * mx.array(leaf)).reshape(-1) for _, leaf in leaves])
+    flat = mx.concatenate([(weight * leaf).reshape(-1) for _, leaf in leaves])
     summed, start, out = mx.distributed.all_sum(flat), 0, []
     for name, leaf in leaves:
-        leaf = mx.array(leaf)
         out.append((name, summed[start: start + leaf.size].reshape(leaf.shape).astype(leaf.dtype)))
         start += leaf.size
     return utils.tree_unflatten(out)

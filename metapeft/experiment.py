@@ -52,10 +52,8 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), start_up_
     Under ``mlx.launch`` every process runs it and only the first writes (``metapeft.distributed``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not distributed.is_main():
-        with io.muted(out_dir):
-            return run_here(cfg, out_dir, overrides, start_up_seconds)
-    return run_here(cfg, out_dir, overrides, start_up_seconds)
+    with contextlib.nullcontext() if distributed.is_main() else io.muted(out_dir):
+        return run_here(cfg, out_dir, overrides, start_up_seconds)
 
 
 def run_here(cfg: DictConfig, out_dir: Path, overrides: Sequence[str], start_up_seconds: float | None) -> dict:

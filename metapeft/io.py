@@ -36,12 +36,16 @@ def muted(folder: Path):
         _muted.remove(Path(folder).resolve())
 
 
+def _is_muted(path: Path) -> bool:
+    return bool(_muted) and any(Path(path).resolve().is_relative_to(folder) for folder in _muted)
+
+
 def _replace_atomically(path: Path, write) -> None:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``: a reader sees the old file
     or the new one, never half of one. A write that fails (a full disk: ``OSError`` ENOSPC, or MLX's
     ``RuntimeError`` "Unable to write") raises ``WriteFailed`` naming ``path``, and ``path`` is left as it was."""
     path = Path(path)
-    if _muted and any(path.resolve().is_relative_to(folder) for folder in _muted):
+    if _is_muted(path):
         return
     tmp = None
     try:
@@ -65,9 +69,8 @@ def _replace_atomically(path: Path, write) -> None:
 
 def remove(path: Path) -> None:
     """Delete ``path`` if it exists (skipped under a muted folder, as writes are)."""
-    path = Path(path)
-    if not (_muted and any(path.resolve().is_relative_to(folder) for folder in _muted)):
-        path.unlink(missing_ok=True)
+    if not _is_muted(path):
+        Path(path).unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:

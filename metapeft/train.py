@@ -67,8 +67,9 @@ def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
     def accumulated_step(meta, frozen, *batch):
         lo, hi = distributed.share(batch[0].shape[0])  # one process: the whole batch
         mine, loss, grads = [a[lo:hi] for a in batch], 0.0, None
-        for first in range(0, hi - lo, per_pass or hi - lo):
-            tasks = [a[first: first + (per_pass or hi - lo)] for a in mine]
+        pass_size = per_pass or hi - lo
+        for first in range(0, hi - lo, pass_size):
+            tasks = [a[first: first + pass_size] for a in mine]
             share = tasks[0].shape[0] / (hi - lo)
             pass_loss, pass_grads = one_pass(meta, frozen, *tasks)
             loss = loss + share * pass_loss

@@ -29,7 +29,7 @@ import numpy as np
 from metapeft.backend import mx
 from metapeft.errors import ConfigError, require
 from metapeft.models.hf_files import REQUIRED_FILES, model_directory
-from metapeft.models.layers import Backbone, init_linear
+from metapeft.models.layers import Backbone, init_linear, with_prefix
 from metapeft.registry import MODELS
 
 # MiniLM checkpoints are BERT models (model_type "bert"). RoBERTa differs only in numbering positions from the pad
@@ -173,9 +173,7 @@ class HFEncoder(Backbone):
         q, k, v = (self.linear(params["self"][n], h) for n in ("query", "key", "value"))
         if record is not None:
             record.append((k, v))
-        if prefix is not None:
-            k, v = (mx.concatenate([mx.broadcast_to(p, (*t.shape[:-2], *p.shape)), t], axis=-2)
-                    for p, t in zip(prefix, (k, v)))
+        k, v = with_prefix(prefix, k, v)
 
         def split_heads(t):
             return t.reshape(*t.shape[:-1], heads, width // heads).swapaxes(-2, -3)

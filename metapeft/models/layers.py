@@ -27,6 +27,15 @@ def init_linear(key: mx.array, fan_in: int, fan_out: int, scheme: LinearInit = L
     return {"weight": weight, "bias": mx.zeros((fan_out,))}
 
 
+def with_prefix(prefix: tuple | None, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    """Attention's keys and values (..., length, width) with ``prefix`` = (keys, values), each (n, width), put before
+    them (prefix tuning); unchanged without one."""
+    if prefix is None:
+        return keys, values
+    return tuple(mx.concatenate([mx.broadcast_to(p, (*t.shape[:-2], *p.shape)), t], axis=-2)
+                 for p, t in zip(prefix, (keys, values)))
+
+
 def layer_norm(params: dict, x: mx.array, eps: float = 1e-5) -> mx.array:
     return mx.fast.layer_norm(x, params["scale"], params["bias"], eps)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from metapeft.backend import mx
 from metapeft.errors import require
-from metapeft.models.layers import Backbone, init_layer_norm, init_linear, layer_norm
+from metapeft.models.layers import Backbone, init_layer_norm, init_linear, layer_norm, with_prefix
 from metapeft.registry import MODELS
 
 
@@ -79,9 +79,7 @@ class Transformer(Backbone):
         q, k, v = (self.linear(params[n], h) for n in ("query", "key", "value"))
         if record is not None:
             record.append((k, v))
-        if prefix is not None:
-            k, v = (mx.concatenate([mx.broadcast_to(p, (*t.shape[:-2], *p.shape)), t], axis=-2)
-                    for p, t in zip(prefix, (k, v)))
+        k, v = with_prefix(prefix, k, v)
 
         def split_heads(t):
             return t.reshape(*t.shape[:-1], heads, width // heads).swapaxes(-2, -3)

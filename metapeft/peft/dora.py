@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from metapeft.backend import mx
+from metapeft.models.layers import affine
 from metapeft.peft.lora import LoRA, LoRAConfig
 from metapeft.registry import PEFT_METHODS
 from metapeft.trees import get_in, merge, path_name, paths_holding, set_in
@@ -32,22 +33,19 @@ def column_norms(weight: mx.array) -> mx.array:
 
 @PEFT_METHODS.register("dora", DoRAConfig)
 class DoRA(LoRA):
-    def __init__(self, cfg: DoRAConfig, model):
-        super().__init__(cfg, model)
-        scale, keep = self.scale, 1.0 - cfg.dropout
+    def adapted_linear(self):
+        scale, keep = self.scale, 1.0 - self.cfg.dropout
 
         def dora_linear(params: dict, x: mx.array, dropout: bool = False) -> mx.array:
             if MAGNITUDE not in params:
-                return x @ params["weight"] + params["bias"]
+                return affine(params, x)
             update = scale * (params["lora_a"] @ params["lora_b"])
             magnitude_scale = params[MAGNITUDE] / column_norms(params["weight"] + update)
             branch_input = x * mx.random.bernoulli(keep, x.shape) / keep if dropout else x
             low_rank = scale * ((branch_input @ params["lora_a"]) @ params["lora_b"])
             return magnitude_scale * (x @ params["weight"] + low_rank) + params["bias"]
 
-        self.model = model.with_linear(dora_linear)
-        self.adapting_model = (model.with_linear(lambda p, x: dora_linear(p, x, dropout=True)) if cfg.dropout
-                               else self.model)
+        return dora_linear
 
     def init_adapter(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
         adapter = super().init_adapter(backbone, key, sample_inputs)

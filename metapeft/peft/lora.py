@@ -36,7 +36,14 @@ class LoRA(LowRankMethod):
         require(cfg.rank >= 1, "peft.rank", f"must be >= 1, got {cfg.rank}")
         require(0 <= cfg.dropout < 1, "peft.dropout", f"must be in [0, 1), got {cfg.dropout}")
         super().__init__(cfg, model)
-        scale, keep = self.scale, 1.0 - cfg.dropout
+        layer = self.adapted_linear()
+        self.model = model.with_linear(layer)
+        self.adapting_model = (model.with_linear(lambda p, x: layer(p, x, dropout=True)) if cfg.dropout
+                               else self.model)
+
+    def adapted_linear(self):
+        """``(params, x, dropout=False) -> output`` of a targeted linear layer (dropout: on the branch's input)."""
+        scale, keep = self.scale, 1.0 - self.cfg.dropout
 
         def lora_linear(params: dict, x: mx.array, dropout: bool = False) -> mx.array:
             out = affine(params, x)
@@ -46,9 +53,7 @@ class LoRA(LowRankMethod):
                 out = out + scale * ((x @ params["lora_a"]) @ params["lora_b"])
             return out
 
-        self.model = model.with_linear(lora_linear)
-        self.adapting_model = (model.with_linear(lambda p, x: lora_linear(p, x, dropout=True)) if cfg.dropout
-                               else self.model)
+        return lora_linear
 
     def features(self, adapted: dict, frozen: dict, x: mx.array, train: bool = False) -> mx.array:
         return (self.adapting_model if train else self.model).features(merge(frozen, adapted), x)
