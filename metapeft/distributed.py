@@ -56,7 +56,8 @@ def share(num_items: int) -> tuple[int, int]:
 
 def weighted_sum(tree, weight: float):
     """``weight * tree`` summed over the processes (the tree itself, in one process), in one ``all_sum`` of all
-    leaves flattened together: a message per leaf cost 50 times the sinusoid MLP's meta-step."""
+    leaves flattened together: with a message per leaf, two processes took 110 ms per sinusoid MAML step against
+    26 ms flattened (``mode=tiny``, one measurement each on a loaded 2-core machine)."""
     if size() == 1:
         return tree
     leaves = utils.tree_flatten(tree)

@@ -32,16 +32,21 @@ def check_exportable(learned: LearnedInitialization, merge_weights: bool) -> Non
             f"this run used model={cfg.model.name}")
     if merge_weights:
         require(merges(type(peft)), "--merge", f"peft={cfg.peft.name} adds no weights that fold into the model; "
-                f"methods that do: {[name for name in PEFT_METHODS.names() if merges(PEFT_METHODS.get(name))]}"
-                + (" (export this run's adapter without --merge)" if peft.hf_peft_type else ""))
+                f"methods that do: {methods_that(merges)}"
+                + (" (export this run's adapter without --merge)" if exportable(type(peft)) else ""))
     else:
-        require(peft.hf_peft_type is not None, "peft", f"peft={cfg.peft.name} has no Hugging Face peft format; "
-                f"methods that have one: {[name for name in PEFT_METHODS.names() if exportable(name)]}"
+        require(exportable(type(peft)), "peft", f"peft={cfg.peft.name} has no Hugging Face peft format; "
+                f"methods that have one: {methods_that(exportable)}"
                 + (" (or export the merged model with --merge)" if merges(type(peft)) else ""))
 
 
-def exportable(name: str) -> bool:
-    return PEFT_METHODS.get(name).hf_peft_type is not None
+def methods_that(has) -> list[str]:
+    return [name for name in PEFT_METHODS.names() if has(PEFT_METHODS.get(name))]
+
+
+def exportable(method: type[PeftMethod]) -> bool:
+    """Whether the method has a Hugging Face peft adapter format."""
+    return method.hf_peft_type is not None
 
 
 def merges(method: type[PeftMethod]) -> bool:

@@ -62,11 +62,10 @@ def test_two_processes_evaluate_as_one(tmp_path, overrides):
 
 def test_a_sweep_under_mlx_launch_is_refused(monkeypatch):
     monkeypatch.setenv(distributed.LAUNCHED, "0")
-    monkeypatch.setattr(sys, "argv", ["run.py", "--multirun", "seed=0,1"])
     from metapeft.cli.run import distributed_arguments
 
     with pytest.raises(SystemExit) as exit_:
-        distributed_arguments(sys.argv[1:])
+        distributed_arguments(["--multirun", "seed=0,1"])
     assert exit_.value.code == 2
 
 

@@ -53,7 +53,7 @@ class PrefixTuning(PeftMethod):
     def init_adapter(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
         """``prefix``: (layers, 2, num_virtual_tokens, width), keys at [:, 0] and values at [:, 1]."""
         n = self.cfg.num_virtual_tokens
-        per_layer = self.model.token_keys_values(backbone, sample_inputs[:64])
+        per_layer = self.model.token_keys_values(backbone, sample_inputs[:64])  # enough tokens to draw from
         if self.cfg.init == PrefixInit.random:
             shape = (len(per_layer), 2, n, per_layer[0][0].shape[-1])
             return {"prefix": self.cfg.init_std * mx.random.normal(shape, key=key)}
