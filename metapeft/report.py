@@ -20,7 +20,7 @@ import yaml
 from metapeft import io
 from metapeft.config import GROUPS
 from metapeft.plots import plot_all
-from metapeft.stats import mean_ci95
+from metapeft.stats import ONE_SEED, SEEDS_AND_CLASSES, Interval, holm, p_value, seeds_ci95
 from metapeft.sweep import expected_jobs, identifying
 
 
@@ -154,40 +154,50 @@ def with_ci(mean: float, ci: float, signed: bool = False) -> str:
     return f"{mean:{'+' if signed else ''}.{decimals}f} ± {ci:.{decimals}f}"
 
 
-def per_task(runs: pd.DataFrame, k: str, side: str) -> np.ndarray:
-    return np.concatenate([np.asarray(v, dtype=float) for v in runs[f"_{k}shot.{side}.per_task"]])
-
-
-def task_sources(runs: pd.DataFrame, k: str) -> np.ndarray | None:
-    """The class sources of every task of every run, in ``per_task``'s order; None where a run has none
-    (regression tasks, which are independent draws, or runs written before sources were stored)."""
-    column = f"_{k}shot.task_sources"
+def per_seed(runs: pd.DataFrame, column: str) -> list[np.ndarray] | None:
+    """The per-task values of each run (seed) in ``column``; None where a run stored none."""
     if column not in runs or not all(isinstance(v, list) for v in runs[column]):
         return None
-    return np.concatenate([np.asarray(v, dtype=np.int64) for v in runs[column]])
+    return [np.asarray(v, dtype=float) for v in runs[column]]
 
 
-def pooled(runs: pd.DataFrame, k: str, side: str) -> tuple[float, float]:
-    """Mean and 95% CI over every evaluation task of every run (runs that differ only in seed). The seeds'
-    tasks come from the same meta-test classes, so the interval respects the classes of all of them together.
+def sources_per_seed(runs: pd.DataFrame, k: str) -> list[np.ndarray] | None:
+    """The class sources of each run's tasks; None where a run has none (regression tasks, which are independent
+    draws, or runs written before sources were stored)."""
+    return per_seed(runs, f"_{k}shot.task_sources")
+
+
+def pooled(runs: pd.DataFrame, k: str, side: str) -> Interval:
+    """Mean and 95% CI over the runs of one configuration (runs that differ only in seed), counting the variance
+    between training runs as well as between test classes (``metapeft.stats.seeds_ci95``).
 
     Runs written before per-task values were stored fall back to their own mean and CI (one run) or to the
     spread of the run means (several runs).
     """
-    column = f"_{k}shot.{side}.per_task"
-    if column in runs and all(isinstance(v, list) for v in runs[column]):
-        return mean_ci95(per_task(runs, k, side), task_sources(runs, k))
+    values = per_seed(runs, f"_{k}shot.{side}.per_task")
+    if values is not None:
+        return seeds_ci95(values, sources_per_seed(runs, k))
     means = runs[f"{k}shot.{side}.mean"].to_numpy(dtype=float)
-    return (float(means[0]), float(runs[f"{k}shot.{side}.ci95"].iloc[0])) if len(means) == 1 else mean_ci95(means)
+    if len(means) == 1:
+        return Interval(float(means[0]), float(runs[f"{k}shot.{side}.ci95"].iloc[0]), math.inf, ONE_SEED)
+    return seeds_ci95([[m, m] for m in means])  # each run's mean alone: the t interval of the seed means
 
 
-def paired_difference(runs: pd.DataFrame, k: str, baseline: str, higher: bool) -> tuple[float, float] | None:
+def paired_difference(runs: pd.DataFrame, k: str, baseline: str, higher: bool) -> Interval | None:
     """The meta-learned figure minus ``baseline``'s (sign flipped where lower is better: positive is better), task
-    by task on the same episodes, with its class-aware 95% CI; None for runs that stored no per-task values."""
-    if not all(isinstance(v, list) for v in runs[f"_{k}shot.meta_learned.per_task"]):
+    by task on the same episodes, with the interval of ``pooled``; None for runs that stored no per-task values."""
+    ours, theirs = (per_seed(runs, f"_{k}shot.{side}.per_task") for side in ("meta_learned", f"baseline.{baseline}"))
+    if ours is None or theirs is None:
         return None
-    ours, theirs = per_task(runs, k, "meta_learned"), per_task(runs, k, f"baseline.{baseline}")
-    return mean_ci95((ours - theirs) if higher else (theirs - ours), task_sources(runs, k))
+    differences = [(o - t) if higher else (t - o) for o, t in zip(ours, theirs)]
+    return seeds_ci95(differences, sources_per_seed(runs, k))
+
+
+def interval_label(interval: Interval) -> str:
+    """What a table row's interval covers, in a few words."""
+    if interval.num_seeds == 1:
+        return "1 seed: test tasks only"
+    return f"{interval.num_seeds} seeds" + (" x classes" if interval.method == SEEDS_AND_CLASSES else "")
 
 
 GROUP_KEYS = ["task", "algorithm", "peft", "model", "shots", "mode", "config"]
@@ -219,20 +229,44 @@ def comparison(frame: pd.DataFrame) -> pd.DataFrame:
                 names = baseline_names(done, k)
                 if names:
                     means = {name: pooled(done, k, f"baseline.{name}") for name in names}
-                    best = (max if higher else min)(names, key=lambda name: means[name][0])
-                    row[f"{k}-shot best baseline"] = f"{best} {with_ci(*means[best])}"
-                    row[f"_{k}-shot baseline mean"], row[f"_{k}-shot baseline ci95"] = means[best]
+                    best = (max if higher else min)(names, key=lambda name: means[name].mean)
+                    row[f"{k}-shot best baseline"] = f"{best} {with_ci(*means[best][:2])}"
+                    row[f"_{k}-shot baseline mean"], row[f"_{k}-shot baseline ci95"] = means[best][:2]
                     row[f"_{k}-shot baseline"] = best
-                mean, ci = pooled(done, k, "meta_learned")
-                row[f"{k}-shot"] = with_ci(mean, ci)
-                row[f"_{k}-shot mean"], row[f"_{k}-shot ci95"] = mean, ci
+                ours = pooled(done, k, "meta_learned")
+                row[f"{k}-shot"] = with_ci(*ours[:2])
+                row[f"_{k}-shot mean"], row[f"_{k}-shot ci95"] = ours[:2]
+                row["interval"] = interval_label(ours)
                 paired = paired_difference(done, k, best, higher) if names else None
                 if paired:
-                    row[f"{k}-shot vs {best}"] = with_ci(*paired, signed=True)
+                    row[f"{k}-shot vs {best}"] = with_ci(*paired[:2], signed=True)
+                    row[f"_{k}-shot p"] = p_value(paired)
             row["s/iteration"] = done["train.seconds_per_iteration"].mean()
             row["adapted params"] = int(done["parameters.adapted"].iloc[0])
         rows.append(row)
-    return pd.DataFrame(rows)
+    return with_holm(pd.DataFrame(rows))
+
+
+def with_holm(table: pd.DataFrame) -> pd.DataFrame:
+    """Each K's paired difference with its p-value adjusted by Holm over every comparison in the table (every row
+    and K): the family a reader scans for wins. A comparison is a win only where its adjusted p is under 0.05."""
+    p_columns = [c for c in table.columns if c.startswith("_") and c.endswith("-shot p")]
+    cells = [(i, c) for c in p_columns for i in table.index if pd.notna(table.at[i, c])]
+    if cells:
+        for (i, c), adjusted in zip(cells, holm([table.at[i, c] for i, c in cells])):
+            table.loc[i, c[1:-2] + " Holm p"] = float(adjusted)
+    return table
+
+
+def caption(table: pd.DataFrame) -> str:
+    """What comparison.md's intervals and p-values are, above the table."""
+    comparisons = sum(int(table[c].notna().sum()) for c in table.columns if c.endswith(" Holm p"))
+    return ("Mean ± 95% CI per configuration. Over several seeds the interval adds the variance between training runs "
+            "(the seed means' t interval) to the variance between test classes (delete-one-class jackknife over "
+            "every task of every seed; Satterthwaite degrees of freedom); a row from one seed covers its test tasks "
+            "only ('interval' says which). 'vs' columns: the paired difference to the best baseline on the same "
+            f"episodes (positive: better); 'Holm p' adjusts its p-value over the {comparisons} comparisons in this "
+            "table (Holm 1979).\n\n")
 
 
 def baselines_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -242,9 +276,9 @@ def baselines_table(frame: pd.DataFrame) -> pd.DataFrame:
     for identity, runs in done.groupby(GROUP_KEYS, sort=True, dropna=False):
         for k in eval_shots(runs):
             for name in baseline_names(runs, k):
-                mean, ci = pooled(runs, k, f"baseline.{name}")
+                interval = pooled(runs, k, f"baseline.{name}")
                 rows.append({**dict(zip(GROUP_KEYS, identity)), "K": int(k), "baseline": name,
-                             "value": with_ci(mean, ci)})
+                             "value": with_ci(*interval[:2]), "interval": interval_label(interval)})
     return pd.DataFrame(rows)
 
 
@@ -282,7 +316,7 @@ def write_report_files(frame, out_dir: Path) -> dict:
     baselines = baselines_table(frame)
     io.write_csv(out_dir / "comparison.csv", public(table))
     io.write_csv(out_dir / "baselines.csv", baselines)
-    io.write_text(out_dir / "comparison.md", public(table).to_markdown(index=False) + "\n\n" +
+    io.write_text(out_dir / "comparison.md", caption(table) + public(table).to_markdown(index=False) + "\n\n" +
                   (baselines.to_markdown(index=False) if not baselines.empty else "") + "\n")
     plots = plot_all(frame, table, out_dir, eval_shots)
     problems = frame[frame.status.isin(["unreadable", "missing", "refused"])]

@@ -187,3 +187,36 @@ def test_an_interrupted_aggregation_leaves_the_previous_report_whole(tmp_path, m
     monkeypatch.undo()
     write_report([tmp_path / "sweep"], tmp_path / "report")  # uninterrupted: the new report replaces the old
     assert "algorithm.inner_lr=0.2" in (tmp_path / "report" / "comparison.md").read_text()
+
+
+def test_three_seeds_make_one_row_whose_interval_includes_the_seed_to_seed_variance(tmp_path):
+    rng = np.random.default_rng(5)
+    effects = rng.normal(0, 0.05, 20)
+    per_seed = []
+    for seed, run_effect in zip((0, 1, 2), (-0.06, 0.0, 0.06)):  # training runs that differ more than tasks do
+        classes = np.stack([rng.choice(20, 5, replace=False) for _ in range(100)])
+        ours = 0.7 + run_effect + effects[classes].mean(axis=1) + rng.normal(0, 0.02, 100)
+        per_seed.append((ours, classes))
+        fake_job(tmp_path / "sweep" / str(seed), [], seed, ours, ours - 0.01, classes=classes.tolist())
+    write_report([tmp_path / "sweep"], tmp_path / "report")
+    table = comparison(collect([tmp_path / "sweep"]))
+    assert len(table) == 1 and table.seeds.iloc[0] == "0 1 2" and table.interval.iloc[0] == "3 seeds x classes"
+    tasks_only = mean_ci95(np.concatenate([v for v, _ in per_seed]), np.concatenate([c for _, c in per_seed]))[1]
+    seed_means = [v.mean() for v, _ in per_seed]
+    seeds_alone = 1.96 * np.std(seed_means, ddof=1) / np.sqrt(3)  # at least the normal quantile of the seed spread
+    assert table["_5-shot ci95"].iloc[0] > max(2 * tasks_only, seeds_alone)
+    assert table["_5-shot mean"].iloc[0] == pytest.approx(np.mean(seed_means))
+    report = (tmp_path / "report" / "comparison.md").read_text()
+    assert "variance between training runs" in report and "Holm" in report
+    assert table["5-shot Holm p"].iloc[0] == pytest.approx(table["_5-shot p"].iloc[0])  # a family of one
+
+
+def test_holm_adjusts_over_every_configuration_and_k_of_the_table(tmp_path):
+    rng = np.random.default_rng(6)
+    for lr in ("0.1", "0.2", "0.3"):
+        ours = rng.normal(0.7, 0.05, 50)
+        fake_job(tmp_path / "sweep" / lr, [f"algorithm.inner_lr={lr}"], 0, ours, ours - rng.normal(0.01, 0.05, 50))
+    table = comparison(collect([tmp_path / "sweep"]))
+    assert (table.interval == "1 seed: test tasks only").all()
+    raw, adjusted = table["_5-shot p"].to_numpy(), table["5-shot Holm p"].to_numpy()
+    assert (adjusted >= raw).all() and adjusted[np.argmin(raw)] == pytest.approx(min(1.0, 3 * raw.min()))

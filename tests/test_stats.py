@@ -4,12 +4,19 @@ import pytest
 
 from metapeft.stats import (
     CLASS_JACKKNIFE,
+    ONE_SEED,
+    SEEDS,
+    SEEDS_AND_CLASSES,
     TASKS_INDEPENDENT,
+    Interval,
     ci95_method,
     class_count,
     class_set_count,
     difference_ci95,
+    holm,
     mean_ci95,
+    p_value,
+    seeds_ci95,
 )
 
 
@@ -92,3 +99,65 @@ def test_a_difference_over_the_same_classes_lets_their_effects_cancel():
     assert abs(gain - 0.05) < joint < 0.5 * separate  # covers the truth, far narrower than the two apart
     assert difference_ci95(first, None, second, None)[1] == pytest.approx(np.hypot(mean_ci95(first)[1],
                                                                                     mean_ci95(second)[1]))
+
+
+def crossed_runs(rng, num_seeds, seed_sd, num_classes=20, class_sd=0.05, noise_sd=0.05, tasks=100, classes=True):
+    """Per-task values of ``num_seeds`` training runs scored on tasks of the same meta-test classes: a run effect
+    (seed), class effects shared by every run, episode noise. The true mean over new runs and new classes is 0."""
+    class_effects = rng.normal(0.0, class_sd, num_classes)
+    values, sources = [], []
+    for _ in range(num_seeds):
+        drawn = np.stack([rng.choice(num_classes, 5, replace=False) for _ in range(tasks)])
+        run_effect = rng.normal(0.0, seed_sd)
+        shared = class_effects[drawn].mean(axis=1) if classes else rng.normal(0.0, class_sd, tasks)
+        values.append(run_effect + shared + rng.normal(0.0, noise_sd, tasks))
+        sources.append(drawn)
+    return values, (sources if classes else None)
+
+
+@pytest.mark.parametrize("seed_sd", [0.0, 0.06])
+@pytest.mark.parametrize("classes", [True, False])
+def test_the_seed_interval_covers_the_mean_over_new_runs_and_new_classes(seed_sd, classes):
+    rng = np.random.default_rng(2)
+    covered, pooled_covered, repeats = 0, 0, 200
+    for _ in range(repeats):
+        values, sources = crossed_runs(rng, 5, seed_sd, classes=classes, tasks=60)
+        interval = seeds_ci95(values, sources)
+        covered += abs(interval.mean) <= interval.ci95
+        mean, half = mean_ci95(np.concatenate(values), None if sources is None else np.concatenate(sources))
+        pooled_covered += abs(mean) <= half
+    assert covered / repeats >= 0.91  # nominal 0.95; 200 repeats measure it to about +-0.03
+    if seed_sd > 0:  # pooling the seeds' tasks as one sample misses the run-to-run variance
+        assert pooled_covered / repeats < 0.8
+
+
+def test_the_seed_interval_names_its_method_and_one_seed_says_it_covers_test_tasks_only():
+    rng = np.random.default_rng(3)
+    values, sources = crossed_runs(rng, 3, 0.01)
+    assert seeds_ci95(values, sources).method == SEEDS_AND_CLASSES
+    assert seeds_ci95(values, None).method == SEEDS
+    assert seeds_ci95(values, None).df == 2
+    one = seeds_ci95(values[:1], sources[:1])
+    assert one.method == ONE_SEED and one.num_seeds == 1
+    assert (one.mean, one.ci95) == pytest.approx(mean_ci95(values[0], sources[0]))
+    with pytest.raises(ValueError, match="two test tasks"):
+        seeds_ci95([np.zeros(1)])
+
+
+def test_holm_adjusts_step_down_and_controls_the_family_wise_error():
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert holm([0.2]) == pytest.approx([0.2])
+    rng = np.random.default_rng(4)
+    # 12 comparisons of nothing: some raw p-value under 0.05 is common, an adjusted one rare
+    raw, adjusted = 0, 0
+    for _ in range(400):
+        p = rng.uniform(size=12)
+        raw += p.min() < 0.05
+        adjusted += holm(p).min() < 0.05
+    assert raw / 400 > 0.4 and adjusted / 400 <= 0.07
+
+
+def test_the_p_value_agrees_with_the_interval():
+    interval = Interval(mean=0.1, ci95=0.1, df=10, method=SEEDS)
+    assert p_value(interval) == pytest.approx(0.05)
+    assert p_value(Interval(0.0, 0.1, 10, SEEDS)) == pytest.approx(1.0)

@@ -4,8 +4,9 @@
 
 Writes summary.csv (a row per run), comparison.md / comparison.csv (a row per configuration: runs are pooled only
 when they differ in nothing but the seed; for each K the best baseline measured on the same episodes, the
-meta-learned figure and the paired difference to that baseline, each as mean ± 95% CI over every evaluation task of
-the pooled seeds; seconds per meta-iteration, adapted parameters; failed, diverged, missing and unreadable runs
+meta-learned figure and the paired difference to that baseline, each as mean ± 95% CI over the pooled seeds that
+counts the variance between training runs and between test classes, with Holm-adjusted p-values over the table's
+comparisons; seconds per meta-iteration, adapted parameters; failed, diverged, missing and unreadable runs
 shown as such, duplicated seeds flagged), baselines.csv (every baseline of every configuration) and PNG plots.
 Default output: SWEEP_DIR/report.
 """
@@ -15,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from metapeft.report import ReportError, public, write_report
+from metapeft.report import ReportError, caption, public, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(public(result["table"]).to_markdown(index=False, floatfmt=".4g"))
+    print(caption(result["table"]) + public(result["table"]).to_markdown(index=False, floatfmt=".4g"))
     for problem in result["problems"]:
         print(f"warning: {problem}", file=sys.stderr)
     out = args.out or args.sweep_dirs[0] / "report"
