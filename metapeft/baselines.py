@@ -5,10 +5,12 @@ Classification (N-way K-shot):
   the flattened image, or for text a bag of tokens (``TaskFamily.raw_features``).
 - ``nearest_neighbour``: each query takes the label of its nearest support example (1-NN, Euclidean) on the raw
   input.
-- ``logistic_regression``: scikit-learn's ``LogisticRegression`` (defaults, L2, C=1) fit on the raw support set.
+- ``logistic_regression``: scikit-learn's ``LogisticRegression`` (L2) fit on the raw support set, its C chosen on
+  meta-validation tasks of the same K from ``probe.logistic_c``.
 - ``prototype``: nearest centroid on the features of the pretrained backbone (frozen, its head removed).
 - ``linear_probe``: logistic regression on those features, each L2-normalized (as Tian et al., 2020, "a good
-  embedding is all you need", do; it also keeps lbfgs from running into its iteration limit on raw features).
+  embedding is all you need", do; it also keeps lbfgs from running into its iteration limit on raw features), its C
+  chosen on validation as ``logistic_regression``'s.
 - ``plain_init``: the run's own model and method from its plain initialization (no meta-learning), adapted by the
   algorithm's own update rule with the evaluation budget.
 - ``finetune``: the practitioner's baseline (``metapeft.finetune``): the pretrained backbone with a fresh head and
@@ -18,14 +20,17 @@ Classification (N-way K-shot):
 
 Regression:
 - ``zero``: predict 0. ``support_mean``: predict the mean support target.
-- ``linear_probe``: the multi-task pretrained backbone with its head refit on the support set (ridge, alpha=1).
+- ``linear_probe``: the multi-task pretrained backbone with its head refit on the support set (ridge, alpha chosen
+  on validation from ``probe.ridge_alpha``).
 - ``plain_init``, ``finetune``, ``finetune_head``: as above.
 - ``oracle`` (a task family that knows the right backbone, ``task=low_rank``): ``finetune`` over that backbone.
 
 The pretrained backbone is the one the PEFT methods adapt (``metapeft.pretrain``: trained on the meta-train split
 only); for ``peft=none`` it is pretrained (and cached) for these baselines alone. No baseline is tuned on the test
-split: library defaults throughout, except ``max_iter=1000`` (lbfgs converges) and the probe's normalization; the
-fine-tuning baselines' two settings are chosen on meta-validation tasks.
+split: the linear read-outs' regularisation and the fine-tuning baselines' two settings are chosen on the
+``mode.num_val_tasks`` meta-validation tasks of the test episodes' K (the same tasks for all of them), and each
+choice is recorded in metrics.json (``chosen_on_validation``, with ``at_grid_edge`` where the grid may have cut it
+short); lbfgs runs to ``max_iter=1000``.
 """
 from __future__ import annotations
 
@@ -37,9 +42,9 @@ from metapeft.backend import mx
 from metapeft.build import Experiment
 from metapeft.errors import require
 from metapeft.evaluate import BaselineFn, plain_init_curves
-from metapeft.finetune import tuned_finetune
+from metapeft.finetune import shots_of, tuned_finetune, validation_episodes
 from metapeft.peft.targets import without_head
-from metapeft.probes import flat, nearest_centroid, ridge_mse
+from metapeft.probes import flat, logistic_regression, nearest_centroid, ridge_mse, tuned
 from metapeft.tasks.base import Episodes
 from metapeft.trees import merge
 
@@ -76,14 +81,6 @@ def nearest_neighbour(xs, ys, xq, yq) -> np.ndarray:
     return (np.take_along_axis(np.asarray(ys), nearest, axis=1) == np.asarray(yq)).mean(axis=1)
 
 
-def logistic_regression(xs, ys, xq, yq) -> np.ndarray:
-    from sklearn.linear_model import LogisticRegression  # 1 s to import: only when a baseline needs it
-
-    ys, yq = np.asarray(ys), np.asarray(yq)
-    return np.array([LogisticRegression(max_iter=1000).fit(xs[t], ys[t]).score(xq[t], yq[t])
-                     for t in range(len(xs))])
-
-
 def l2_normalized(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
 
@@ -115,16 +112,34 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
     embedded = lambda x: np.concatenate([flat(embed(x[lo: lo + chunk])) for lo in range(0, len(x), chunk)])
     features = last_episodes(lambda e: (embedded(e.xs), embedded(e.xq)))
     raw = last_episodes(lambda e: exp.task.raw_features(e.xs, e.xq))
+    # the meta-validation tasks of the last K, and their features: a tuned read-out chooses on them
+    validation = last_episodes(lambda e: validation_episodes(exp, shots_of(exp, e)))
+    val_features = last_episodes(lambda v: (embedded(v.xs), embedded(v.xq)))
+    val_raw = last_episodes(lambda v: exp.task.raw_features(v.xs, v.xq))
+    grid, grid_name = (exp.cfg.probe.logistic_c, "C") if classes else (exp.cfg.probe.ridge_alpha, "alpha")
+
+    def tuned_read_out(e: Episodes, read_out: Callable, test_inputs: Callable, val_inputs: Callable):
+        """``read_out(value, support, ys, query, yq)`` over the inputs (episodes -> (support, query)) at the grid
+        value chosen on the meta-validation tasks of e's K: (per-task test scores, that choice)."""
+        val = validation(e)
+        (vs, vq), (ts, tq) = val_inputs(val), test_inputs(e)
+        return tuned(read_out, list(grid), (vs, val.ys, vq, val.yq), (ts, e.ys, tq, e.yq), exp.task.higher_is_better,
+                     grid_name)
 
     def prototype(e: Episodes) -> np.ndarray:
         support, query = features(e)
         return nearest_centroid(support, e.ys, query, e.yq, classes)
 
-    def linear_probe(e: Episodes) -> np.ndarray:
-        support, query = features(e)
+    def linear_probe(e: Episodes) -> tuple[np.ndarray, dict]:
         if classes:
-            return logistic_regression(l2_normalized(support), e.ys, l2_normalized(query), e.yq)
-        return ridge_mse(support, e.ys, query, e.yq)
+            read_out = lambda c, xs, ys, xq, yq: logistic_regression(l2_normalized(xs), ys, l2_normalized(xq), yq, c)
+        else:
+            read_out = lambda alpha, xs, ys, xq, yq: ridge_mse(xs, ys, xq, yq, alpha)
+        return tuned_read_out(e, read_out, features, val_features)
+
+    def raw_logistic_regression(e: Episodes) -> tuple[np.ndarray, dict]:
+        return tuned_read_out(e, lambda c, xs, ys, xq, yq: logistic_regression(xs, ys, xq, yq, c),
+                              raw, val_raw)
 
     def oracle(e: Episodes) -> tuple[np.ndarray, dict]:
         """``finetune`` over the backbone the task family knows to be right (``task=low_rank``: A*)."""
@@ -156,7 +171,7 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
         "plain_init": lambda e: plain_init_curves(exp, plain, frozen, e, exp.cfg.evaluation.curve_steps),
         "nearest_centroid": lambda e: nearest_centroid(raw(e)[0], e.ys, raw(e)[1], e.yq, classes),
         "nearest_neighbour": lambda e: nearest_neighbour(raw(e)[0], e.ys, raw(e)[1], e.yq),
-        "logistic_regression": lambda e: logistic_regression(raw(e)[0], e.ys, raw(e)[1], e.yq),
+        "logistic_regression": raw_logistic_regression,
         "prototype": prototype,
         "linear_probe": linear_probe,
         "zero": lambda e: np.mean(flat(e.yq) ** 2, axis=(1, 2)),

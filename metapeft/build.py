@@ -88,7 +88,8 @@ class InitialState(NamedTuple):
 
 
 def backbone_key(cfg: DictConfig) -> mx.array:
-    return mx.random.split(mx.random.key(cfg.seed), 3)[0]
+    """The key a backbone is initialized with before pretraining: from ``pretrain.seed`` (by default the run's)."""
+    return mx.random.split(mx.random.key(cfg.pretrain.seed), 3)[0]
 
 
 def pretrained(exp: Experiment) -> tuple[dict, dict]:

@@ -16,6 +16,7 @@ from omegaconf import MISSING, OmegaConf
 
 from metapeft.errors import require
 from metapeft.finetune import FinetuneConfig
+from metapeft.probes import ProbeConfig
 from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS, import_submodules, load_plugins
 
 GROUPS = ("algorithm", "peft", "shots", "mode", "task", "model")  # the config groups every run chooses from
@@ -85,6 +86,9 @@ class PretrainConfig:
     val_shots: int = "${shots.train}"  # type: ignore[assignment]  # support examples per class (or task) there
     batch_size: int = 128
     lr: float = 0.001  # Adam
+    # the backbone's seed: by default the run's, so that a sweep over seeds includes pretraining's variance; a
+    # fixed value holds one backbone for every seed (the meta-training run's variance alone)
+    seed: int = "${seed}"  # type: ignore[assignment]
     cache_dir: str = "${oc.select:paths.cache_dir,'~/.cache/metapeft'}"
 
 
@@ -132,6 +136,7 @@ class RunConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     seed: int = 0
     device: Device = Device.auto
     progress: bool = True  # tqdm progress bars
@@ -235,4 +240,7 @@ def validate_common(cfg: Any) -> None:
             f"must list step counts >= 1, got {list(cfg.mode.finetune_steps)}")
     require(len(cfg.finetune.learning_rates) > 0 and min(cfg.finetune.learning_rates) > 0,
             "finetune.learning_rates", f"must list rates > 0, got {list(cfg.finetune.learning_rates)}")
+    for key in ("logistic_c", "ridge_alpha"):
+        require(len(cfg.probe[key]) > 0 and min(cfg.probe[key]) > 0, f"probe.{key}",
+                f"must list values > 0, got {list(cfg.probe[key])}")
     require(cfg.evaluation.chunk_size > 0, "evaluation.chunk_size", f"must be > 0, got {cfg.evaluation.chunk_size}")

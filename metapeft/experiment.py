@@ -275,6 +275,7 @@ def evaluate_run(exp: Experiment, start: InitialState, meta: dict, frozen: dict,
         "inference_ms_per_sample": inference_ms,
         "memory": memory_mb(),
         "blas": blas.status(),
+        "processes": distributed.size(),  # mlx.launch -n: sums and dropout masks split over processes differ
         "cpu_affinity": affinity.status(),
         "peft": exp.peft.report(frozen),
         "pretraining": pretraining,

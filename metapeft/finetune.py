@@ -98,6 +98,16 @@ def choose_on_validation(step_tasks: Callable, metric: MetricFn, start: Start, v
             "num_val_tasks": len(val_episodes)}
 
 
+def validation_episodes(exp, shots: int) -> Episodes:
+    """The ``mode.num_val_tasks`` meta-validation tasks of K = ``shots`` that every tuned baseline chooses its
+    settings on (the same tasks for all of them)."""
+    return exp.task.sample("val", exp.cfg.mode.num_val_tasks, shots, np.random.default_rng([exp.cfg.seed, 6, shots]))
+
+
+def shots_of(exp, episodes: Episodes) -> int:
+    return episodes.xs.shape[1] // (exp.task.num_classes or 1)
+
+
 def tuned_finetune(exp, loss: LossFn, metric: MetricFn, start: Start, episodes: Episodes,
                    inputs: Callable[[Episodes], Episodes] | None = None) -> tuple[np.ndarray, dict]:
     """Per-task test metric of fine-tuning from ``start`` with the (learning rate, steps) chosen on
@@ -105,8 +115,7 @@ def tuned_finetune(exp, loss: LossFn, metric: MetricFn, start: Start, episodes: 
     validation and test episodes into what ``loss`` and ``metric`` read (e.g. a fixed body's features, computed
     once instead of at every step)."""
     cfg = exp.cfg
-    shots = episodes.xs.shape[1] // (exp.task.num_classes or 1)
-    val = exp.task.sample("val", cfg.mode.num_val_tasks, shots, np.random.default_rng([cfg.seed, 6, shots]))
+    val = validation_episodes(exp, shots_of(exp, episodes))
     if inputs is not None:
         val, episodes = inputs(val), inputs(episodes)
     step_tasks = task_stepper(loss)

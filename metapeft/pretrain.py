@@ -7,8 +7,11 @@ baselines use them); training stops after ``pretrain.patience`` validations with
 ``pretrain.iterations``, and the best validated weights are kept. How long it ran and why it stopped are recorded
 with the weights (and so in every run's ``metrics.json`` under ``pretraining``).
 
-The cache file is named by a hash of everything that determines the weights (task, model, pretraining settings,
-seed). Concurrent jobs asking for the same backbone take a file lock: the first trains and writes it atomically
+The cache file is named by a hash of everything that determines the weights: task, model, pretraining settings
+(``pretrain.seed`` among them: by default the run's seed, so that runs over several seeds include the variance of
+pretraining), and the numerics that change float results (the BLAS and its thread count: OpenBLAS splits a matrix
+product's sums differently over 1 and 2 threads, and early stopping can then end thousands of iterations apart).
+Concurrent jobs asking for the same backbone take a file lock: the first trains and writes it atomically
 (temporary file, then rename); the others wait and load it. A cache file that cannot be read (damaged outside
 metapeft) is built again, as on a miss. Location: ``pretrain.cache_dir`` (default
 ``$METAPEFT_CACHE_DIR`` or ``~/.cache/metapeft``).
@@ -25,21 +28,28 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from metapeft import io
+from metapeft import blas, io
 from metapeft.backend import mx, optim
 from metapeft.probes import flat, nearest_centroid, ridge_mse
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # 2: early stopping on meta-validation
+FORMAT_VERSION = 3  # 2: early stopping on meta-validation; 3: pretrain.seed, the numerics in the key
 
 
-def cache_key(cfg: DictConfig) -> str:
+def numerics() -> dict:
+    """What, besides the settings, changes a backbone's float results on this machine: the BLAS behind MLX's CPU
+    matrix products and its thread count."""
+    status = blas.status()
+    return {"blas": status.get("backend"), "blas_threads": status.get("threads")}
+
+
+def cache_key(cfg: DictConfig, machine: dict) -> str:
     identity = {
         "version": FORMAT_VERSION,
         "task": OmegaConf.to_container(cfg.task, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "pretrain": {k: v for k, v in OmegaConf.to_container(cfg.pretrain, resolve=True).items() if k != "cache_dir"},
-        "seed": cfg.seed,
+        "numerics": machine,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -48,7 +58,7 @@ def pretrained_backbone(cfg: DictConfig, model_class, task, key: mx.array, progr
     """The backbone's parameters (with a head sized for pretraining) and facts about where they came from."""
     directory = Path(cfg.pretrain.cache_dir).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"{cfg.task.name}-{cfg.model.name}-{cache_key(cfg)}"
+    name = f"{cfg.task.name}-{cfg.model.name}-{cache_key(cfg, numerics())}"
     path = directory / f"{name}.safetensors"
     with open(directory / f"{name}.lock", "w") as lock:
         try:
@@ -59,17 +69,19 @@ def pretrained_backbone(cfg: DictConfig, model_class, task, key: mx.array, progr
         if path.exists():
             try:
                 params, facts = io.load_tree_with_metadata(path)
-                return params, {"cache_file": str(path), "cache_hit": True, **json.loads(facts.get("facts", "{}"))}
+                return params, {"cache_file": str(path), "cache_hit": True, "seed": cfg.pretrain.seed, **numerics(),
+                                **json.loads(facts.get("facts", "{}"))}
             except (OSError, ValueError, RuntimeError) as error:  # truncated or corrupt: a miss, not a failed run
                 log.warning("the cached backbone %s cannot be read (%s); pretraining it again", path, error)
         model = model_class(cfg.model, task.input_shape, task.pretraining_outputs)
-        params, facts = train(model, task, cfg.pretrain, key, cfg.seed, progress)
+        params, facts = train(model, task, cfg.pretrain, key, cfg.pretrain.seed, progress)
         io.save_tree(path, params, metadata={"facts": json.dumps(facts)})
         log.info("pretrained %s on %s meta-train data: %d iterations, best validation %s %.4f at iteration %d (%s)"
                  " -> %s", cfg.model.name, cfg.task.name, facts["iterations"], task.metric_name,
                  facts["best_val_metric"], facts["best_iteration"], facts["stopped"], path)
         # return what a later job will load, so a cache hit and a miss give the very same tree
-        return io.load_tree(path), {"cache_file": str(path), "cache_hit": False, **facts}
+        return io.load_tree(path), {"cache_file": str(path), "cache_hit": False, "seed": cfg.pretrain.seed,
+                                    **numerics(), **facts}
 
 
 def feature_score(model, task, params: dict, episodes) -> float:

@@ -69,6 +69,9 @@ def test_a_classification_run_reports_every_baseline_and_the_paired_difference_t
         ours, theirs = (np.array(x["per_task"]) for x in (shot["meta_learned"], shot["baselines"][best["baseline"]]))
         assert best["difference"] == pytest.approx(float((ours - theirs).mean()))
     assert f"the best baseline, {best['baseline']}" in result.stdout + result.stderr  # the console names it
+    for name, key in (("linear_probe", "C"), ("logistic_regression", "C"), ("finetune", "learning_rate")):
+        choice = shot["baselines"][name]["chosen_on_validation"]  # every tuned baseline records its choice
+        assert choice[key] is not None and choice["num_val_tasks"] == 4 and "at_grid_edge" in choice
 
 
 @pytest.mark.parametrize("overrides", [["baselines=[nearest_centroid]"], ["task=digits", "baselines=[zero]"],
@@ -100,9 +103,46 @@ def test_pretrained_features_are_embedded_a_chunk_of_tasks_at_a_time_with_the_sa
         exp.model.features = counted
         chosen = make_baselines(exp, start.plain, start.frozen, lambda: pretrained(exp)[0])
         scores[chunk] = {name: baseline(episodes) for name, baseline in chosen.items()}
-    assert traces == {2: 2 * 4, 200: 2 * 1}  # support and query sets of 7 tasks: 4 chunks of 2, or 1 of 200
-    for name in ("prototype", "linear_probe"):
-        np.testing.assert_allclose(scores[2][name], scores[200][name], atol=1e-6)
+    # support and query sets of 7 test tasks (4 chunks of 2, or 1 of 200) and of the probe's 50 validation tasks
+    assert traces == {2: 2 * 4 + 2 * 25, 200: 2 * 1 + 2 * 1}
+    np.testing.assert_allclose(scores[2]["prototype"], scores[200]["prototype"], atol=1e-6)
+    np.testing.assert_allclose(scores[2]["linear_probe"][0], scores[200]["linear_probe"][0], atol=1e-6)
+
+
+def test_a_read_out_takes_the_grid_value_validation_prefers_and_ties_go_to_the_default():
+    from metapeft.probes import tuned
+
+    validation, test = (np.array([1.0]),), (np.array([2.0]),)
+    score = lambda value, x: x * {0.1: 0.5, 1.0: 0.6, 10.0: 0.7}[value]  # per task: here one task
+    scores, facts = tuned(score, [0.1, 1.0, 10.0], validation, test, True, "C")
+    choice = facts["chosen_on_validation"]
+    assert scores.tolist() == [1.4] and choice["C"] == 10.0 and choice["at_grid_edge"]
+    assert choice["val_grid"] == {"0.1": 0.5, "1": 0.6, "10": pytest.approx(0.7)}
+    _, facts = tuned(score, [0.1, 1.0, 10.0], validation, test, False, "alpha")  # lower is better
+    assert facts["chosen_on_validation"]["alpha"] == 0.1
+    _, facts = tuned(lambda value, x: x, [0.01, 1.0, 100.0], validation, test, True, "C")  # all tie
+    assert facts["chosen_on_validation"] == {**facts["chosen_on_validation"], "C": 1.0, "at_grid_edge": False}
+    nan = lambda value, x: x * (np.nan if value == 1.0 else 0.1)  # a value that failed is never chosen
+    assert tuned(nan, [0.1, 1.0], validation, test, True, "C")[1]["chosen_on_validation"]["C"] == 0.1
+
+
+def test_the_tuned_linear_probe_is_logistic_regression_at_the_chosen_c_on_the_test_episodes(compose_cfg, tmp_path):
+    from metapeft.baselines import l2_normalized, make_baselines
+    from metapeft.build import initial_state, pretrained
+
+    exp = build(compose_cfg("task=digits", "peft=lora", "mode=tiny", "pretrain.iterations=20",
+                            f"pretrain.cache_dir={tmp_path}", "baselines=[linear_probe]", "probe.logistic_c=[0.001,1]"))
+    start = initial_state(exp)
+    episodes = exp.task.sample("test", 6, 1, np.random.default_rng(0))
+    scores, facts = make_baselines(exp, start.plain, start.frozen, lambda: pretrained(exp)[0])["linear_probe"](episodes)
+    backbone = pretrained(exp)[0]
+    embed = lambda x: np.stack([np.asarray(exp.model.features(backbone, x[t])).reshape(x.shape[1], -1)
+                                for t in range(x.shape[0])])
+    c = facts["chosen_on_validation"]["C"]
+    expected = logistic_regression(l2_normalized(embed(episodes.xs)), episodes.ys, l2_normalized(embed(episodes.xq)),
+                                   episodes.yq, c)
+    np.testing.assert_allclose(scores, expected)
+    assert set(facts["chosen_on_validation"]["val_grid"]) == {"0.001", "1"}
 
 
 def test_adam_over_trees_is_adam_with_bias_correction():

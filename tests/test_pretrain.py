@@ -37,6 +37,8 @@ def test_pretraining_is_cached_by_what_determines_it(compose_cfg, tmp_path):
     other, info_other = pretrain(compose_cfg, tmp_path, "seed=1")
     assert not info_other["cache_hit"] and not same(first, other)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    held, info_held = pretrain(compose_cfg, tmp_path, "seed=1", "pretrain.seed=0")  # one backbone for every seed
+    assert info_held["cache_hit"] and info_held["seed"] == 0 and same(first, held)
 
 
 WORKER = """
@@ -65,6 +67,19 @@ def test_concurrent_jobs_pretrain_once(tmp_path):
     assert sorted(r["hit"] for r in results) == [False, True]  # one trained, the other waited and loaded
     assert results[0]["sum"] == results[1]["sum"]
     assert len(list(tmp_path.glob("*.safetensors"))) == 1 and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_two_blas_thread_counts_give_the_same_backbone_or_different_cache_entries(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [*SMALL, "pretrain.iterations=60", f"pretrain.cache_dir={tmp_path}", "progress=false"]
+    results = []
+    for threads in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", WORKER, *args], cwd=REPO, capture_output=True, text=True,
+                              env={**env, "METAPEFT_BLAS_THREADS": threads}, timeout=300)
+        assert done.returncode == 0, done.stderr
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    files = list(tmp_path.glob("*.safetensors"))
+    assert results[0]["sum"] == results[1]["sum"] or (len(files) == 2 and not results[1]["hit"])
 
 
 def test_a_damaged_cache_file_is_pretrained_again_not_a_failed_run(compose_cfg, tmp_path):
