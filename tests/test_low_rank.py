@@ -50,9 +50,20 @@ def test_the_meta_learn_table_compares_runs_on_the_same_episodes(compose_cfg, tm
     assert main([str(tmp_path / "adapter"), str(tmp_path / "backbone"), "--out", str(tmp_path / "t.md")]) == 0
     table = (tmp_path / "t.md").read_text()
     assert "meta_learn=adapter | meta_learn=backbone | oracle" in table
+    assert "test tasks of one seed (test tasks only" in table and (tmp_path / "t.png").exists()
     assert main([str(tmp_path)]) == 0  # a directory holding the runs (a sweep) works too
     assert len([line for line in table.splitlines() if line.startswith("| 5 ") or line.startswith("| 10 ")]) == 2
     run(compose_cfg(*LOW_RANK, f"pretrain.cache_dir={tmp_path / 'cache'}", "shots.eval=[5]"), tmp_path / "plain")
     with pytest.raises(SystemExit):
         main([str(tmp_path / "plain")])  # not run with evaluation.finetune_meta_learned=true
     assert "evaluation.finetune_meta_learned=true" in capsys.readouterr().err
+    for meta_learn in ("adapter", "backbone"):  # a second seed: one row per K over both
+        run(compose_cfg(*LOW_RANK, f"pretrain.cache_dir={tmp_path / 'cache'}", "shots.eval=[5,10]", "seed=1",
+                        f"algorithm.meta_learn={meta_learn}", "evaluation.finetune_meta_learned=true"),
+            tmp_path / "seeds" / meta_learn)
+    assert main([str(tmp_path / "adapter"), str(tmp_path / "backbone"), str(tmp_path / "seeds"),
+                 "--out", str(tmp_path / "seeds.md")]) == 0
+    assert "over 2 seeds of" in (tmp_path / "seeds.md").read_text()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "adapter"), str(tmp_path / "seeds")])  # meta_learn=backbone has seed 1 only
+    assert "the same seeds" in capsys.readouterr().err

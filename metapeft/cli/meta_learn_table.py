@@ -10,22 +10,25 @@ from pathlib import Path
 
 from metapeft.errors import ConfigError
 from metapeft.io import write_text
-from metapeft.meta_learn_report import load_runs, table
+from metapeft.meta_learn_report import figure, load_runs, table
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Runs that differ only in algorithm.meta_learn, side by side, "
                                      "after fine-tuning on the same test episodes.")
     parser.add_argument("runs", nargs="+", type=Path, help="run directories, or a sweep directory holding them")
-    parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
+    parser.add_argument("--out", type=Path, help="also write the table to this Markdown file, and its figure beside "
+                        "it (the same name, .png and .pdf)")
     args = parser.parse_args(argv)
     try:
-        text = table(load_runs(args.runs))
+        runs = load_runs(args.runs)
+        text = table(runs)
     except ConfigError as error:
         parser.error(str(error))
     print(text)
     if args.out:
         write_text(args.out, text)
+        figure(runs, args.out.with_suffix(".png"))
     return 0
 
 
