@@ -34,15 +34,16 @@ GROUP_HELP = {  # what ``--help`` lists (the schema/* groups are internal, trans
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package (conf/ at the top links here)
 
 
+def group_options(group: str) -> list[str]:
+    """A group's options, read from conf/<group>/ (1shot, 5shot, 10shot, 20shot in numeric order)."""
+    stems = [p.stem for p in (CONF_DIR / group).glob("*.yaml")]
+    return sorted(stems, key=lambda stem: (int(digits) if (digits := stem.removesuffix("shot")).isdigit() else 0, stem))
+
+
 def groups_help() -> str:
     """``--help``'s list of groups: options read from conf/<group>/, one line each with what the group chooses."""
-    lines = []
-    for group, description in GROUP_HELP.items():
-        stems = [p.stem for p in (CONF_DIR / group).glob("*.yaml")]
-        options = ", ".join(sorted(stems, key=lambda stem: (int(digits) if (digits := stem.rstrip("shot")).isdigit()
-                                                             else 0, stem)))  # 1shot, 5shot, 10shot, 20shot
-        lines.append(f"  {group}: {options}\n      {description}")
-    return "\n".join(lines)
+    return "\n".join(f"  {group}: {', '.join(group_options(group))}\n      {description}"
+                     for group, description in GROUP_HELP.items())
 
 
 @dataclass

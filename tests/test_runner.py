@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -250,15 +251,41 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_if_never_stoppe
     assert not (tmp_path / "stopped" / "checkpoint" / "training.json").exists()  # nothing left to resume
 
 
+def every_file(directory) -> dict:
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def test_a_refused_resume_keeps_the_interrupted_runs_record(tmp_path):
     args = ["progress=false", "mode.num_iterations=1500", "mode.val_interval=100", "mode.num_eval_tasks=20"]
-    stopped = stopped_by_sigterm(tmp_path / "stopped", args, "training.json")
+    stopped_by_sigterm(tmp_path / "stopped", args, "training.json")
+    before = every_file(tmp_path / "stopped")
     refused = run_cli(f"hydra.run.dir={tmp_path / 'stopped'}", *args, "resume=true", "algorithm.inner_lr=0.02")
-    console = refused.stdout + refused.stderr
-    assert refused.returncode == 2 and "holds the training state of a run with other overrides" in console
-    assert f"recorded in {tmp_path / 'stopped' / 'refused.json'}" in console
-    assert json.loads((tmp_path / "stopped" / "metrics.json").read_text()) == stopped  # the record is intact
-    assert json.loads((tmp_path / "stopped" / "refused.json").read_text())["status"] == "refused"
+    assert refused.returncode == 2 and "holds a interrupted run" not in refused.stderr
+    assert "holds an interrupted run made with other overrides (with algorithm.inner_lr=0.02)" in refused.stderr
+    after = every_file(tmp_path / "stopped")
+    assert json.loads(after.pop(Path("refused.json")))["status"] == "refused"  # written beside the run
+    assert after == before  # every file, .hydra/ included, byte for byte
+
+
+def test_resume_with_other_overrides_into_a_completed_run_is_refused_and_changes_nothing(tmp_path):
+    done = run_cli(f"hydra.run.dir={tmp_path}", "mode=tiny", "progress=false")
+    assert done.returncode == 0, done.stderr[-2000:]
+    before = every_file(tmp_path)
+    refused = run_cli(f"hydra.run.dir={tmp_path}", "mode=tiny", "progress=false", "algorithm=reptile", "resume=true")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert "holds a completed run made with other overrides (with algorithm=reptile)" in refused.stderr
+    after = every_file(tmp_path)
+    after.pop(Path("refused.json"))
+    assert after == before
+    same = run_cli(f"hydra.run.dir={tmp_path}", "mode=tiny", "progress=false", "resume=true")  # its own overrides
+    assert same.returncode == 0 and "already completed with these overrides; skipped" in same.stdout + same.stderr
+
+
+@pytest.mark.parametrize("argument", ["algorithm=mamll", "seed=abc"])
+def test_a_config_hydra_cannot_compose_exits_2_with_hydras_message(tmp_path, argument):
+    result = run_cli(f"hydra.run.dir={tmp_path}", argument)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert ("mamll" if "mamll" in argument else "abc") in result.stderr
 
 
 def test_a_run_stopped_during_evaluation_resumes_there_without_meta_training_again(tmp_path):
@@ -274,7 +301,10 @@ def test_a_run_stopped_during_evaluation_resumes_there_without_meta_training_aga
 
 def test_a_number_for_a_group_option_says_what_to_write_instead(tmp_path):
     result = run_cli(f"hydra.run.dir={tmp_path}", "shots=5")
-    assert result.returncode == 2 and "shots.train=5" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "shots=5shot" in result.stderr and "Traceback" not in result.stderr
+    assert "20shot" in result.stderr  # every option, read from the configs
+    result = run_cli(f"hydra.run.dir={tmp_path}", "shots=3")
+    assert result.returncode == 2 and "shots.train=3" in result.stderr
 
 
 def test_a_relative_checkpoint_path_works_when_hydra_changes_directory(compose_cfg, tmp_path):

@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import dataclasses
 import difflib
+import json
 import logging
 import os
 import re
@@ -28,13 +29,13 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from metapeft import affinity, backend, blas, distributed, sweep_stop
-from metapeft.config import GROUPS, RunConfig, register_configs
+from metapeft import affinity, backend, blas, distributed, io, sweep_stop
+from metapeft.config import GROUPS, RunConfig, group_options, register_configs
 from metapeft.errors import STOP_REQUESTS, ConfigError, DivergedError, Interrupted, WriteFailed
 from metapeft.experiment import run
 from metapeft.launchers import threads_per_job
 from metapeft.measure import seconds_since_process_start
-from metapeft.sweep import completed_metrics
+from metapeft.sweep import completed_metrics, identifying
 
 log = logging.getLogger("metapeft")
 
@@ -75,8 +76,12 @@ def stop_on_signal(signum, frame) -> None:
     raise Interrupted(name)
 
 
+_job_started = [False]  # Hydra composed a config and called main: its errors from here on are the run's
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    _job_started[0] = True
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
@@ -181,17 +186,54 @@ def refuse_before_hydra(argv: list[str]) -> None:
     for arg in argv:
         key, _, value = arg.partition("=")
         if key == "shots" and value.isdigit():
-            print(f"error: {arg}: shots takes an option name (1shot, 5shot, 10shot); for another number of "
-                  f"support examples set it directly: shots.train={value}", file=sys.stderr)
+            names = group_options("shots")
+            hint = f"shots={value}shot" if f"{value}shot" in names else f"shots.train={value} (no {value}shot option)"
+            print(f"error: {arg}: shots takes an option name ({', '.join(names)}): {hint}", file=sys.stderr)
             sys.exit(2)
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":  # quoted, as Hydra's grammar allows
-            value = value[1:-1]
+        value = unquoted(value)  # quoted, as Hydra's grammar allows
         if key in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in value:
             try:
                 Path(value).expanduser().mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 print(f"error: {key}={value}: cannot create that directory ({error.strerror})", file=sys.stderr)
                 sys.exit(2)
+
+
+def unquoted(value: str) -> str:
+    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"" else value
+
+
+def refuse_resume_of_another_run(argv: list[str]) -> None:
+    """``resume=true hydra.run.dir=DIR`` where DIR holds a run (completed, interrupted, failed ...) made with other
+    overrides: refused before Hydra writes anything there (it would rewrite ``.hydra/``, relabelling the run), with
+    one line naming what differs; the refusal is written beside the run (``refused.json``), never over it."""
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        return  # a sweep's jobs are named by their overrides: resume finds each job's own directory
+    pairs = [arg.partition("=") for arg in argv if "=" in arg and not arg.startswith("-")]
+    values = {key: unquoted(value) for key, _, value in pairs}
+    run_dir = values.get("hydra.run.dir")
+    if values.get("resume", "").lower() != "true" or not run_dir or "${" in run_dir:
+        return
+    try:
+        earlier = json.loads((Path(run_dir).expanduser() / "metrics.json").read_text())
+        stored = earlier["identity"]["overrides"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # nothing recorded there: the run itself says whether there is anything to resume
+    given = [arg for arg in argv if "=" in arg and not arg.startswith(("-", "hydra."))]
+    if identifying(stored) == identifying(given):
+        return
+    missing = sorted(set(identifying(stored)) - set(identifying(given)))
+    added = sorted(set(identifying(given)) - set(identifying(stored)))
+    differs = ", ".join([*(f"without {o}" for o in missing), *(f"with {o}" for o in added)])
+    status = earlier.get("status", "recorded")
+    article = "an" if status[0] in "aeiou" else "a"
+    reason = (f"resume=true: {run_dir} holds {article} {status} run made with other overrides ({differs}); resume "
+              f"it with its own overrides ({' '.join(stored) or 'none'}), or give another hydra.run.dir")
+    with contextlib.suppress(WriteFailed, OSError):
+        io.write_json(Path(run_dir).expanduser() / "refused.json",
+                      {"status": "refused", "reason": reason, "config_key": "resume", "overrides": given})
+    print(f"error: {reason}", file=sys.stderr)
+    sys.exit(2)
 
 
 def distributed_arguments(argv: list[str]) -> list[str]:
@@ -214,6 +256,7 @@ def cli() -> None:
     """The command line: what Hydra would answer with a traceback is refused first, the config schemas and plugins
     are registered, then Hydra composes and runs."""
     refuse_before_hydra(sys.argv[1:])
+    refuse_resume_of_another_run(sys.argv[1:])
     sys.argv[1:] = distributed_arguments(sys.argv[1:])
     try:
         register_configs()
@@ -224,7 +267,14 @@ def cli() -> None:
     # schemas; Hydra 1.3 validates them against those schemas and warns that it will stop doing so. Either way
     # they work.
     warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
-    main()
+    try:
+        main()
+    except SystemExit as stop:
+        # Hydra reports a config it cannot compose (an unknown option, a wrong type) and exits 1; every refused
+        # configuration exits 2, as metapeft's own refusals do
+        if stop.code == 1 and not _job_started[0]:
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":
