@@ -69,6 +69,7 @@ def run_here(cfg: DictConfig, out_dir: Path, overrides: Sequence[str], start_up_
     try:
         if distributed.is_main():  # one writer at a time: a resume never races a job still running there
             lock = hold_directory(out_dir)
+            io.write_text(out_dir / RESERVE, " " * RESERVE_BYTES)  # room for a final record on a disk that fills
         if not cfg.train and cfg.checkpoint is not None:
             cfg = evaluation_config(cfg, overrides)
             metrics["identity"] = identity(cfg, overrides)
@@ -116,14 +117,32 @@ def run_here(cfg: DictConfig, out_dir: Path, overrides: Sequence[str], start_up_
                             out_dir / "refused.json", earlier.get("status"))
             else:
                 io.write_json(out_dir / "metrics.json", metrics)
-        except WriteFailed as error:  # metrics.json keeps its last complete version (atomic writes)
-            logger.error("%s; %s keeps its last complete version", error, out_dir / "metrics.json")
+        except WriteFailed as error:  # the disk filled: the reserve makes room for the status and the reason
+            io.remove(out_dir / RESERVE)
+            try:
+                io.write_json(out_dir / "metrics.json", short_record(metrics, error))
+                logger.error("%s; metrics.json records the status and the reason only", error)
+            except WriteFailed:  # metrics.json keeps its last complete version (atomic writes)
+                logger.error("%s; %s keeps its last complete version", error, out_dir / "metrics.json")
+        io.remove(out_dir / RESERVE)
         if metrics["status"] == "completed":  # evaluated: nothing left to resume
             io.remove(out_dir / "checkpoint" / "trained.json")
         if lock is not None:
             lock.close()
         if metrics["status"] != "refused" and distributed.is_main():
             log_everywhere(loggers, cfg, out_dir, metrics)
+
+
+RESERVE, RESERVE_BYTES = ".metapeft.reserve", 16384  # released to write the final record when the disk is full
+
+
+def short_record(metrics: dict, error: WriteFailed) -> dict:
+    """What a run's final record keeps when the whole one does not fit: status (a run still ``running`` when its
+    record could not be written has failed), identity, reason."""
+    status = "failed" if metrics["status"] in ("running", "completed") else metrics["status"]
+    reason = metrics.get("reason") or f"the final record did not fit: {error}"
+    return {"status": status, "identity": metrics["identity"], "reason": reason,
+            "total_seconds": metrics.get("total_seconds")}
 
 
 def hold_directory(out_dir: Path):

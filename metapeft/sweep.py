@@ -86,8 +86,9 @@ class SweepProgress(threading.Thread):
                 statuses.append("running")  # started, not yet past writing its first metrics.json
         running = statuses.count("running")
         done = len(statuses) - running
-        failed = done - statuses.count("completed")
-        counts = (done, failed, running)
+        interrupted = statuses.count("interrupted")
+        failed = done - statuses.count("completed") - interrupted
+        counts = (done, failed, interrupted, running)
         if counts == self.last or done == 0:
             self.last = counts
             return None
@@ -97,7 +98,8 @@ class SweepProgress(threading.Thread):
         eta = ""
         if total and done < total:
             eta = f", about {elapsed / done * (total - done) / 60:.1f} min left"
-        return (f"sweep: {done} of {total or '?'} jobs done ({failed} failed, {running} running), "
+        stopped = f"{interrupted} interrupted, " if interrupted else ""
+        return (f"sweep: {done} of {total or '?'} jobs done ({failed} failed, {stopped}{running} running), "
                 f"{elapsed / 60:.1f} min{eta}")
 
     def run(self) -> None:

@@ -220,3 +220,17 @@ def test_holm_adjusts_over_every_configuration_and_k_of_the_table(tmp_path):
     assert (table.interval == "1 seed: test tasks only").all()
     raw, adjusted = table["_5-shot p"].to_numpy(), table["5-shot Holm p"].to_numpy()
     assert (adjusted >= raw).all() and adjusted[np.argmin(raw)] == pytest.approx(min(1.0, 3 * raw.min()))
+
+
+def test_ctrl_c_during_aggregation_says_so_in_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
+    from metapeft.cli import aggregate
+
+    fake_job(tmp_path / "sweep" / "0", [], 0, [0.5, 0.6], [0.4, 0.5])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(aggregate, "write_report", interrupted)
+    assert aggregate.main([str(tmp_path / "sweep")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err and err.count("\n") == 1

@@ -371,19 +371,23 @@ def test_a_quoted_run_directory_is_used_as_hydra_reads_it_and_leaves_nothing_beh
     assert where.is_dir() and not [p for p in tmp_path.iterdir() if p.name.startswith(('"', "'"))]
 
 
-def test_a_full_disk_ends_the_run_in_one_line_naming_the_file_and_loses_nothing_written(tmp_path):
-    """A run into a 64 KiB tmpfs (mounting one needs root; skipped where it cannot be mounted)."""
+@pytest.mark.parametrize("size", ["64k", "100k"])
+def test_a_full_disk_ends_the_run_in_one_line_naming_the_file_and_loses_nothing_written(tmp_path, size):
+    """A run into a small tmpfs (mounting one needs root; skipped where it cannot be mounted)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
         result = run_cli(f"hydra.run.dir={disk / 'run'}", "mode=tiny", "progress=false")
         console = result.stdout + result.stderr
         assert result.returncode == 4 and "Traceback" not in console, console[-3000:]
         assert re.search(rf"cannot write {re.escape(str(disk / 'run'))}/\S+: no space left on the device", console)
-        assert json.loads((disk / "run" / "metrics.json").read_text())["status"] in ("running", "failed")
+        record = json.loads((disk / "run" / "metrics.json").read_text())
+        assert record["status"] == "failed" and "no space left" in record["reason"]  # never left "running"
         assert not list((disk / "run").rglob(".*.tmp")) and not list((disk / "run").rglob(".metrics.*"))
+        assert not (disk / "run" / ".metapeft.reserve").exists()
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
 

@@ -147,3 +147,13 @@ def test_sigterm_to_a_parallel_sweep_stops_its_workers_and_records_every_running
         assert (job / "checkpoint" / "training.safetensors").exists()
     for pid in workers:
         assert subprocess.run(["ps", "-p", str(pid)], capture_output=True).returncode != 0, f"{pid} outlived it"
+
+
+def test_the_progress_line_counts_interrupted_jobs_apart_from_failed_ones(tmp_path):
+    from metapeft.sweep import SweepProgress
+
+    for name, status in (("a", "completed"), ("b", "interrupted"), ("c", "failed"), ("d", "running")):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"status": status}))
+    line = SweepProgress(tmp_path).line()
+    assert "3 of ? jobs done (1 failed, 1 interrupted, 1 running)" in line

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the report is moved into place whole: an earlier one is as it was
+        print("interrupted: no report written; an earlier report, if any, is intact", file=sys.stderr)
+        return 130
     print(caption(result["table"]) + public(result["table"]).to_markdown(index=False, floatfmt=".4g"))
     for problem in result["problems"]:
         print(f"warning: {problem}", file=sys.stderr)

@@ -126,7 +126,8 @@ def main(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt as error:  # recorded in metrics.json (status interrupted) and history.csv by run()
         signal_name = getattr(error, "signal_name", "SIGINT")
         if distributed.is_main():  # the other processes of an mlx.launch run write nothing
-            log.error("interrupted by %s: metrics.json and history.csv written to %s", signal_name, out_dir)
+            written = "metrics.json and history.csv" if (out_dir / "history.csv").exists() else "metrics.json"
+            log.error("interrupted by %s: %s written to %s", signal_name, written, out_dir)
         if sweep_stop.in_worker():  # the sweep's main process waits for this worker to end, not for more jobs
             logging.shutdown()
             os._exit(128 + getattr(signal, signal_name))
