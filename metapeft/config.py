@@ -40,6 +40,17 @@ def group_options(group: str) -> list[str]:
     return sorted(stems, key=lambda stem: (int(digits) if (digits := stem.removesuffix("shot")).isdigit() else 0, stem))
 
 
+def invoked_as(tool: str = "run") -> str:
+    """How to start one of metapeft's commands, as the runner itself was started (for ``--help``): the installed
+    ``metapeft-<tool>``, or ``python runners/<tool>.py`` from a checkout."""
+    import sys
+
+    program = Path(sys.argv[0])
+    if program.name.startswith("metapeft-"):
+        return f"metapeft-{tool.replace('_', '-')}"
+    return f"python runners/{tool}.py"
+
+
 def groups_help() -> str:
     """``--help``'s list of groups: options read from conf/<group>/, one line each with what the group chooses."""
     return "\n".join(f"  {group}: {', '.join(group_options(group))}\n      {description}"
@@ -183,6 +194,7 @@ def register_configs() -> None:
                                     replace=True)
     OmegaConf.register_new_resolver("direction", optimization_direction, replace=True)
     OmegaConf.register_new_resolver("groups_help", groups_help, replace=True)
+    OmegaConf.register_new_resolver("command", lambda tool="run": invoked_as(tool), replace=True)
     OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
     OmegaConf.register_new_resolver("job_dirname_excluded_keys", lambda: [*NON_IDENTIFYING_KEYS, "experiment"],
                                     replace=True)

@@ -42,3 +42,7 @@ def test_a_non_editable_install_runs_from_anywhere(tmp_path):
     api = subprocess.run([str(python), "-c", f"run_dir = 'run'\n{example}"], env=env, cwd=elsewhere,
                          capture_output=True, text=True, timeout=300)
     assert api.returncode == 0 and "query MSE" in api.stdout, api.stderr[-3000:]
+    usage = subprocess.run([str(bin_dir / "metapeft-run"), "--help"], env=env, cwd=elsewhere, capture_output=True,
+                           text=True, timeout=120).stdout
+    assert "metapeft-run --multirun" in usage and "metapeft-aggregate SWEEP_DIR" in usage
+    assert "runners/" not in usage  # the installed command names itself, not a checkout's script
