@@ -6,7 +6,7 @@ registered by ``metapeft.registry``. A mistyped key or a wrong type fails at com
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -163,6 +163,13 @@ class RunConfig:
     logger: Dict[str, Any] = field(default_factory=dict)  # logger=[csv,tensorboard,mlflow,wandb]: name -> settings
 
 
+def identifies(key: str) -> bool:
+    """Whether an override of ``key`` changes what a job computes (``paths.cache_dir`` does not: it is under
+    ``paths``)."""
+    key = key.lstrip("+~")
+    return not any(key == k or key.startswith(f"{k}.") for k in NON_IDENTIFYING_KEYS)
+
+
 def job_dirname(overrides: str, limit: int = 200) -> str:
     """A sweep job's directory name: its overrides, or, when they are longer than ``limit`` bytes (file systems
     refuse names over 255), their first bytes and a hash of all of them, so the name stays unique and stable
@@ -196,8 +203,9 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("groups_help", groups_help, replace=True)
     OmegaConf.register_new_resolver("command", lambda tool="run": invoked_as(tool), replace=True)
     OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
-    OmegaConf.register_new_resolver("job_dirname_excluded_keys", lambda: [*NON_IDENTIFYING_KEYS, "experiment"],
-                                    replace=True)
+    # Hydra's exclude_keys match whole keys: paths.multirun_dir=/x/y is excluded by name, not as part of paths
+    OmegaConf.register_new_resolver("job_dirname_excluded_keys", lambda: [
+        *NON_IDENTIFYING_KEYS, *(f"paths.{f.name}" for f in fields(PathsConfig)), "experiment"], replace=True)
 
 
 def check_known_keys(cfg: Any) -> None:

@@ -100,14 +100,14 @@ def export(run: str | Path, out: str | Path, merge_weights: bool = False) -> Pat
         raise ConfigError("--out", f"{out} exists and is not empty; give a new directory")
     learned = load_run(run)
     check_exportable(learned, merge_weights)
+    if not merge_weights:  # every refusal before the folder is made: a refused export leaves nothing behind
+        require("backbone" not in learned.meta, "--merge", "this run meta-learned the backbone too (algorithm."
+                f"meta_learn={cfg_meta_learn(learned)}); an adapter alone would be applied to the original base "
+                "model: export the whole model with --merge")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError("--out", f"cannot create {out} ({error.strerror}); give a directory that can be") from None
-    if not merge_weights:
-        require("backbone" not in learned.meta, "--merge", "this run meta-learned the backbone too (algorithm."
-                f"meta_learn={cfg_meta_learn(learned)}); an adapter alone would be applied to the original base "
-                "model: export the whole model with --merge")
     return merged_model(learned, out) if merge_weights else peft_adapter(learned, out)
 
 

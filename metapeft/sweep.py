@@ -14,7 +14,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from metapeft.config import NON_IDENTIFYING_KEYS
+from metapeft.config import identifies
 from metapeft.launchers import missing_plugin
 from metapeft.sweep_stop import forward_stop
 
@@ -22,7 +22,7 @@ log = logging.getLogger("metapeft.sweep")
 
 
 def identifying(overrides: Sequence[str]) -> list[str]:
-    return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in NON_IDENTIFYING_KEYS)
+    return sorted(o for o in overrides if identifies(o.split("=", 1)[0]))
 
 
 def completed_metrics(out_dir: Path, overrides: Sequence[str]) -> dict | None:

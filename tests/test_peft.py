@@ -74,6 +74,12 @@ def test_ia3_rescales_keys_values_and_the_feed_forward_input_with_vectors_of_one
     assert mlp_adapted["hidden"][0] == {} and set(mlp_adapted["hidden"][1]) == {"ia3_out"}  # input layer left out
     with pytest.raises(ConfigError, match="peft.feedforward_modules"):
         build(compose_cfg("task=digits", "peft=ia3", "peft.target_modules=[key]", "peft.feedforward_modules=[fc2]"))
+    # targets chosen, feed-forward left to its default: the default applies to the chosen targets only
+    _, _, _, keys_only = setup(compose_cfg, "peft=ia3", "peft.target_modules=[key]")
+    assert set(keys_only["layers"][0]) == {"attention"}
+    with pytest.raises(ConfigError) as error:  # the key the user set is the one named
+        build(compose_cfg("peft=ia3", "peft.target_modules=[nonexistent]"))
+    assert error.value.key == "peft.target_modules"
 
 
 def test_dora_starts_with_the_weights_norms_and_keeps_them_when_the_direction_moves(compose_cfg):

@@ -157,3 +157,18 @@ def test_the_progress_line_counts_interrupted_jobs_apart_from_failed_ones(tmp_pa
         (tmp_path / name / "metrics.json").write_text(json.dumps({"status": status}))
     line = SweepProgress(tmp_path).line()
     assert "3 of ? jobs done (1 failed, 1 interrupted, 1 running)" in line
+
+
+def test_a_path_valued_override_neither_names_a_job_nor_labels_its_configuration():
+    from omegaconf import OmegaConf
+
+    from metapeft.config import register_configs
+    from metapeft.report import config_label
+    from metapeft.sweep import identifying
+
+    overrides = ["paths.multirun_dir=/x/y", "pretrain.cache_dir=/c", "algorithm.inner_lr=0.1", "seed=1"]
+    assert identifying(overrides) == ["algorithm.inner_lr=0.1", "seed=1"]
+    assert config_label(overrides) == "algorithm.inner_lr=0.1"
+    register_configs()
+    excluded = OmegaConf.create({"excluded": "${job_dirname_excluded_keys:}"}).excluded
+    assert "paths.multirun_dir" in excluded and "paths.output_dir" in excluded  # Hydra matches whole keys

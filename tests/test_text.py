@@ -305,7 +305,7 @@ def test_a_meta_learned_backbone_is_exported_merged_and_the_adapter_alone_is_ref
     from runners.export import main as export_main
 
     assert export_main([str(text_runs["lora_both"]), "--out", str(tmp_path / "adapter")]) == 2
-    assert not (tmp_path / "adapter").exists() or not any((tmp_path / "adapter").iterdir())
+    assert not (tmp_path / "adapter").exists()  # a refused export leaves no folder behind
     assert export_main([str(text_runs["lora_both"]), "--merge", "--out", str(tmp_path / "merged")]) == 0
     learned = load_run(text_runs["lora_both"])
     merged = HFEncoder(HFEncoderConfig(path=str(tmp_path / "merged")), None, 3)
@@ -351,6 +351,7 @@ def test_export_refuses_a_run_it_cannot_write(text_runs, tmp_path, capsys):
     assert "--merge" in capsys.readouterr().err
     assert export_main([str(text_runs["prefix_tuning"]), "--merge", "--out", str(tmp_path / "prefix")]) == 2
     assert "without --merge" in capsys.readouterr().err
+    assert not (tmp_path / "bitfit").exists() and not (tmp_path / "prefix").exists()
 
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")

@@ -171,8 +171,8 @@ def top_level_keys() -> list[str]:
 def refuse_before_hydra(argv: list[str]) -> None:
     """Input Hydra would answer with a traceback or a misleading hint, refused with one line and exit 2: a key that
     is no key of the config (``foo=bar``; ``algoritm=maml``, for which Hydra suggests adding it with ``+``), named
-    with the closest valid one; ``shots=5`` (a number where Hydra wants an option name); an output directory that
-    cannot be created."""
+    with the closest valid one; ``shots=5`` (a number where Hydra wants an option name); a value with characters
+    outside ASCII, unquoted (Hydra's lexer refuses it with no hint); an output directory that cannot be created."""
     valid = top_level_keys()
     for arg in argv:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:  # flags; '+' adds and '~' deletes: checked later
@@ -190,6 +190,10 @@ def refuse_before_hydra(argv: list[str]) -> None:
             names = group_options("shots")
             hint = f"shots={value}shot" if f"{value}shot" in names else f"shots.train={value} (no {value}shot option)"
             print(f"error: {arg}: shots takes an option name ({', '.join(names)}): {hint}", file=sys.stderr)
+            sys.exit(2)
+        if not value.isascii() and unquoted(value) == value:  # refused by Hydra's lexer, with no hint to quote
+            print(f"error: {arg}: Hydra's override grammar takes characters outside ASCII only in quotes: "
+                  f"write {key}='{value}' (quoted for the shell as \"{key}='{value}'\")", file=sys.stderr)
             sys.exit(2)
         value = unquoted(value)  # quoted, as Hydra's grammar allows
         if key in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in value:
@@ -213,7 +217,13 @@ def refuse_resume_of_another_run(argv: list[str]) -> None:
     pairs = [arg.partition("=") for arg in argv if "=" in arg and not arg.startswith("-")]
     values = {key: unquoted(value) for key, _, value in pairs}
     run_dir = values.get("hydra.run.dir")
-    if values.get("resume", "").lower() != "true" or not run_dir or "${" in run_dir:
+    if values.get("resume", "").lower() != "true":
+        return
+    if not run_dir:  # a new directory is made for this run: there is nothing in it to go on with
+        print("note: resume=true without hydra.run.dir starts a new run directory; to go on with an interrupted run, "
+              "give its directory: hydra.run.dir=<its run directory>", file=sys.stderr)
+        return
+    if "${" in run_dir:
         return
     try:
         earlier = json.loads((Path(run_dir).expanduser() / "metrics.json").read_text())

@@ -57,7 +57,9 @@ class IA3(PeftMethod):
         super().__init__(cfg, model.with_linear(ia3_linear))
         targets, feedforward = DEFAULT_TARGETS.get(type(model).__name__, OTHER_MODELS)
         self.targets = list(cfg.target_modules if cfg.target_modules is not None else targets)
-        self.feedforward = list(cfg.feedforward_modules if cfg.feedforward_modules is not None else feedforward)
+        # left null, the model's feed-forward defaults apply to those of the chosen targets that are among them
+        self.feedforward = list(cfg.feedforward_modules) if cfg.feedforward_modules is not None else \
+            [m for m in feedforward if m in self.targets]
         for module in self.feedforward:
             require(module in self.targets, "peft.feedforward_modules",
                     f"'{module}' is not among peft.target_modules {self.targets}; feed-forward modules are a subset")
