@@ -402,3 +402,15 @@ def test_a_run_directory_has_one_writer_at_a_time(tmp_path):
     assert error.value.key == "hydra.run.dir"
     held.close()
     hold_directory(tmp_path).close()  # free again once the holder is done
+
+
+def test_an_unquoted_value_outside_ascii_is_refused_with_the_quoting_to_use_and_leaves_no_folder(tmp_path):
+    where = tmp_path / "résumé"
+    result = run_cli(f"hydra.run.dir={where}", "mode=tiny")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert f"hydra.run.dir='{where}'" in result.stderr and not where.exists()
+
+
+def test_resume_without_a_run_directory_says_that_it_starts_a_new_one(tmp_path):
+    result = run_cli(f"paths.output_dir={tmp_path}", "mode=tiny", "progress=false", "resume=true")
+    assert result.returncode == 0 and "resume=true without hydra.run.dir starts a new run directory" in result.stderr
