@@ -4,7 +4,9 @@ Schedulers stop a sweep by sending SIGTERM to its main process alone. Without he
 keep training and race a later ``resume=true``. The main process of a multirun installs ``forward_stop``: on
 SIGTERM it sends SIGTERM to each worker process it started (not to their resource trackers, which clean up after
 them), each job stops as a single run does (its ``metrics.json`` says ``interrupted``, its training state of the
-last validation kept), the main process waits for the workers, says what it did and exits 143. Jobs of the basic
+last validation kept), the main process waits for the workers, marks as ``interrupted`` any job record still saying
+``running`` that no process holds (a worker that ended before it could write its own), says what it did and exits
+143. Jobs of the basic
 launcher run inside the main process and stop through their own handler. Ctrl-C reaches every process of the
 terminal's group at once and needs none of this.
 """
@@ -68,6 +70,35 @@ def stop_workers(sweep_dir: Path, grace_seconds: float = GRACE_SECONDS) -> int:
     return len(workers)
 
 
+def record_unfinished(sweep_dir: Path) -> list[Path]:
+    """Every job directory of the sweep whose ``metrics.json`` still says ``running`` once its workers are gone and
+    that no process holds (the run's directory lock): recorded as ``interrupted``, so that a stopped sweep never
+    leaves a job ``running``. The job directories it marked."""
+    import fcntl
+    import json
+
+    from metapeft import io
+
+    marked = []
+    for path in sorted(Path(sweep_dir).glob("**/metrics.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or record.get("status") != "running":
+            continue
+        with contextlib.suppress(OSError), open(path.parent / ".metapeft.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a process still writes there: its own record will say how it ended
+            record.update(status="interrupted", reason="stopped by SIGTERM (its sweep was stopped before the job "
+                          "could record it)")
+            io.write_json(path, record)
+            marked.append(path.parent)
+    return marked
+
+
 def signal_quietly(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
         os.kill(pid, signum)
@@ -86,6 +117,8 @@ def forward_stop(sweep_dir: Path) -> None:
     def on_sigterm(signum, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM while waiting changes nothing
         count = stop_workers(sweep_dir)
+        for job in record_unfinished(sweep_dir):
+            log.error("%s: its worker ended without recording the stop; recorded as interrupted", job)
         log.error("sweep stopped by SIGTERM: %d worker process(es) stopped, each running job recorded as "
                   "interrupted in %s; the same command with resume=true goes on", count, sweep_dir)
         logging.shutdown()

@@ -172,3 +172,19 @@ def test_a_path_valued_override_neither_names_a_job_nor_labels_its_configuration
     register_configs()
     excluded = OmegaConf.create({"excluded": "${job_dirname_excluded_keys:}"}).excluded
     assert "paths.multirun_dir" in excluded and "paths.output_dir" in excluded  # Hydra matches whole keys
+
+
+def test_a_stopped_sweep_leaves_no_job_running_that_no_process_holds(tmp_path):
+    import fcntl
+
+    from metapeft.sweep_stop import record_unfinished
+
+    for name, status in (("orphan", "running"), ("held", "running"), ("done", "completed")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"status": status, "identity": {}}))
+    with open(tmp_path / "held" / ".metapeft.lock", "w") as lock:  # a job still writing its own record
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert record_unfinished(tmp_path) == [tmp_path / "orphan"]
+    statuses = {name: json.loads((tmp_path / name / "metrics.json").read_text())["status"]
+                for name in ("orphan", "held", "done")}
+    assert statuses == {"orphan": "interrupted", "held": "running", "done": "completed"}
