@@ -43,6 +43,10 @@ class Experiment:
     def num_classes(self) -> int | None:
         return self.task.num_classes
 
+    @property
+    def num_fixed_train_tasks(self) -> int | None:
+        return self.task.num_fixed_train_tasks
+
 
 def build(cfg: DictConfig) -> Experiment:
     """Construct every component; each checks its own keys, so bad input fails here, before any training."""

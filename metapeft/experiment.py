@@ -227,7 +227,8 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
         until_meta_training = phases.since_process_start()  # start-up as a user waits for it
         with phases.phase("meta_training_with_checks"):
             meta, frozen = meta_train(learner, meta, frozen, MetaTraining(
-                sample_batch=lambda: task.sample("train", cfg.algorithm.meta_batch_size, cfg.shots.train, train_rng),
+                sample_batch=lambda: learner.training_batch(task, cfg.algorithm.meta_batch_size, cfg.shots.train,
+                                                            train_rng),
                 num_iterations=cfg.mode.num_iterations, validate=validate, val_interval=cfg.mode.val_interval,
                 progress=cfg.progress, after_step=exp.peft.after_meta_step, after_step_state=peft_state,
                 better=better, patience=cfg.patience,

@@ -1,5 +1,6 @@
-"""What the outer loop should learn, in one table: runs that differ only in ``algorithm.meta_learn``, each scored
-with the same fine-tuning procedure on the same test episodes.
+"""What the outer loop should learn, in one table: runs that differ only in ``algorithm.meta_learn`` (and LoRA-ML's
+joint fit, ``algorithm=lora_ml``, where given), each scored with the same fine-tuning procedure on the same test
+episodes.
 
 Every run must have been made with ``evaluation.finetune_meta_learned=true`` (its meta-learned start fine-tuned
 with Adam, the learning rate and step count chosen on meta-validation tasks) and share everything but
@@ -37,9 +38,16 @@ def run_dirs(paths: list[Path]) -> list[Path]:
     return found
 
 
+def column_name(saved) -> str:
+    """A run's column: ``meta_learn=<what the outer loop learned>``, or ``lora_ml`` (the joint objective)."""
+    if saved.algorithm.name == "lora_ml":
+        return "lora_ml"
+    return f"meta_learn={saved.algorithm.get('meta_learn', 'adapter')}"
+
+
 def load_runs(paths: list[Path]) -> dict[str, list[dict]]:
-    """meta_learn -> the metrics.json of each finished run (one per seed, in seed order) made with
-    evaluation.finetune_meta_learned=true."""
+    """Column name (``column_name``) -> the metrics.json of each finished run (one per seed, in seed order) made
+    with evaluation.finetune_meta_learned=true."""
     runs: dict[str, dict[int, dict]] = {}
     for run_dir in run_dirs(paths):
         config = run_dir / "checkpoint" / "config.yaml"
@@ -50,19 +58,18 @@ def load_runs(paths: list[Path]) -> dict[str, list[dict]]:
         if "meta_learned_finetuned" not in next(iter(shots.values())):
             raise ConfigError("runs", f"{run_dir} was not run with evaluation.finetune_meta_learned=true")
         saved = OmegaConf.load(config)
-        by_seed = runs.setdefault(str(saved.algorithm.get("meta_learn", "adapter")), {})
+        by_seed = runs.setdefault(column_name(saved), {})
         if saved.seed in by_seed:
-            raise ConfigError("runs", f"{run_dir}: a second run of seed {saved.seed} for meta_learn="
-                              f"{saved.algorithm.get('meta_learn', 'adapter')}; give runs that differ in "
-                              "algorithm.meta_learn and seed only")
+            raise ConfigError("runs", f"{run_dir}: a second run of seed {saved.seed} for {column_name(saved)}; give "
+                              "runs that differ in algorithm.meta_learn (or are LoRA-ML) and seed only")
         by_seed[saved.seed] = metrics
     if not runs:
         raise ConfigError("runs", f"no run directory under {[str(p) for p in paths]}")
     seeds = {name: sorted(by_seed) for name, by_seed in runs.items()}
     first = next(iter(seeds.values()))
     if any(s != first for s in seeds.values()):
-        raise ConfigError("runs", f"every meta_learn needs the same seeds, got {seeds}")
-    return {name: [runs[name][seed] for seed in first] for name in sorted(runs)}
+        raise ConfigError("runs", f"every column needs the same seeds, got {seeds}")
+    return {name: [runs[name][seed] for seed in first] for name in sorted(runs, key=lambda n: (n == "lora_ml", n))}
 
 
 def interval(values_by_seed: list, sources_by_seed: list | None) -> Interval:
@@ -91,13 +98,13 @@ def columns(runs: dict[str, list[dict]]) -> tuple[dict, list[dict]]:
                                       "baselines differ); compare runs that differ only in algorithm.meta_learn "
                                       "(and seed)")
         values = {"retrained (finetune)": retrained}
-        values.update({f"meta_learn={name}": [np.asarray(s["meta_learned_finetuned"]["per_task"]) for s in per_seed]
+        values.update({name: [np.asarray(s["meta_learned_finetuned"]["per_task"]) for s in per_seed]
                        for name, per_seed in shots.items()})
         if "oracle" in reference[0]["baselines"]:
             values["oracle"] = [np.asarray(shot["baselines"]["oracle"]["per_task"]) for shot in reference]
         sources = [shot.get("task_sources") for shot in reference]
         sources = None if any(s is None for s in sources) else [np.asarray(s) for s in sources]
-        learned = [name for name in values if name.startswith("meta_learn=")]
+        learned = list(shots)
         best = (max if higher else min)(learned, key=lambda name: np.mean([v.mean() for v in values[name]]))
         rows.append({"K": k, "values": values, "sources": sources, "best": best})
     return first, rows
@@ -113,7 +120,7 @@ def table(runs: dict[str, list[dict]]) -> str:
         retrained = values["retrained (finetune)"]
         gain = interval([(o - r) if higher else (r - o) for o, r in zip(values[best], retrained)], sources)
         lines.append(f"| {row['K']} | " + " | ".join(cell(interval(v, sources)) for v in values.values()) +
-                     f" | {best.split('=')[1]}: {gain.mean:+.4f} ± {gain.ci95:.4f} |")
+                     f" | {best.removeprefix('meta_learn=')}: {gain.mean:+.4f} ± {gain.ci95:.4f} |")
     one = interval(rows[0]["values"]["retrained (finetune)"], rows[0]["sources"])
     seeds = len(next(iter(runs.values())))
     over = (f"{first['num_tasks']} test tasks of one seed (test tasks only: not the training run's variance)"

@@ -12,7 +12,7 @@ from metapeft import distributed
 from metapeft.algorithms.base import MetaLearner
 from metapeft.backend import mx, utils
 from metapeft.errors import DivergedError, stop_requested
-from metapeft.tasks.base import Episodes
+from metapeft.tasks.base import Episodes, as_episodes
 
 
 @dataclass
@@ -53,14 +53,14 @@ def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
     state = [optimizer.state, mx.random.state]  # random state: LoRA's dropout
     per_pass = learner.cfg.tasks_per_pass
 
-    def step(meta, frozen, xs, ys, xq, yq):
-        loss, grads = learner.meta_value_and_grad(meta, frozen, Episodes(xs, ys, xq, yq))
+    def step(meta, frozen, *batch):
+        loss, grads = learner.meta_value_and_grad(meta, frozen, as_episodes(*batch))
         return loss, optimizer.apply_gradients(grads, meta), grads
 
     if per_pass is None and distributed.size() == 1:
         return mx.compile(step, inputs=state, outputs=state)
 
-    one_pass = mx.compile(lambda meta, frozen, *tasks: learner.meta_value_and_grad(meta, frozen, Episodes(*tasks)),
+    one_pass = mx.compile(lambda meta, frozen, *tasks: learner.meta_value_and_grad(meta, frozen, as_episodes(*tasks)),
                           inputs=[mx.random.state], outputs=[mx.random.state])
     update = mx.compile(optimizer.apply_gradients, inputs=[optimizer.state], outputs=[optimizer.state])
 

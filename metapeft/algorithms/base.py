@@ -7,6 +7,7 @@
                                              head built from the support set's class prototypes if head_init says so
     inner_step(meta, weights, frozen, x, y)  one task-specific update on a support set
     adapt(meta, frozen, x, y)                num_inner_steps inner steps from task_start
+    training_batch(task, n, shots, rng)      the meta-training tasks of one iteration (a family's own draw)
     meta_value_and_grad(meta, frozen, eps)   the outer objective and its gradient over a batch of tasks
     make_optimizer(num_iterations)           the outer update rule
 
@@ -33,6 +34,7 @@ class Objective(Protocol):
     """What an algorithm sees of an experiment."""
 
     num_classes: int | None  # N of N-way classification; None for regression
+    num_fixed_train_tasks: int | None  # T where meta-training draws from T fixed tasks; None for fresh draws
 
     def loss(self, adapted: dict, frozen: dict, x: mx.array, y: mx.array) -> mx.array: ...
 
@@ -167,6 +169,10 @@ class MetaLearner:
         for _ in range(self.cfg.num_inner_steps if num_steps is None else num_steps):
             weights = step(meta, weights)
         return weights
+
+    def training_batch(self, task, num_tasks: int, shots: int, rng) -> Episodes:
+        """One meta-iteration's training tasks: the family's draw (LoRA-ML asks for its fixed tasks by index)."""
+        return task.sample("train", num_tasks, shots, rng)
 
     def meta_value_and_grad(self, meta: dict, frozen: dict, episodes: Episodes) -> tuple[mx.array, dict]:
         """The mean meta-training loss over the task batch and the (pseudo-)gradient the optimizer applies."""

@@ -22,6 +22,25 @@ class Episodes(NamedTuple):
         return self.xs.shape[0]
 
 
+class FixedTaskEpisodes(NamedTuple):
+    """Episodes of a family's fixed training tasks, with each one's index among them (``task``, integer, one per
+    task): what an algorithm that keeps state per training task (LoRA-ML's adapters) trains on."""
+
+    xs: mx.array
+    ys: mx.array
+    xq: mx.array
+    yq: mx.array
+    task: mx.array
+
+    def __len__(self) -> int:
+        return self.xs.shape[0]
+
+
+def as_episodes(*arrays: mx.array) -> Episodes | FixedTaskEpisodes:
+    """A batch from its arrays (as a compiled step receives them): with a fifth, the training tasks' indices."""
+    return FixedTaskEpisodes(*arrays) if len(arrays) == 5 else Episodes(*arrays)
+
+
 class TaskClasses(NamedTuple):
     """What each task of a batch was drawn from, (tasks, N) integer arrays: its classes (indices within the split)
     and their sources (a digit whose rotations are separate classes, a character): tasks sharing a source are not
@@ -56,6 +75,14 @@ class TaskFamily:
         """Raise ConfigError if any of these K cannot be sampled from every split."""
 
     def sample(self, split: str, num_tasks: int, shots: int, rng: np.random.Generator) -> Episodes:
+        raise NotImplementedError
+
+    # A family whose meta-training draws from a fixed, finite set of tasks says how many (``task=low_rank``: T) and
+    # samples them by index; None: every training task is a new draw.
+    num_fixed_train_tasks: int | None = None
+
+    def sample_fixed(self, tasks: np.ndarray, shots: int, rng: np.random.Generator) -> FixedTaskEpisodes:
+        """Episodes of the fixed training tasks ``tasks`` (indices), K = ``shots`` support examples each."""
         raise NotImplementedError
 
     def sample_with_classes(self, split: str, num_tasks: int, shots: int,

@@ -20,7 +20,7 @@ import numpy as np
 from metapeft.backend import mx
 from metapeft.errors import require
 from metapeft.registry import TASKS
-from metapeft.tasks.base import Episodes, TaskConfig, TaskFamily
+from metapeft.tasks.base import Episodes, FixedTaskEpisodes, TaskConfig, TaskFamily
 
 
 @dataclass
@@ -67,11 +67,19 @@ class LowRank(TaskFamily):
         x = rng.normal(size=(len(maps), num_examples, self.cfg.dim))
         return x, x @ maps + self.cfg.noise * rng.normal(size=x.shape)
 
+    @property
+    def num_fixed_train_tasks(self) -> int:
+        return self.cfg.num_train_tasks
+
     def sample(self, split: str, num_tasks: int, shots: int, rng: np.random.Generator) -> Episodes:
         if split == "train":
-            maps = self.train_maps[rng.integers(self.cfg.num_train_tasks, size=num_tasks)]
-        else:
-            maps = self.shared + self.perturbations(num_tasks, rng)
+            return Episodes(*self.sample_fixed(rng.integers(self.cfg.num_train_tasks, size=num_tasks), shots, rng)[:4])
+        return self.episodes(self.shared + self.perturbations(num_tasks, rng), shots, rng)
+
+    def sample_fixed(self, tasks: np.ndarray, shots: int, rng: np.random.Generator) -> FixedTaskEpisodes:
+        return FixedTaskEpisodes(*self.episodes(self.train_maps[tasks], shots, rng), mx.array(tasks))
+
+    def episodes(self, maps: np.ndarray, shots: int, rng: np.random.Generator) -> Episodes:
         x, y = (mx.array(a, dtype=mx.float32) for a in self.labelled(maps, shots + self.cfg.num_query, rng))
         return Episodes(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
 
