@@ -52,6 +52,7 @@ def test_two_processes_evaluate_as_one(tmp_path, overrides):
     assert two.returncode == 0, two.stderr[-2000:] + two.stdout[-2000:]
     first, second = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
     assert second["status"] == "completed" and second["train"]["iterations"] == 12
+    assert (first["processes"], second["processes"]) == (1, 2)  # the record says how the run was split
     ours = [np.array(m["evaluation"]["shots"]["5"]["meta_learned"]["per_task"]) for m in (first, second)]
     np.testing.assert_allclose(ours[1], ours[0], rtol=1e-4, atol=1e-5)  # float32 summation order only
     for name, baseline in first["evaluation"]["shots"]["5"]["baselines"].items():
