@@ -299,4 +299,27 @@ def evaluate_run(exp: Experiment, start: InitialState, meta: dict, frozen: dict,
         "cpu_affinity": affinity.status(),
         "peft": exp.peft.report(frozen),
         "pretraining": pretraining,
+        "baselines_below_full_strength": below_full_strength(cfg, pretraining, evaluation),
     }
+
+
+def below_full_strength(cfg: DictConfig, pretraining: dict, evaluation: dict) -> list[str]:
+    """Where a baseline may have run below its full strength, in words (also logged): a pretrained backbone that
+    hit its iteration cap before validation stalled, a tuned baseline whose choice sits at its grid's edge."""
+    notes = []
+    if str(pretraining.get("stopped", "")).startswith("reached pretrain.iterations"):
+        notes.append(f"pretraining reached its cap of {pretraining['iterations']} iterations (mode={cfg.mode.name}) "
+                     "before meta-validation stopped improving: the feature and fine-tuning baselines may be "
+                     "under-trained")
+    for k, shot in evaluation["shots"].items():
+        for name, baseline in shot["baselines"].items():
+            choice = baseline.get("chosen_on_validation") or {}
+            if choice.get("at_grid_edge"):
+                setting = next((key for key in ("C", "alpha", "learning_rate") if key in choice), "setting")
+                notes.append(f"{name} at K={k}: its {setting} and step choice sit at an edge of its grid; a wider "
+                             "grid may do better" if "steps" in choice else
+                             f"{name} at K={k}: its {setting} ({choice[setting]:g}) sits at an edge of its grid; a "
+                             "wider grid may do better")
+    for note in notes:
+        logger.warning("baseline below full strength: %s", note)
+    return notes

@@ -102,6 +102,7 @@ def job_record(job_dir: Path) -> dict:
         for key, value in (metrics.get(section) or {}).items():
             row[f"{section}.{key}"] = value
     row["inference_ms_per_sample"] = metrics.get("inference_ms_per_sample")
+    row["baselines below full strength"] = " | ".join(metrics.get("baselines_below_full_strength") or [])
     return row
 
 
@@ -241,6 +242,9 @@ def comparison(frame: pd.DataFrame) -> pd.DataFrame:
                 if paired:
                     row[f"{k}-shot vs {best}"] = with_ci(*paired[:2], signed=True)
                     row[f"_{k}-shot p"] = p_value(paired)
+            weak = done["baselines below full strength"].fillna("") if "baselines below full strength" in done else []
+            if any(weak):  # the strongest baseline may be weaker than it could be: the row says so
+                row["baselines below full strength"] = f"{sum(map(bool, weak))} of {len(done)} runs (summary.csv)"
             row["s/iteration"] = done["train.seconds_per_iteration"].mean()
             row["adapted params"] = int(done["parameters.adapted"].iloc[0])
         rows.append(row)

@@ -69,6 +69,9 @@ def test_a_classification_run_reports_every_baseline_and_the_paired_difference_t
         ours, theirs = (np.array(x["per_task"]) for x in (shot["meta_learned"], shot["baselines"][best["baseline"]]))
         assert best["difference"] == pytest.approx(float((ours - theirs).mean()))
     assert f"the best baseline, {best['baseline']}" in result.stdout + result.stderr  # the console names it
+    # pretrain.iterations=20 stops pretraining at its cap, long before validation could stall: the run says so
+    assert any("reached its cap of 20 iterations" in note for note in metrics["baselines_below_full_strength"])
+    assert "baseline below full strength" in result.stdout + result.stderr
     for name, key in (("linear_probe", "C"), ("logistic_regression", "C"), ("finetune", "learning_rate")):
         choice = shot["baselines"][name]["chosen_on_validation"]  # every tuned baseline records its choice
         assert choice[key] is not None and choice["num_val_tasks"] == 4 and "at_grid_edge" in choice

@@ -69,6 +69,13 @@ def test_concurrent_jobs_pretrain_once(tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) == 1 and not list(tmp_path.glob(".*tmp*"))
 
 
+def test_quick_and_full_mode_never_share_a_cached_backbone(compose_cfg):
+    from metapeft.pretrain import cache_key, numerics
+
+    keys = {mode: cache_key(compose_cfg(*SMALL[:2], f"mode={mode}"), numerics()) for mode in ("tiny", "quick", "full")}
+    assert len(set(keys.values())) == 3  # each mode's pretraining budget is part of the key
+
+
 def test_two_blas_thread_counts_give_the_same_backbone_or_different_cache_entries(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     args = [*SMALL, "pretrain.iterations=60", f"pretrain.cache_dir={tmp_path}", "progress=false"]

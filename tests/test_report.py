@@ -234,3 +234,15 @@ def test_ctrl_c_during_aggregation_says_so_in_one_line_and_exits_130(tmp_path, m
     assert aggregate.main([str(tmp_path / "sweep")]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_row_whose_baselines_ran_below_full_strength_says_so(tmp_path):
+    for seed in (0, 1):
+        fake_job(tmp_path / "sweep" / str(seed), [], seed, [0.5, 0.6, 0.7], [0.4, 0.5, 0.6])
+    path = tmp_path / "sweep" / "1" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["baselines_below_full_strength"] = ["pretraining reached its cap of 200 iterations (mode=tiny)"]
+    path.write_text(json.dumps(metrics))
+    frame = collect([tmp_path / "sweep"])
+    assert comparison(frame)["baselines below full strength"].iloc[0] == "1 of 2 runs (summary.csv)"
+    assert "reached its cap" in " ".join(frame["baselines below full strength"])
