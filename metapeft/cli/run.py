@@ -128,8 +128,9 @@ def main(cfg: DictConfig) -> float | None:
         if distributed.is_main():  # the other processes of an mlx.launch run write nothing
             written = "metrics.json and history.csv" if (out_dir / "history.csv").exists() else "metrics.json"
             log.error("interrupted by %s: %s written to %s", signal_name, written, out_dir)
-        if sweep_stop.in_worker():  # the sweep's main process waits for this worker to end, not for more jobs
+        if sweep_stop.in_worker():  # the sweep's main process ends this worker once every job is recorded
             logging.shutdown()
+            sweep_stop.await_the_end()
             os._exit(128 + getattr(signal, signal_name))
         sys.exit(128 + getattr(signal, signal_name))
     except WriteFailed as error:  # a full disk: one line naming the file; what was written before is intact
