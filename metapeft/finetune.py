@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List
 
 import numpy as np
+from tqdm import tqdm
 
 from metapeft.backend import mx, utils
 from metapeft.tasks.base import Episodes
@@ -82,10 +83,13 @@ def finetune_scores(step_tasks: Callable, metric: MetricFn, start: Start, episod
 
 def choose_on_validation(step_tasks: Callable, metric: MetricFn, start: Start, val_episodes: Episodes,
                          learning_rates: list[float], checkpoints: list[int], chunk_size: int,
-                         higher_is_better: bool) -> dict:
-    """The (learning rate, step count) with the best mean validation metric, and the whole grid."""
+                         higher_is_better: bool, progress: bool = False) -> dict:
+    """The (learning rate, step count) with the best mean validation metric, and the whole grid. ``progress``: a
+    bar over the rates, with the time left (each rate runs every step count at once)."""
+    rates = tqdm(learning_rates, desc=f"finetune grid on {len(val_episodes)} validation tasks", disable=not progress,
+                 leave=False)
     grid = {lr: finetune_scores(step_tasks, metric, start, val_episodes, lr, checkpoints, chunk_size).mean(axis=0)
-            for lr in learning_rates}
+            for lr in rates}
     pick = max if higher_is_better else min
     worst = -np.inf if higher_is_better else np.inf  # a setting that diverged (NaN) is never chosen
     score = lambda c: grid[c[0]][c[1]] if np.isfinite(grid[c[0]][c[1]]) else worst
@@ -121,7 +125,7 @@ def tuned_finetune(exp, loss: LossFn, metric: MetricFn, start: Start, episodes: 
     step_tasks = task_stepper(loss)
     chosen = choose_on_validation(step_tasks, metric, start, val, list(cfg.finetune.learning_rates),
                                   sorted(cfg.mode.finetune_steps), cfg.evaluation.chunk_size,
-                                  exp.task.higher_is_better)
+                                  exp.task.higher_is_better, progress=cfg.progress)
     test = finetune_scores(step_tasks, metric, start, episodes, chosen["learning_rate"], [chosen["steps"]],
                            cfg.evaluation.chunk_size)
     return test[:, 0], {"chosen_on_validation": chosen}
