@@ -89,9 +89,36 @@ def kshot(task: str, table: pd.DataFrame, shots: list[str], out_dir: Path) -> Pa
     axes[0].invert_yaxis()
     legend_outside(axes[-1])
     shared = shared_overrides(table)
-    fig.suptitle(f"{task}: mean ± 95% CI over evaluation tasks" + (f"\n(all: {shared})" if shared else ""),
-                 fontsize=10)
+    fig.suptitle(f"{task}: mean ± 95% CI (the table's: over seeds and test classes)" +
+                 (f"\n(all: {shared})" if shared else ""), fontsize=10)
     return save(fig, out_dir / f"{task}_kshot.png")
+
+
+def paired(task: str, table: pd.DataFrame, shots: list[str], out_dir: Path) -> Path:
+    """One panel per K: each configuration's paired difference to its best baseline on the same episodes (positive:
+    better), mean ± 95% CI over its seeds, every seed's own mean difference as a dot, zero marked."""
+    names = labels(table)
+    y = np.arange(len(names))
+    lines = sum(n.count("\n") + 1 for n in names)
+    fig = Figure(figsize=(3.2 * len(shots) + 3, 1.4 + 0.32 * lines + 0.25 * len(names)), layout="constrained")
+    axes = fig.subplots(1, len(shots), sharey=True, squeeze=False)[0]
+    for ax, k in zip(axes, shots):
+        ax.axvline(0.0, color="black", linewidth=1)
+        if f"_{k}-shot difference" not in table:
+            continue
+        ax.errorbar(table[f"_{k}-shot difference"], y, xerr=table[f"_{k}-shot difference ci95"], fmt="o", capsize=4,
+                    color=colour(0), label="mean ± 95% CI")
+        for i, seeds in enumerate(table[f"_{k}-shot difference by seed"]):
+            if isinstance(seeds, list):
+                ax.plot(seeds, [i + 0.15] * len(seeds), "|", color=colour(1), markersize=9,
+                        label="each seed" if i == 0 else None)
+        ax.set_title(f"{k}-shot")
+        ax.set_xlabel("difference to the best baseline\n(positive: meta-learned better)", fontsize=8)
+    axes[0].set_yticks(y, names, fontsize=8)
+    axes[0].set_ylim(len(names) - 0.5, -0.5)  # first row on top, each row's seeds just below its interval
+    legend_outside(axes[-1])
+    fig.suptitle(f"{task}: paired difference to the best baseline, over seeds and test classes", fontsize=10)
+    return save(fig, out_dir / f"{task}_paired.png")
 
 
 def adaptation(task: str, runs: pd.DataFrame, k: str, out_dir: Path) -> Path:
@@ -203,6 +230,7 @@ def plot_all(frame: pd.DataFrame, table: pd.DataFrame, out_dir: Path,
                  if f"_{k}-shot mean" in task_table and task_table[f"_{k}-shot mean"].notna().any()]
         middle = shots[len(shots) // 2]
         plots.append(kshot(task, task_table, shots, out_dir))
+        plots.append(paired(task, task_table, shots, out_dir))
         plots.append(training_curves(task, runs, out_dir))
         plots.append(efficiency(task, task_table.dropna(subset=[f"_{middle}-shot mean"]), middle, out_dir))
         plots.append(adaptation(task, runs, middle, out_dir))

@@ -194,6 +194,12 @@ def paired_difference(runs: pd.DataFrame, k: str, baseline: str, higher: bool) -
     return seeds_ci95(differences, sources_per_seed(runs, k))
 
 
+def seed_differences(runs: pd.DataFrame, k: str, baseline: str, higher: bool) -> list[float]:
+    """Each run's (seed's) mean paired difference to ``baseline`` (positive: better)."""
+    ours, theirs = (per_seed(runs, f"_{k}shot.{side}.per_task") for side in ("meta_learned", f"baseline.{baseline}"))
+    return [float(np.mean((o - t) if higher else (t - o))) for o, t in zip(ours, theirs)]
+
+
 def interval_label(interval: Interval) -> str:
     """What a table row's interval covers, in a few words."""
     if interval.num_seeds == 1:
@@ -242,6 +248,8 @@ def comparison(frame: pd.DataFrame) -> pd.DataFrame:
                 if paired:
                     row[f"{k}-shot vs {best}"] = with_ci(*paired[:2], signed=True)
                     row[f"_{k}-shot p"] = p_value(paired)
+                    row[f"_{k}-shot difference"], row[f"_{k}-shot difference ci95"] = paired[:2]
+                    row[f"_{k}-shot difference by seed"] = seed_differences(done, k, best, higher)
             weak = done["baselines below full strength"].fillna("") if "baselines below full strength" in done else []
             if any(weak):  # the strongest baseline may be weaker than it could be: the row says so
                 row["baselines below full strength"] = f"{sum(map(bool, weak))} of {len(done)} runs (summary.csv)"

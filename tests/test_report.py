@@ -130,7 +130,7 @@ def test_every_plot_renders_from_a_fixture_sweep_without_a_layout_warning(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # constrained layout warns when it cannot fit labels or legends
         result = write_report([tmp_path / "sweep"], tmp_path / "report")
-    names = ("kshot", "training_curves", "efficiency", "adaptation", "time_per_iteration")
+    names = ("kshot", "paired", "training_curves", "efficiency", "adaptation", "time_per_iteration")
     assert sorted(p.name for p in result["plots"]) == sorted(f"digits_{n}.png" for n in names)
     assert all((tmp_path / "report" / f"digits_{n}.pdf").stat().st_size > 0 for n in names)
     table = (tmp_path / "report" / "comparison.md").read_text()
