@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", help="comma-separated seeds (default: the published ones)")
     parser.add_argument("--out", type=Path, help="the sweep directory (default: multirun/reproduce-NAME-TIME)")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run (a smaller budget, say)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # the overrides may follow --seeds and --out
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
     except ValueError:
