@@ -20,7 +20,7 @@ import yaml
 from metapeft import io
 from metapeft.config import GROUPS
 from metapeft.plots import plot_all
-from metapeft.stats import ONE_SEED, SEEDS_AND_CLASSES, Interval, holm, p_value, seeds_ci95
+from metapeft.stats import ONE_SEED, SEEDS, SEEDS_AND_CLASSES, Interval, holm, mean_ci95, p_value, seeds_ci95
 from metapeft.sweep import expected_jobs, identifying
 
 
@@ -181,23 +181,22 @@ def pooled(runs: pd.DataFrame, k: str, side: str) -> Interval:
     means = runs[f"{k}shot.{side}.mean"].to_numpy(dtype=float)
     if len(means) == 1:
         return Interval(float(means[0]), float(runs[f"{k}shot.{side}.ci95"].iloc[0]), math.inf, ONE_SEED)
-    return seeds_ci95([[m, m] for m in means])  # each run's mean alone: the t interval of the seed means
+    return Interval(*mean_ci95(means), len(means) - 1, SEEDS, len(means))  # the t interval of the seed means
 
 
 def paired_difference(runs: pd.DataFrame, k: str, baseline: str, higher: bool) -> Interval | None:
     """The meta-learned figure minus ``baseline``'s (sign flipped where lower is better: positive is better), task
     by task on the same episodes, with the interval of ``pooled``; None for runs that stored no per-task values."""
+    differences = differences_per_seed(runs, k, baseline, higher)
+    return None if differences is None else seeds_ci95(differences, sources_per_seed(runs, k))
+
+
+def differences_per_seed(runs: pd.DataFrame, k: str, baseline: str, higher: bool) -> list[np.ndarray] | None:
+    """Each run's per-task paired differences to ``baseline`` (positive: better); None where none were stored."""
     ours, theirs = (per_seed(runs, f"_{k}shot.{side}.per_task") for side in ("meta_learned", f"baseline.{baseline}"))
     if ours is None or theirs is None:
         return None
-    differences = [(o - t) if higher else (t - o) for o, t in zip(ours, theirs)]
-    return seeds_ci95(differences, sources_per_seed(runs, k))
-
-
-def seed_differences(runs: pd.DataFrame, k: str, baseline: str, higher: bool) -> list[float]:
-    """Each run's (seed's) mean paired difference to ``baseline`` (positive: better)."""
-    ours, theirs = (per_seed(runs, f"_{k}shot.{side}.per_task") for side in ("meta_learned", f"baseline.{baseline}"))
-    return [float(np.mean((o - t) if higher else (t - o))) for o, t in zip(ours, theirs)]
+    return [(o - t) if higher else (t - o) for o, t in zip(ours, theirs)]
 
 
 def interval_label(interval: Interval) -> str:
@@ -249,7 +248,8 @@ def comparison(frame: pd.DataFrame) -> pd.DataFrame:
                     row[f"{k}-shot vs {best}"] = with_ci(*paired[:2], signed=True)
                     row[f"_{k}-shot p"] = p_value(paired)
                     row[f"_{k}-shot difference"], row[f"_{k}-shot difference ci95"] = paired[:2]
-                    row[f"_{k}-shot difference by seed"] = seed_differences(done, k, best, higher)
+                    row[f"_{k}-shot difference by seed"] = [
+                        float(d.mean()) for d in differences_per_seed(done, k, best, higher)]
             weak = done["baselines below full strength"].fillna("") if "baselines below full strength" in done else []
             if any(weak):  # the strongest baseline may be weaker than it could be: the row says so
                 row["baselines below full strength"] = f"{sum(map(bool, weak))} of {len(done)} runs (summary.csv)"
