@@ -28,7 +28,7 @@ Regression:
 The pretrained backbone is the one the PEFT methods adapt (``metapeft.pretrain``: trained on the meta-train split
 only); for ``peft=none`` it is pretrained (and cached) for these baselines alone. No baseline is tuned on the test
 split: the linear read-outs' regularisation and the fine-tuning baselines' two settings are chosen on the
-``mode.num_val_tasks`` meta-validation tasks of the test episodes' K (the same tasks for all of them), and each
+``mode.baseline_val_tasks`` meta-validation tasks of the test episodes' K (the same tasks for all of them), and each
 choice is recorded in metrics.json (``chosen_on_validation``, with ``at_grid_edge`` where the grid may have cut it
 short); lbfgs runs to ``max_iter=1000``.
 """
@@ -64,10 +64,13 @@ def applicable(exp: Experiment) -> tuple[str, ...]:
 
 
 def chosen(exp: Experiment) -> tuple[str, ...]:
-    """The ``baselines`` key (null: every one that applies), checked before any work."""
-    valid = applicable(exp)
+    """The ``baselines`` key (null: every one that applies but those the mode skips for their cost,
+    ``mode.skipped_baselines``), checked before any work."""
+    valid, known = applicable(exp), (*CLASSIFICATION, *REGRESSION, "oracle")
+    for name in exp.cfg.mode.skipped_baselines:
+        require(name in known, "mode.skipped_baselines", f"'{name}' is no baseline; valid: {sorted(set(known))}")
     if exp.cfg.baselines is None:
-        return valid
+        return tuple(name for name in valid if name not in exp.cfg.mode.skipped_baselines)
     for name in exp.cfg.baselines:
         require(name in valid, "baselines", f"'{name}' does not apply to task={exp.cfg.task.name}; valid: "
                 f"{list(valid)} (or null for all of them)")
@@ -178,3 +181,8 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
         "support_mean": lambda e: np.mean((flat(e.yq) - flat(e.ys).mean(axis=1, keepdims=True)) ** 2, axis=(1, 2)),
     }
     return {name: table[name] for name in names}
+
+
+def skipped_for_cost(exp: Experiment) -> list[str]:
+    """The baselines that apply but this run's mode left out for their cost."""
+    return [name for name in applicable(exp) if name not in chosen(exp) and exp.cfg.baselines is None]

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metapeft import io
 from metapeft.backend import mx, utils
-from metapeft.config import CONF_DIR, GROUPS, RunConfig
+from metapeft.config import CONF_DIR, GROUPS, ModeConfig, RunConfig
 from metapeft.errors import ConfigError
 from metapeft.registry import ALGORITHMS, MODELS, PEFT_METHODS, TASKS
 
@@ -49,8 +49,8 @@ def saved_config(path: str | Path) -> tuple[Path, DictConfig]:
 def with_later_keys(saved: DictConfig) -> DictConfig:
     """A run saved before a key existed gets that key's default (the behaviour the run had then, e.g.
     ``model.init=pytorch``), so older checkpoints still evaluate: the keys of its algorithm, task, model and PEFT
-    schemas, its mode's (from ``conf/mode/<name>.yaml``) and the top-level ones (``evaluation``, ``finetune``, ...).
-    What was filled in is logged."""
+    schemas, its mode's (the schema's default, else ``conf/mode/<name>.yaml``'s) and the top-level ones
+    (``evaluation``, ``finetune``, ...). What was filled in is logged."""
     added: list[str] = []
 
     def fill(node: DictConfig, defaults: dict, prefix: str) -> None:
@@ -66,6 +66,8 @@ def with_later_keys(saved: DictConfig) -> DictConfig:
             fill(saved[group], plain(OmegaConf.structured(registry.schema(saved[group].name))), f"{group}.")
         except (ConfigError, OmegaConfBaseException):
             continue  # an unknown name or a changed type: left as saved, and refused later where it is used
+    # a mode key with a default in the schema: the behaviour before it existed; one without: the mode file's value
+    fill(saved.mode, plain(OmegaConf.structured(ModeConfig)), "mode.")
     mode_file = CONF_DIR / "mode" / f"{saved.mode.get('name')}.yaml"
     if mode_file.is_file():
         mode = OmegaConf.to_container(OmegaConf.load(mode_file), resolve=False)

@@ -73,6 +73,13 @@ class ModeConfig:
     num_eval_tasks: int = MISSING
     pretrain_iterations: int = MISSING  # the most a backbone is pretrained (it stops early once validation stalls)
     finetune_steps: List[int] = MISSING  # the step counts the finetune baselines choose from on validation
+    # The baselines' other budgets. A default here is what a run saved before the key existed did.
+    finetune_learning_rates: List[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03])
+    baseline_val_tasks: int = "${mode.num_val_tasks}"  # type: ignore[assignment]  # tuned baselines choose on these
+    # false: the budgets above are cut for speed (quick, tiny), and every run says which baselines that touched
+    baselines_at_full_strength: bool = True
+    # left out for their cost when ``baselines`` is null (every run says so); ``baselines=[...]`` runs what it names
+    skipped_baselines: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -259,8 +266,13 @@ def validate_common(cfg: Any) -> None:
                 "early stopping keeps the best validated parameters: add keep=best_val")
     require(len(cfg.mode.finetune_steps) > 0 and min(cfg.mode.finetune_steps) >= 1, "mode.finetune_steps",
             f"must list step counts >= 1, got {list(cfg.mode.finetune_steps)}")
+    rates_key = "finetune.learning_rates" if OmegaConf.is_interpolation(cfg.finetune, "learning_rates") is False \
+        else "mode.finetune_learning_rates"  # the key the value came from
     require(len(cfg.finetune.learning_rates) > 0 and min(cfg.finetune.learning_rates) > 0,
-            "finetune.learning_rates", f"must list rates > 0, got {list(cfg.finetune.learning_rates)}")
+            rates_key, f"must list rates > 0, got {list(cfg.finetune.learning_rates)}")
+    require(cfg.mode.baseline_val_tasks >= 1, "mode.baseline_val_tasks",
+            f"must be >= 1 (the tuned baselines choose their settings on these tasks), got "
+            f"{cfg.mode.baseline_val_tasks}")
     for key in ("logistic_c", "ridge_alpha"):
         require(len(cfg.probe[key]) > 0 and min(cfg.probe[key]) > 0, f"probe.{key}",
                 f"must list values > 0, got {list(cfg.probe[key])}")

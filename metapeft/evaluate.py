@@ -2,6 +2,7 @@
 meta-learned initialization and every baseline (``metapeft.baselines``), on the very same episodes."""
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
@@ -12,9 +13,11 @@ from metapeft.backend import mx
 from metapeft.build import Experiment
 from metapeft.errors import stop_requested
 from metapeft.finetune import tuned_finetune
+from metapeft.measure import PhaseTimes
 from metapeft.stats import ci95_method, class_count, class_set_count, mean_ci95
 from metapeft.tasks.base import Episodes, TaskClasses
 
+logger = logging.getLogger(__name__)
 StartFn = Callable[["mx.array", "mx.array"], dict]  # (x_support, y_support) -> weights adaptation starts from
 StepFn = Callable[[dict, "mx.array", "mx.array"], dict]  # (weights, x_support, y_support) -> weights
 MetricFn = Callable[[dict, "mx.array", "mx.array"], "mx.array"]  # (weights, x_query, y_query) -> scalar
@@ -119,9 +122,11 @@ def sources_of(drawn: TaskClasses | None) -> np.ndarray | None:
 BaselineFn = Callable[[Episodes], "np.ndarray | tuple[np.ndarray, dict]"]
 
 
-def evaluate_shots(exp: Experiment, meta: dict, frozen: dict, baselines: dict[str, BaselineFn]) -> dict:
+def evaluate_shots(exp: Experiment, meta: dict, frozen: dict, baselines: dict[str, BaselineFn],
+                   seconds_by_shot: dict | None = None) -> dict:
     """The meta-learned initialization and every baseline on the same test episodes, for every K, with the
-    paired difference to the best baseline (by mean) at each K."""
+    paired difference to the best baseline (by mean) at each K. ``seconds_by_shot`` (K -> name -> seconds) gets
+    what each cost, kept apart from the figures so that two runs' evaluations compare equal."""
     cfg, higher = exp.cfg, exp.task.higher_is_better
     steps, curve_steps = cfg.evaluation.num_inner_steps, cfg.evaluation.curve_steps
     results = {}
@@ -131,18 +136,25 @@ def evaluate_shots(exp: Experiment, meta: dict, frozen: dict, baselines: dict[st
         episodes, drawn = exp.task.sample_with_classes("test", cfg.mode.num_eval_tasks, k,
                                                        np.random.default_rng([cfg.seed, 2, k]))
         classes = sources_of(drawn)
-        ours = summarize(learner_curves(exp, meta, frozen, episodes, curve_steps), steps, classes)
+        seconds = PhaseTimes()  # what each costs (a shared computation, e.g. features, is paid by its first user)
+        with seconds.phase("meta_learned"):
+            ours = summarize(learner_curves(exp, meta, frozen, episodes, curve_steps), steps, classes)
         if cfg.evaluation.finetune_meta_learned:  # ours as a practitioner would use it: fine-tuned, tuned on val
-            results_finetuned = meta_learned_finetuned(exp, meta, frozen, episodes)
-        scored = {name: fn(episodes) for name, fn in baselines.items()}
+            results_finetuned = seconds.timed("meta_learned_finetuned", meta_learned_finetuned)(exp, meta, frozen,
+                                                                                                 episodes)
+        scored = {name: seconds.timed(name, fn)(episodes) for name, fn in baselines.items()}
         details = {name: v[1] for name, v in scored.items() if isinstance(v, tuple)}  # e.g. what was tuned
         scored = {name: np.asarray(v[0] if isinstance(v, tuple) else v) for name, v in scored.items()}
         theirs = {name: {**(summarize(v, steps, classes) if v.ndim == 2 else summarize_values(v, classes)),
                          **details.get(name, {})} for name, v in scored.items()}
         results[str(k)] = {"meta_learned": ours, "baselines": theirs, **task_structure(drawn)}
+        if seconds_by_shot is not None:
+            seconds_by_shot[str(k)] = {name: round(s, 3) for name, s in seconds.seconds.items()}
         if cfg.evaluation.finetune_meta_learned:
             values, facts = results_finetuned
             results[str(k)]["meta_learned_finetuned"] = {**summarize_values(values, classes), **facts}
+        logger.info("evaluation at K=%d took %s", k, ", ".join(f"{name} {s:.1f} s" for name, s in
+                                                           sorted(seconds.seconds.items(), key=lambda i: -i[1])))
         if theirs:
             best = (max if higher else min)(theirs, key=lambda name: theirs[name]["mean"])
             results[str(k)]["versus_best_baseline"] = {"baseline": best, **versus(

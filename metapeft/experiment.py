@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from metapeft import affinity, blas, distributed, io
 from metapeft.backend import mx, use_device
-from metapeft.baselines import chosen, make_baselines
+from metapeft.baselines import chosen, make_baselines, skipped_for_cost
 from metapeft.build import Experiment, InitialState, build, initial_state, parameter_counts, pretrained
 from metapeft.checkpoint import evaluation_config, load_checkpoint, save_checkpoint
 from metapeft.config import GROUPS, Keep
@@ -278,9 +278,10 @@ def evaluate_run(exp: Experiment, start: InitialState, meta: dict, frozen: dict,
         pretraining_seconds[0] += time.perf_counter() - started
         return backbone
 
+    evaluation_seconds: dict = {}
     with phases.phase("evaluation"):
         baselines = make_baselines(exp, start.plain, frozen, pretrained_backbone)
-        evaluation = evaluate_shots(exp, meta, frozen, baselines)
+        evaluation = evaluate_shots(exp, meta, frozen, baselines, evaluation_seconds)
     # the baselines' backbone is pretraining's time, not evaluation's, though it is first needed there
     phases.seconds["evaluation"] -= pretraining_seconds[0]
     phases.seconds["pretraining_and_initialization"] = \
@@ -290,6 +291,7 @@ def evaluate_run(exp: Experiment, start: InitialState, meta: dict, frozen: dict,
                                                exp.learner.task_frozen(meta, frozen), start.sample_inputs)
     return {
         "evaluation": evaluation,
+        "evaluation_seconds": evaluation_seconds,  # K -> the meta-learned model's and each baseline's seconds
         "train": train,
         "parameters": parameter_counts(exp, start.backbone, start.adapted, meta),
         "inference_ms_per_sample": inference_ms,
@@ -299,18 +301,34 @@ def evaluate_run(exp: Experiment, start: InitialState, meta: dict, frozen: dict,
         "cpu_affinity": affinity.status(),
         "peft": exp.peft.report(frozen),
         "pretraining": pretraining,
-        "baselines_below_full_strength": below_full_strength(cfg, pretraining, evaluation),
+        "baselines_below_full_strength": below_full_strength(cfg, pretraining, evaluation, skipped_for_cost(exp)),
     }
 
 
-def below_full_strength(cfg: DictConfig, pretraining: dict, evaluation: dict) -> list[str]:
-    """Where a baseline may have run below its full strength, in words (also logged): a pretrained backbone that
-    hit its iteration cap before validation stalled, a tuned baseline whose choice sits at its grid's edge."""
+def below_full_strength(cfg: DictConfig, pretraining: dict, evaluation: dict,
+                        skipped: Sequence[str] = ()) -> list[str]:
+    """Where a baseline may have run below its full strength, in words (also logged): a baseline the mode left out
+    for its cost (``mode.skipped_baselines``), a pretrained backbone that hit its iteration cap before validation
+    stalled, a mode that cuts the tuned baselines' budgets (``mode.baselines_at_full_strength=false``), a tuned
+    baseline whose choice sits at its grid's edge."""
     notes = []
+    if skipped:
+        notes.append(f"mode={cfg.mode.name} left out {', '.join(skipped)} for its cost (mode.skipped_baselines): "
+                     "the best baseline here may not be the strongest; baselines=null mode.skipped_baselines=[] or "
+                     "mode=full runs every one")
     if str(pretraining.get("stopped", "")).startswith("reached pretrain.iterations"):
         notes.append(f"pretraining reached its cap of {pretraining['iterations']} iterations (mode={cfg.mode.name}) "
                      "before meta-validation stopped improving: the feature and fine-tuning baselines may be "
                      "under-trained")
+    choices = {name: baseline["chosen_on_validation"] for shot in evaluation["shots"].values()
+               for name, baseline in shot["baselines"].items() if "chosen_on_validation" in baseline}
+    if choices and not cfg.mode.baselines_at_full_strength:
+        tuned, grids = sorted(choices), sorted(name for name, choice in choices.items() if "steps" in choice)
+        mode = cfg.mode
+        notes.append(f"mode={mode.name} cuts the tuned baselines' budgets for speed: {', '.join(tuned)} chose their "
+                     f"settings on {mode.baseline_val_tasks} validation tasks"
+                     + (f", {', '.join(grids)} from {len(cfg.finetune.learning_rates)} learning rates x steps "
+                        f"{list(mode.finetune_steps)}" if grids else "") + "; mode=full runs them at full strength")
     for k, shot in evaluation["shots"].items():
         for name, baseline in shot["baselines"].items():
             choice = baseline.get("chosen_on_validation") or {}

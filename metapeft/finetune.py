@@ -12,7 +12,7 @@ eps 1e-8), written over trees so that it vectorizes over tasks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List
 
 import numpy as np
@@ -26,9 +26,10 @@ BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
 @dataclass
 class FinetuneConfig:
-    """The ``finetune`` baselines' search grid (the step counts are ``mode.finetune_steps``)."""
+    """The ``finetune`` baselines' search grid (the step counts are ``mode.finetune_steps``); by default the
+    mode's budget."""
 
-    learning_rates: List[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03])
+    learning_rates: List[float] = "${mode.finetune_learning_rates}"  # type: ignore[assignment]
 
 
 def adam_step(weights: dict, m: dict, v: dict, grads: dict, step: mx.array, lr: float) -> tuple[dict, dict, dict]:
@@ -103,9 +104,10 @@ def choose_on_validation(step_tasks: Callable, metric: MetricFn, start: Start, v
 
 
 def validation_episodes(exp, shots: int) -> Episodes:
-    """The ``mode.num_val_tasks`` meta-validation tasks of K = ``shots`` that every tuned baseline chooses its
-    settings on (the same tasks for all of them)."""
-    return exp.task.sample("val", exp.cfg.mode.num_val_tasks, shots, np.random.default_rng([exp.cfg.seed, 6, shots]))
+    """The ``mode.baseline_val_tasks`` meta-validation tasks of K = ``shots`` that every tuned baseline chooses
+    its settings on (the same tasks for all of them)."""
+    return exp.task.sample("val", exp.cfg.mode.baseline_val_tasks, shots,
+                           np.random.default_rng([exp.cfg.seed, 6, shots]))
 
 
 def shots_of(exp, episodes: Episodes) -> int:
@@ -115,7 +117,7 @@ def shots_of(exp, episodes: Episodes) -> int:
 def tuned_finetune(exp, loss: LossFn, metric: MetricFn, start: Start, episodes: Episodes,
                    inputs: Callable[[Episodes], Episodes] | None = None) -> tuple[np.ndarray, dict]:
     """Per-task test metric of fine-tuning from ``start`` with the (learning rate, steps) chosen on
-    ``mode.num_val_tasks`` meta-validation tasks of the test episodes' K, and that choice. ``inputs`` turns the
+    ``mode.baseline_val_tasks`` meta-validation tasks of the test episodes' K, and that choice. ``inputs`` turns the
     validation and test episodes into what ``loss`` and ``metric`` read (e.g. a fixed body's features, computed
     once instead of at every step)."""
     cfg = exp.cfg

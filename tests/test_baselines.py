@@ -72,6 +72,9 @@ def test_a_classification_run_reports_every_baseline_and_the_paired_difference_t
     # pretrain.iterations=20 stops pretraining at its cap, long before validation could stall: the run says so
     assert any("reached its cap of 20 iterations" in note for note in metrics["baselines_below_full_strength"])
     assert "baseline below full strength" in result.stdout + result.stderr
+    # mode=tiny cuts the tuned baselines' budgets: the run names them
+    cut = next(note for note in metrics["baselines_below_full_strength"] if note.startswith("mode=tiny cuts"))
+    assert "finetune, finetune_head from 4 learning rates x steps [1, 2]" in cut and "linear_probe" in cut
     for name, key in (("linear_probe", "C"), ("logistic_regression", "C"), ("finetune", "learning_rate")):
         choice = shot["baselines"][name]["chosen_on_validation"]  # every tuned baseline records its choice
         assert choice[key] is not None and choice["num_val_tasks"] == 4 and "at_grid_edge" in choice
@@ -106,8 +109,8 @@ def test_pretrained_features_are_embedded_a_chunk_of_tasks_at_a_time_with_the_sa
         exp.model.features = counted
         chosen = make_baselines(exp, start.plain, start.frozen, lambda: pretrained(exp)[0])
         scores[chunk] = {name: baseline(episodes) for name, baseline in chosen.items()}
-    # support and query sets of 7 test tasks (4 chunks of 2, or 1 of 200) and of the probe's 50 validation tasks
-    assert traces == {2: 2 * 4 + 2 * 25, 200: 2 * 1 + 2 * 1}
+    # support and query sets of 7 test tasks (4 chunks of 2, or 1 of 200) and of the probe's 20 validation tasks
+    assert exp.cfg.mode.baseline_val_tasks == 20 and traces == {2: 2 * 4 + 2 * 10, 200: 2 * 1 + 2 * 1}
     np.testing.assert_allclose(scores[2]["prototype"], scores[200]["prototype"], atol=1e-6)
     np.testing.assert_allclose(scores[2]["linear_probe"][0], scores[200]["linear_probe"][0], atol=1e-6)
 
@@ -213,3 +216,37 @@ def test_ridge_scores_every_output_of_a_multi_output_task():
     both = np.concatenate([y, 10 * y], axis=-1)  # task=low_rank's targets have task.dim outputs
     expected = (ridge_mse(x, y, x, y)[0] + ridge_mse(x, 10 * y, x, 10 * y)[0]) / 2
     assert ridge_mse(x, both, x, both)[0] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["tiny", "quick", "full"])
+def test_a_mode_that_cuts_the_baselines_budgets_says_so_and_full_mode_does_not(compose_cfg, mode):
+    from metapeft.experiment import below_full_strength
+
+    cfg = compose_cfg("task=digits", f"mode={mode}")
+    choices = {"finetune": {"learning_rate": 0.01, "steps": 10, "at_grid_edge": False},
+               "linear_probe": {"C": 1.0, "at_grid_edge": False}}
+    evaluation = {"shots": {"1": {"baselines": {name: {"chosen_on_validation": c} for name, c in choices.items()},
+                                  "meta_learned": {}}}}
+    notes = below_full_strength(cfg, {"stopped": "no better validation in 8 validations"}, evaluation)
+    if mode == "full":
+        assert notes == [] and cfg.mode.baseline_val_tasks == cfg.mode.num_val_tasks
+    else:
+        assert len(notes) == 1 and notes[0].startswith(f"mode={mode} cuts") and "finetune from" in notes[0]
+        assert f"on {cfg.mode.baseline_val_tasks} validation tasks" in notes[0]
+
+
+def test_a_baseline_the_mode_skips_for_its_cost_is_left_out_said_and_runs_when_named(compose_cfg):
+    from metapeft.baselines import chosen, skipped_for_cost
+    from metapeft.experiment import below_full_strength
+
+    skipping = build(compose_cfg("task=digits", "mode=quick", "mode.skipped_baselines=[finetune]"))
+    assert "finetune" not in chosen(skipping) and "linear_probe" in chosen(skipping)
+    assert skipped_for_cost(skipping) == ["finetune"]
+    notes = below_full_strength(skipping.cfg, {}, {"shots": {}}, skipped_for_cost(skipping))
+    assert notes[0].startswith("mode=quick left out finetune for its cost")
+    named = build(compose_cfg("task=digits", "mode=quick", "mode.skipped_baselines=[finetune]",
+                              "baselines=[finetune,prototype]"))
+    assert chosen(named) == ("finetune", "prototype") and skipped_for_cost(named) == []
+    with pytest.raises(ConfigError) as error:
+        chosen(build(compose_cfg("task=digits", "mode.skipped_baselines=[fine_tune]")))
+    assert error.value.key == "mode.skipped_baselines" and "'finetune'" in str(error.value)

@@ -107,10 +107,28 @@ def test_a_run_saved_before_keys_existed_evaluates_with_their_defaults(compose_c
     path = tmp_path / "run" / "checkpoint" / "config.yaml"
     saved = yaml.safe_load(path.read_text())
     for section, key in (("mode", "finetune_steps"), ("mode", "pretrain_iterations"), ("algorithm", "meta_learn"),
-                         ("evaluation", "finetune_meta_learned"), ("pretrain", "val_shots")):
+                         ("evaluation", "finetune_meta_learned"), ("pretrain", "val_shots"),
+                         ("mode", "finetune_learning_rates"), ("mode", "baseline_val_tasks")):
         del saved[section][key]
     del saved["finetune"], saved["device"]
     path.write_text(yaml.safe_dump(saved))
     reloaded = evaluate_saved(compose_cfg, tmp_path / "run", tmp_path / "eval")
     assert reloaded["evaluation"] == trained["evaluation"]
     assert "mode.finetune_steps" in caplog.text and "finetune" in caplog.text
+
+
+def test_a_quick_run_saved_before_the_baselines_budget_keys_keeps_the_budget_it_ran_with():
+    """Before ``mode.finetune_learning_rates`` and ``mode.baseline_val_tasks``, every mode fine-tuned from four rates
+    and tuned on all of ``mode.num_val_tasks``: a saved run lacking them gets that, not today's quick budget."""
+    from omegaconf import OmegaConf
+
+    from metapeft.checkpoint import with_later_keys
+
+    saved = OmegaConf.create({"mode": {"name": "quick", "num_iterations": 1000, "val_interval": 100,
+                                       "num_val_tasks": 50, "num_eval_tasks": 100, "pretrain_iterations": 20000,
+                                       "finetune_steps": [10, 25, 50, 100]},
+                              "algorithm": {"name": "maml"}, "task": {"name": "digits"}, "model": {"name": "mlp"},
+                              "peft": {"name": "none"}, "shots": {"name": "5shot", "train": 5}, "seed": 0})
+    filled = with_later_keys(saved)
+    assert list(filled.mode.finetune_learning_rates) == [0.001, 0.003, 0.01, 0.03]
+    assert filled.mode.baseline_val_tasks == 50 and filled.finetune.learning_rates == [0.001, 0.003, 0.01, 0.03]

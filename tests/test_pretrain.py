@@ -69,10 +69,12 @@ def test_concurrent_jobs_pretrain_once(tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) == 1 and not list(tmp_path.glob(".*tmp*"))
 
 
-def test_quick_and_full_mode_never_share_a_cached_backbone(compose_cfg):
+@pytest.mark.parametrize("model", ["transformer", "conv4"])  # conv4: quick mode's budget file cuts its cap further
+def test_quick_and_full_mode_never_share_a_cached_backbone(compose_cfg, model):
     from metapeft.pretrain import cache_key, numerics
 
-    keys = {mode: cache_key(compose_cfg(*SMALL[:2], f"mode={mode}"), numerics()) for mode in ("tiny", "quick", "full")}
+    keys = {mode: cache_key(compose_cfg(*SMALL[:2], f"model={model}", f"mode={mode}"), numerics())
+            for mode in ("tiny", "quick", "full")}
     assert len(set(keys.values())) == 3  # each mode's pretraining budget is part of the key
 
 
