@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -133,7 +134,9 @@ def select_characters(renderer: Renderer, settings: Settings) -> dict[str, list[
     """alphabet -> [(code point, fonts that draw it)], distinct non-empty glyphs only."""
     seen: set[str] = set()
     alphabets: dict[str, list[tuple[int, list[int]]]] = {}
-    for code_point in sorted(renderer.coverage):
+    # a first run's bar (interactive consoles only: disable=None): every code point is drawn in every font
+    for code_point in tqdm(sorted(renderer.coverage), desc="glyph benchmark: choose characters", disable=None,
+                           leave=False, mininterval=1.0):
         alphabet = block_of(code_point)
         if alphabet is None or not is_letter(code_point):
             continue
@@ -184,9 +187,12 @@ def generate(directory: Path, settings: Settings) -> None:
     alphabets = select_characters(renderer, settings)
     parts = split_alphabets(alphabets, settings)
     images, names, part_of = [], [], []
+    bar = tqdm(total=sum(map(len, alphabets.values())), desc="glyph benchmark: draw characters", disable=None,
+               leave=False, mininterval=1.0)
     for alphabet, characters in sorted(alphabets.items()):
         folder_name = alphabet.replace(" ", "_")
         for code_point, character_fonts in characters:
+            bar.update()
             rng = np.random.default_rng([settings.seed, 2, code_point])  # per character: independent of the rest
             drawn = np.stack([renderer.instance(code_point, character_fonts, settings.image_size, rng)
                               for _ in range(settings.instances)])
@@ -198,6 +204,7 @@ def generate(directory: Path, settings: Settings) -> None:
             images.append(drawn)
             names.append(f"{folder_name}/{character}")
             part_of.append(parts[alphabet])
+    bar.close()
     np.savez(directory / "arrays.npz", images=np.stack(images), names=np.array(names), parts=np.array(part_of))
     manifest = {
         "settings": settings.__dict__, "fonts": [f.name for f in fonts],
