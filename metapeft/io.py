@@ -96,6 +96,13 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def save_array(path: Path, array) -> None:
+    """A NumPy array as ``.npy``, atomically."""
+    import numpy as np
+
+    _replace_atomically(path, lambda tmp: np.save(tmp, array))
+
+
 def write_csv(path: Path, frame) -> None:
     _replace_atomically(path, lambda tmp: frame.to_csv(tmp, index=False))
 

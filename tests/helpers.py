@@ -80,3 +80,56 @@ def write_text_csv(path: Path, classes: dict[str, list[str]]) -> Path:
     rows = [{"text": t, "label": label} for label, texts in classes.items() for t in texts]
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
+
+
+def cifar100_archive(root: Path, train_per_class: int = 4, test_per_class: int = 2, seed: int = 0) -> Path:
+    """``root/cifar-100-python/{train,test,meta}`` in the public archive's layout and pickle format (dicts with
+    'data' (n, 3072) uint8 stored channel-planar, 'fine_labels', 'coarse_labels', 'filenames', 'batch_label';
+    meta's label names), with random images: the 100 classes' real names, so the shipped splits select them.
+    Each image's top-left pixel is pure red, for a test of the channel order."""
+    import json
+    import pickle
+
+    import numpy as np
+
+    fine_to_coarse = json.loads((REPO / "metapeft" / "tasks" / "splits" / "cifar100_classes.json").read_text())[
+        "fine_to_coarse"]
+    fine_names, coarse_names = sorted(fine_to_coarse), sorted(set(fine_to_coarse.values()))
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for part, per_class in (("train", train_per_class), ("test", test_per_class)):
+        fine = np.repeat(np.arange(100), per_class)
+        planes = rng.integers(0, 256, size=(len(fine), 3, 32, 32), dtype=np.uint8)
+        planes[:, :, 0, 0] = [255, 0, 0]
+        data = {"batch_label": f"{part} batch 1 of 1", "filenames": [f"img_{i}.png" for i in range(len(fine))],
+                "fine_labels": fine.tolist(),
+                "coarse_labels": [coarse_names.index(fine_to_coarse[fine_names[f]]) for f in fine],
+                "data": planes.reshape(len(fine), 3072)}
+        (folder / part).write_bytes(pickle.dumps(data, protocol=2))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": fine_names,
+                                                "coarse_label_names": coarse_names}, protocol=2))
+    return root
+
+
+def mini_imagenet_folder(root: Path, classes: tuple[int, int, int] = (6, 5, 5), per_class: int = 6,
+                         size: int = 20) -> Path:
+    """``root/images/*.jpg`` and ``root/{train,val,test}.csv`` (``filename,label``, WordNet-like labels) in the
+    public miniImageNet layout, with small random JPEGs (the task resizes them)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    label = 0
+    for split, count in zip(("train", "val", "test"), classes):
+        lines = ["filename,label"]
+        for _ in range(count):
+            wnid = f"n{label:08d}"
+            for i in range(per_class):
+                name = f"{wnid}{i + 1:08d}.jpg"
+                Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(root / "images" / name)
+                lines.append(f"{name},{wnid}")
+            label += 1
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return root
