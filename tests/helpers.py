@@ -133,3 +133,19 @@ def mini_imagenet_folder(root: Path, classes: tuple[int, int, int] = (6, 5, 5), 
             label += 1
         (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+def class_folders(root: Path, layout: dict[str, list[str]], per_class: int = 4, size: int = 8) -> Path:
+    """``root/<part>/<class>/*.jpg`` for each part and class of ``layout`` (tieredImageNet's layout, and CUB's
+    with one part), small random JPEGs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for part, classes in layout.items():
+        for name in classes:
+            folder = root / part / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    return root

@@ -10,11 +10,12 @@ import pytest
 from mlx.utils import tree_map
 from omegaconf import OmegaConf
 
-from helpers import cifar100_archive, mini_imagenet_folder, run_cli
+from helpers import cifar100_archive, class_folders, mini_imagenet_folder, run_cli
 from metapeft.build import build
 from metapeft.errors import ConfigError
 from metapeft.models.resnet12 import ResNet12, ResNet12Config
-from metapeft.tasks import cifar100, decoded
+from metapeft.tasks import decoded
+from metapeft.tasks.rgb import published_split
 from metapeft.trees import count
 
 SMALL = ("task.num_query=2", "shots.train=1", "model=conv4")
@@ -28,7 +29,7 @@ def cifar_root(tmp_path_factory):
 def test_cifar_fs_is_the_published_64_16_20_class_split_of_the_archive(compose_cfg, cifar_root):
     task = build(compose_cfg("task=cifar_fs", f"task.root={cifar_root}", *SMALL, "shots.eval=[1,3]")).task
     assert [len(task.class_images[s]) for s in ("train", "val", "test")] == [64, 16, 20]
-    split = cifar100.published_split("cifar_fs")
+    split = published_split("cifar_fs")
     assert task.class_names["test"] == split["test"] and "whale" in task.class_names["test"]
     assert not set(task.class_names["train"]) & set(task.class_names["test"])
     assert all(images.shape == (6, 32, 32, 3) for images in task.class_images["train"])  # train + test images pooled
@@ -160,3 +161,38 @@ def test_a_run_on_cifar_fs_with_resnet12_trains_evaluates_and_reports(tmp_path, 
 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {"linear_probe", "finetune"} <= set(metrics["evaluation"]["shots"]["1"]["baselines"])
+
+
+def test_tiered_imagenet_reads_one_folder_per_class_per_split(compose_cfg, tmp_path):
+    layout = {split: [f"n{split}{i:04d}" for i in range(count)] for split, count in
+              (("train", 4), ("val", 2), ("test", 3))}
+    root = class_folders(tmp_path / "tiered", layout)
+    args = ("task=tiered_imagenet", f"task.root={root}", "task.image_size=8", "task.n_way=2", *SMALL,
+            "shots.eval=[1]", f"task.cache_dir={tmp_path / 'cache'}")
+    task = build(compose_cfg(*args)).task
+    assert task.class_names == layout and task.class_images["test"][2].shape == (4, 8, 8, 3)
+    (root / "test" / "ntest0001" / "0.jpg").unlink()
+    for image in (root / "test" / "ntest0001").iterdir():
+        image.unlink()
+    with pytest.raises(ConfigError, match="ntest0001 holds no images"):
+        build(compose_cfg(*args))
+    (root / "test" / "ntest0001").rmdir()
+    (root / "val" / "nval0000").rename(root / "nval0000")
+    with pytest.raises(ConfigError, match=r"val holds 1 class folder"):
+        build(compose_cfg(*args))
+
+
+def test_cub_is_chen_et_al_s_100_50_50_split_of_the_class_folders(compose_cfg, tmp_path):
+    layout = {"CUB_200_2011/images": [f"{i:03d}.Bird_{i}" for i in range(1, 201)]}
+    root = class_folders(tmp_path / "cub", layout, per_class=3, size=4)
+    args = ("task=cub", f"task.root={root}", "task.image_size=8", "task.num_query=2", "shots.train=1",
+            "shots.eval=[1]", f"task.cache_dir={tmp_path / 'cache'}", "model=mlp")
+    task = build(compose_cfg(*args)).task
+    assert [len(task.class_names[s]) for s in ("train", "val", "test")] == [100, 50, 50]
+    # the sorted folders' i-th (from 0): train if i % 2 == 0, val if i % 4 == 1, test if i % 4 == 3
+    assert task.class_names["train"][:2] == ["001.Bird_1", "003.Bird_3"]
+    assert task.class_names["val"][:2] == ["002.Bird_2", "006.Bird_6"]
+    assert task.class_names["test"][-1] == "200.Bird_200"
+    (root / "CUB_200_2011" / "images" / "006.Bird_6").rename(root / "elsewhere")
+    with pytest.raises(ConfigError, match=r"lacks the class folders of ids \[6\]"):
+        build(compose_cfg(*args))

@@ -6,7 +6,6 @@ meta-test. Nothing is downloaded.
 """
 from __future__ import annotations
 
-import json
 import pickle
 from functools import lru_cache
 from pathlib import Path
@@ -16,13 +15,6 @@ import numpy as np
 from metapeft.errors import ConfigError
 
 FOLDER = "cifar-100-python"
-SPLITS_DIR = Path(__file__).parent / "splits"
-
-
-def published_split(name: str) -> dict:
-    """A benchmark's published split, shipped with the package (``metapeft/tasks/splits/<name>.json``, its source
-    named inside)."""
-    return json.loads((SPLITS_DIR / f"{name}.json").read_text())
 
 
 def archive_folder(root: str | Path) -> Path:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from metapeft.errors import require
 from metapeft.registry import TASKS
 from metapeft.tasks import cifar100
-from metapeft.tasks.rgb import ColourImagesConfig, ColourImagesTask
+from metapeft.tasks.rgb import ColourImagesConfig, ColourImagesTask, published_split
 
 
 @dataclass
@@ -26,7 +26,7 @@ class CifarFS(ColourImagesTask):
 
     def __init__(self, cfg: CifarFSConfig):
         require(cfg.root is not None, "task.root", f"give the folder holding {cifar100.FOLDER}/: task.root=/data")
-        split = cifar100.published_split(self.split_name)
+        split = published_split(self.split_name)
         classes, names, sources = cifar100.class_images(cfg.root, {s: split[s] for s in ("train", "val", "test")},
                                                         self.classes_by)
         super().__init__(cfg, classes, names, class_sources=sources)

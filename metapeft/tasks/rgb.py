@@ -9,7 +9,9 @@ split's pixels (computed here, never from validation or test images; recorded as
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -18,6 +20,14 @@ from metapeft.backend import mx
 from metapeft.errors import require
 from metapeft.tasks.base import Episodes, TaskClasses, TaskConfig
 from metapeft.tasks.classification import SPLITS, ClassImagesTask
+
+SPLITS_DIR = Path(__file__).parent / "splits"
+
+
+def published_split(name: str) -> dict:
+    """A benchmark's published class split, shipped with the package (``metapeft/tasks/splits/<name>.json``, its
+    source named inside)."""
+    return json.loads((SPLITS_DIR / f"{name}.json").read_text())
 
 
 @dataclass
