@@ -196,3 +196,18 @@ def test_cub_is_chen_et_al_s_100_50_50_split_of_the_class_folders(compose_cfg, t
     (root / "CUB_200_2011" / "images" / "006.Bird_6").rename(root / "elsewhere")
     with pytest.raises(ConfigError, match=r"lacks the class folders of ids \[6\]"):
         build(compose_cfg(*args))
+
+
+def test_augmentation_changes_training_images_only_and_keeps_their_content(compose_cfg, cifar_root):
+    from metapeft.tasks.rgb import augmented
+
+    plain, augmenting = (build(compose_cfg("task=cifar_fs", f"task.root={cifar_root}", *SMALL, "shots.eval=[1]",
+                                           f"task.augment={flag}")).task for flag in ("false", "true"))
+    for split in ("val", "test"):  # never meta-validation or meta-test images
+        a, b = (t.sample(split, 2, 1, np.random.default_rng(0)) for t in (plain, augmenting))
+        np.testing.assert_array_equal(np.array(a.xq), np.array(b.xq))
+    a, b = (t.sample("train", 2, 1, np.random.default_rng(0)) for t in (plain, augmenting))
+    assert not np.allclose(np.array(a.xs), np.array(b.xs))
+    grey = np.full((5, 32, 32, 3), 0.5, np.float32)  # no jitter: a shifted, maybe flipped copy, padded with zeros
+    moved = augmented(grey, np.random.default_rng(0), jitter=0.0)
+    assert set(np.unique(moved)) <= {0.0, 0.5} and (moved[:, 4:28, 4:28] == 0.5).all()

@@ -39,6 +39,9 @@ class ColourImagesConfig(TaskConfig):
     root: Optional[str] = None
     default_inner_lr: float = 0.01  # MAML's miniImageNet inner learning rate
     default_meta_batch_size: int = 4
+    # the standard augmentation (RFS's): random crop after zero-padding by an eighth of the side, horizontal flip,
+    # colour jitter of brightness, contrast and saturation by up to 40%; pretraining and meta-training only
+    augment: bool = False
 
 
 class ColourImagesTask(ClassImagesTask):
@@ -57,8 +60,12 @@ class ColourImagesTask(ClassImagesTask):
         self.channel_mean = pixels.mean(axis=0).astype(np.float32)
         self.channel_std = np.maximum(pixels.std(axis=0), 1e-6).astype(np.float32)
 
-    def normalized(self, images: np.ndarray) -> np.ndarray:
-        return (images.astype(np.float32) / 255.0 - self.channel_mean) / self.channel_std
+    def normalized(self, images: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """To float32, normalized; with ``rng``, augmented first (``task.augment``: training data only)."""
+        pixels = images.astype(np.float32) / 255.0
+        if rng is not None and self.cfg.augment:
+            pixels = augmented(pixels, rng)
+        return (pixels - self.channel_mean) / self.channel_std
 
     def validate(self, shots) -> None:
         need = max(shots) + self.cfg.num_query
@@ -71,9 +78,34 @@ class ColourImagesTask(ClassImagesTask):
     def sample_with_classes(self, split: str, num_tasks: int, shots: int,
                             rng: np.random.Generator) -> tuple[Episodes, TaskClasses]:
         episodes, drawn = super().sample_with_classes(split, num_tasks, shots, rng)
-        as_float = lambda x: mx.array(self.normalized(np.asarray(x)))
+        augment_with = rng if split == "train" else None  # never meta-validation or meta-test images
+        as_float = lambda x: mx.array(self.normalized(np.asarray(x), augment_with))
         return Episodes(as_float(episodes.xs), episodes.ys, as_float(episodes.xq), episodes.yq), drawn
 
     def pretraining_batch(self, rng: np.random.Generator, batch_size: int) -> tuple[mx.array, mx.array]:
         picks = rng.integers(0, len(self.pretraining_labels), size=batch_size)
-        return mx.array(self.normalized(self.pretraining_images[picks])), mx.array(self.pretraining_labels[picks])
+        return mx.array(self.normalized(self.pretraining_images[picks], rng)), mx.array(self.pretraining_labels[picks])
+
+
+def augmented(pixels: np.ndarray, rng: np.random.Generator, jitter: float = 0.4) -> np.ndarray:
+    """Images (..., height, width, 3) in [0, 1], each randomly cropped from a zero-padded copy (an eighth of the
+    side each way: 4 pixels of CIFAR's 32), flipped left-right with probability 1/2, and its brightness, contrast
+    and saturation scaled by factors from U[1 - jitter, 1 + jitter] (torchvision's ColorJitter, in that order)."""
+    shape = pixels.shape
+    flat = pixels.reshape(-1, *shape[-3:])
+    n, height, width, _ = flat.shape
+    pad = max(1, height // 8)
+    padded = np.pad(flat, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, n))
+    rows = dy[:, None] + np.arange(height)[None, :]
+    cols = dx[:, None] + np.arange(width)[None, :]
+    out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    flip = rng.random(n) < 0.5
+    out[flip] = out[flip, :, ::-1]
+    factor = lambda: rng.uniform(1 - jitter, 1 + jitter, size=(n, 1, 1, 1)).astype(np.float32)
+    gray = lambda x: (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+    out = np.clip(out * factor(), 0, 1)  # brightness
+    out = np.clip((out - gray(out).mean(axis=(1, 2), keepdims=True)) * factor()
+                  + gray(out).mean(axis=(1, 2), keepdims=True), 0, 1)  # contrast
+    out = np.clip((out - gray(out)) * factor() + gray(out), 0, 1)  # saturation
+    return out.reshape(shape).astype(np.float32)
