@@ -121,3 +121,23 @@ def test_the_default_benchmark_has_omniglot_scale(compose_cfg, tmp_path):
     assert len(manifest["alphabets"]) >= 20 and sum(manifest["characters"].values()) >= 1500
     assert len(task.class_images["test"]) >= 200 and len(task.class_images["val"]) >= 100
     assert min(len(images) for images in task.class_images["train"]) >= 20
+
+
+def test_glyph_pairs_meta_train_on_fixed_pairs_and_test_on_new_characters(compose_cfg, cache, tmp_path):
+    pairs = ["task=glyph_pairs", *TASK[1:], f"task.cache_dir={cache}", "task.num_train_tasks=3"]
+    task = build(compose_cfg(*pairs)).task
+    assert task.num_fixed_train_tasks == 3 and len(np.unique(task.train_pairs)) == 6
+    assert task.pretraining_outputs == 6 and set(task.pretraining_labels) == set(range(6))  # the pairs pooled
+    fixed = task.sample_fixed(np.array([2, 0]), 1, np.random.default_rng(0))
+    first = task.class_images["train"][task.train_pairs[2][0]]
+    assert any(np.array_equal(np.array(fixed.xs[0, 0]), image) for image in first)  # label 0 of pair 2
+    assert np.array(fixed.task).tolist() == [2, 0] and np.array(fixed.ys[0]).tolist() == [0, 1]
+    _, drawn = task.sample_with_classes("test", 4, 1, np.random.default_rng(0))
+    assert drawn.classes.shape == (4, 2)  # new pairs of meta-test characters, with their sources for the intervals
+    metrics = run(compose_cfg(*pairs, "mode=tiny", "peft=lora", "algorithm=lora_ml", "pretrain.iterations=20",
+                              f"pretrain.cache_dir={tmp_path / 'backbones'}", "evaluation.finetune_meta_learned=true",
+                              "baselines=[finetune]"), tmp_path / "run")
+    assert "meta_learned_finetuned" in metrics["evaluation"]["shots"]["1"]
+    with pytest.raises(ConfigError, match="tells two characters apart") as error:
+        build(compose_cfg(*pairs, "task.n_way=3"))
+    assert error.value.key == "task.n_way"

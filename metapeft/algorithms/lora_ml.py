@@ -11,7 +11,7 @@ linear models with rank-k task perturbations the joint optimum recovers the shar
 and not for T = 1. What it learns for new tasks is the base W (``meta_learn=backbone``): a new task's adapter starts
 at the method's plain initialization (LoRA: B = 0) and is fitted on its support set; the per-task adapters are kept
 in the checkpoint (``task_adapters``) but are nothing a new task uses. Needs a task family with a fixed set of
-training tasks (``num_fixed_train_tasks``: ``task=low_rank``).
+training tasks (``num_fixed_train_tasks``: ``task=low_rank``, ``task=glyph_pairs``).
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ class LoRAML(MetaLearner):
         self.num_tasks = objective.num_fixed_train_tasks
         require(self.num_tasks is not None, "algorithm", "lora_ml keeps one adapter per training task, and this "
                 "task family draws new training tasks every iteration: use a family with a fixed set of training "
-                "tasks (task=low_rank) or another algorithm (maml, fomaml, reptile, metasgd, anil, protonet)")
+                "tasks (task=low_rank, task=glyph_pairs) or another algorithm (maml, fomaml, reptile, metasgd, anil, "
+                "protonet)")
         require(cfg.meta_learn == MetaLearn.backbone, "algorithm.meta_learn", "lora_ml learns the base a new "
                 f"task's adapter starts over (meta_learn=backbone), got {cfg.meta_learn}")
 
