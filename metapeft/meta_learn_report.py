@@ -148,7 +148,8 @@ def figure(runs: dict[str, list[dict]], path: Path) -> Path:
             ax.plot([x] * len(row["values"][name]), [v.mean() for v in row["values"][name]], ".", color=colour(i),
                     alpha=0.4, markersize=4)
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    if not first["higher_is_better"]:  # an error spanning orders of magnitude (MSE); accuracy stays linear
+        ax.set_yscale("log")
     ax.set_xticks(ks, [str(int(k)) for k in ks])
     ax.set_xlabel("K (examples per test task)")
     ax.set_ylabel(metric_label(first["metric"], first["higher_is_better"]))
