@@ -10,20 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from metapeft.errors import ConfigError, require
+from metapeft.errors import ConfigError
 from metapeft.registry import TASKS
 from metapeft.tasks.class_folders import read_classes
 from metapeft.tasks.classification import SPLITS
-from metapeft.tasks.rgb import ColourImagesConfig, ColourImagesTask, published_split
+from metapeft.tasks.rgb import ColourImagesTask, DecodedImagesConfig, image_root, published_split
 
 FOLDER = "CUB_200_2011"
 
 
 @dataclass
-class CUBConfig(ColourImagesConfig):
+class CUBConfig(DecodedImagesConfig):
     name: str = "cub"
-    image_size: int = 84
-    cache_dir: str = "${oc.select:paths.cache_dir,'~/.cache/metapeft'}"  # the decoded images
 
 
 def class_id(folder: Path) -> int | None:
@@ -34,9 +32,7 @@ def class_id(folder: Path) -> int | None:
 @TASKS.register("cub", CUBConfig)
 class CUB(ColourImagesTask):
     def __init__(self, cfg: CUBConfig):
-        require(cfg.root is not None, "task.root", f"give the folder holding {FOLDER}/: task.root=/data")
-        require(8 <= cfg.image_size <= 512, "task.image_size", f"must be in 8..512, got {cfg.image_size}")
-        root = Path(cfg.root).expanduser()
+        root = image_root(cfg, f"{FOLDER}/")
         images = (root if root.name == FOLDER else root / FOLDER) / "images"
         if not images.is_dir():
             raise ConfigError("task.root", f"{images} is missing; CUB's layout is {FOLDER}/images/<id>.<name>/*.jpg")

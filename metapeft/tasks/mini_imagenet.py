@@ -20,14 +20,12 @@ from metapeft.errors import ConfigError, require
 from metapeft.registry import TASKS
 from metapeft.tasks.classification import SPLITS
 from metapeft.tasks.decoded import decoded
-from metapeft.tasks.rgb import ColourImagesConfig, ColourImagesTask
+from metapeft.tasks.rgb import ColourImagesTask, DecodedImagesConfig, image_root
 
 
 @dataclass
-class MiniImageNetConfig(ColourImagesConfig):
+class MiniImageNetConfig(DecodedImagesConfig):
     name: str = "mini_imagenet"
-    image_size: int = 84
-    cache_dir: str = "${oc.select:paths.cache_dir,'~/.cache/metapeft'}"  # the decoded images
 
 
 def read_split_csv(path: Path) -> dict[str, list[str]]:
@@ -51,11 +49,7 @@ def read_split_csv(path: Path) -> dict[str, list[str]]:
 @TASKS.register("mini_imagenet", MiniImageNetConfig)
 class MiniImageNet(ColourImagesTask):
     def __init__(self, cfg: MiniImageNetConfig):
-        require(cfg.root is not None, "task.root", "give the folder holding images/ and train.csv, val.csv, "
-                "test.csv: task.root=/data/mini-imagenet")
-        require(8 <= cfg.image_size <= 512, "task.image_size", f"must be in 8..512, got {cfg.image_size}")
-        root = Path(cfg.root).expanduser()
-        require(root.is_dir(), "task.root", f"{root} does not exist or is not a folder")
+        root = image_root(cfg, "images/ and train.csv, val.csv, test.csv")
         splits = {split: read_split_csv(root / f"{split}.csv") for split in SPLITS}  # every CSV checked first
         files = {split: [root / "images" / name for names in classes.values() for name in names]
                  for split, classes in splits.items()}

@@ -44,6 +44,24 @@ class ColourImagesConfig(TaskConfig):
     augment: bool = False
 
 
+@dataclass
+class DecodedImagesConfig(ColourImagesConfig):
+    """A benchmark of image files (miniImageNet, tieredImageNet, CUB): resized once and cached."""
+
+    image_size: int = 84
+    cache_dir: str = "${oc.select:paths.cache_dir,'~/.cache/metapeft'}"  # the decoded images
+
+
+def image_root(cfg: DecodedImagesConfig, layout: str) -> Path:
+    """``task.root`` as a folder, and ``task.image_size`` checked, before any file is read; ``layout`` is what the
+    folder should hold, for the message."""
+    require(cfg.root is not None, "task.root", f"give the folder holding {layout}: task.root=/data/...")
+    require(8 <= cfg.image_size <= 512, "task.image_size", f"must be in 8..512, got {cfg.image_size}")
+    root = Path(cfg.root).expanduser()
+    require(root.is_dir(), "task.root", f"{root} does not exist or is not a folder")
+    return root
+
+
 class ColourImagesTask(ClassImagesTask):
     """``class_images``: split -> one uint8 array (n, height, width, 3) per class; ``class_names`` the same
     shape, for messages (a class with too few images is named)."""

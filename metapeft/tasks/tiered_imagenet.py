@@ -10,29 +10,23 @@ the three splits are read. At 84x84 the whole benchmark is about 16 GB of uint8 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from metapeft.errors import ConfigError, require
 from metapeft.registry import TASKS
 from metapeft.tasks.class_folders import read_classes
 from metapeft.tasks.classification import SPLITS
-from metapeft.tasks.rgb import ColourImagesConfig, ColourImagesTask
+from metapeft.tasks.rgb import ColourImagesTask, DecodedImagesConfig, image_root
 
 
 @dataclass
-class TieredImageNetConfig(ColourImagesConfig):
+class TieredImageNetConfig(DecodedImagesConfig):
     name: str = "tiered_imagenet"
-    image_size: int = 84
-    cache_dir: str = "${oc.select:paths.cache_dir,'~/.cache/metapeft'}"  # the decoded images
 
 
 @TASKS.register("tiered_imagenet", TieredImageNetConfig)
 class TieredImageNet(ColourImagesTask):
     def __init__(self, cfg: TieredImageNetConfig):
-        require(cfg.root is not None, "task.root", "give the folder holding train/, val/ and test/: "
-                "task.root=/data/tiered-imagenet")
-        require(8 <= cfg.image_size <= 512, "task.image_size", f"must be in 8..512, got {cfg.image_size}")
-        root = Path(cfg.root).expanduser()
+        root = image_root(cfg, "train/, val/ and test/")
         folders = {}
         for split in SPLITS:  # every split listed before any image is decoded
             if not (root / split).is_dir():
