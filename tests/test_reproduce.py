@@ -34,4 +34,4 @@ def test_the_low_rank_headline_runs_again_from_an_empty_cache_at_a_small_size(tm
     line = capsys.readouterr().out
     assert code in (0, 1) and ("inside" if code == 0 else "outside") in line and "(2 seeds)" in line
     statuses = [json.loads(p.read_text())["status"] for p in (tmp_path / "sweep").glob("*/metrics.json")]
-    assert statuses == ["completed"] * 6  # meta_learn adapter, backbone, both x 2 seeds
+    assert statuses == ["completed"] * 8  # the arms adapter, backbone, both, lora_ml x 2 seeds
