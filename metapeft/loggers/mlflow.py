@@ -11,6 +11,7 @@ seconds, not minutes: ``request_timeout`` and ``max_retries`` bound MLflow's HTT
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ class MlflowLogger(Logger):
     def log_run(self, run_cfg, out_dir, metrics, history) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.cfg.request_timeout))
+        # MLflow reads whole seconds ("10.0" fails its int() and, with it, the whole logger)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(self.cfg.request_timeout))))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(self.cfg.max_retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         here = launch_directory()
