@@ -1,7 +1,7 @@
 """Shared by the N-way K-shot classification families: episodes drawn from per-split lists of class images."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -60,11 +60,20 @@ class ClassImagesTask(TaskFamily):
     def sample_with_classes(self, split: str, num_tasks: int, shots: int,
                             rng: np.random.Generator) -> tuple[Episodes, TaskClasses]:
         pool = self.class_images[split]
+        episodes, classes = self.episodes_of(pool, num_tasks, shots, rng,
+                                             lambda t: rng.choice(len(pool), size=self.cfg.n_way, replace=False))
+        return episodes, TaskClasses(classes, self.class_sources[split][classes])
+
+    def episodes_of(self, pool: list[np.ndarray], num_tasks: int, shots: int, rng: np.random.Generator,
+                    classes_of: Callable[[int], np.ndarray]) -> tuple[Episodes, np.ndarray]:
+        """Episodes whose task t tells the classes ``classes_of(t)`` of ``pool`` apart (label i: its i-th class),
+        ``shots`` support and ``task.num_query`` query examples of each drawn without replacement, and the
+        (tasks, N) classes. A task's classes are chosen just before its examples, so ``rng`` is read in that order."""
         n, q = self.cfg.n_way, self.cfg.num_query
         x = np.empty((num_tasks, n, shots + q, *self.input_shape), dtype=pool[0].dtype)
         classes = np.empty((num_tasks, n), dtype=np.int64)
         for t in range(num_tasks):
-            classes[t] = rng.choice(len(pool), size=n, replace=False)
+            classes[t] = classes_of(t)
             for label, c in enumerate(classes[t]):
                 x[t, label] = pool[c][rng.choice(len(pool[c]), size=shots + q, replace=False)]
         labels = np.broadcast_to(np.arange(n, dtype=np.int32)[None, :, None], (num_tasks, n, shots + q))
@@ -74,7 +83,7 @@ class ClassImagesTask(TaskFamily):
 
         episodes = Episodes(flat(x[:, :, :shots]), flat(labels[:, :, :shots]), flat(x[:, :, shots:]),
                             flat(labels[:, :, shots:]))
-        return episodes, TaskClasses(classes, self.class_sources[split][classes])
+        return episodes, classes
 
     def pretraining_batch(self, rng: np.random.Generator, batch_size: int) -> tuple[mx.array, mx.array]:
         """Supervised classification over all meta-train classes."""

@@ -60,12 +60,6 @@ class GlyphPairs(Glyphs):
         return Episodes(*fixed[:4]), None
 
     def sample_fixed(self, tasks: np.ndarray, shots: int, rng: np.random.Generator) -> FixedTaskEpisodes:
-        pool, q = self.class_images["train"], self.cfg.num_query
-        x = np.empty((len(tasks), 2, shots + q, *self.input_shape), dtype=pool[0].dtype)
-        for t, task in enumerate(tasks):
-            for label, c in enumerate(self.train_pairs[task]):
-                x[t, label] = pool[c][rng.choice(len(pool[c]), size=shots + q, replace=False)]
-        labels = np.broadcast_to(np.arange(2, dtype=np.int32)[None, :, None], (len(tasks), 2, shots + q))
-        flat = lambda a: mx.array(np.ascontiguousarray(a).reshape(len(tasks), -1, *a.shape[3:]))
-        return FixedTaskEpisodes(flat(x[:, :, :shots]), flat(labels[:, :, :shots]), flat(x[:, :, shots:]),
-                                 flat(labels[:, :, shots:]), mx.array(np.asarray(tasks)))
+        episodes, _ = self.episodes_of(self.class_images["train"], len(tasks), shots, rng,
+                                       lambda t: self.train_pairs[tasks[t]])
+        return FixedTaskEpisodes(*episodes, mx.array(np.asarray(tasks)))

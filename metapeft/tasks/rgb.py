@@ -133,7 +133,7 @@ def augmented(pixels: np.ndarray, rng: np.random.Generator, jitter: float = 0.4)
     factor = lambda: rng.uniform(1 - jitter, 1 + jitter, size=(n, 1, 1, 1)).astype(np.float32)
     gray = lambda x: (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
     out = np.clip(out * factor(), 0, 1)  # brightness
-    out = np.clip((out - gray(out).mean(axis=(1, 2), keepdims=True)) * factor()
-                  + gray(out).mean(axis=(1, 2), keepdims=True), 0, 1)  # contrast
+    mean = gray(out).mean(axis=(1, 2), keepdims=True)
+    out = np.clip((out - mean) * factor() + mean, 0, 1)  # contrast
     out = np.clip((out - gray(out)) * factor() + gray(out), 0, 1)  # saturation
     return out.reshape(shape).astype(np.float32)
