@@ -175,6 +175,17 @@ def test_a_key_that_is_no_key_of_the_config_exits_2_naming_the_closest(argument,
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
 
 
+def test_an_experiments_own_group_is_a_valid_key():
+    """experiment=low_rank_study brings the group low_rank_arm: one arm is chosen on the command line, as the
+    study's own sweep chooses them."""
+    from helpers import run_cli
+
+    result = run_cli("experiment=low_rank_study", "low_rank_arm=both", "algorithm=maml", "hydra.mode=RUN",
+                     "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "name: maml" in result.stdout and "meta_learn: both" in result.stdout
+
+
 def test_resume_with_nothing_to_resume_says_so(compose_cfg, tmp_path, caplog):
     import logging
 

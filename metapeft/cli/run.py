@@ -30,7 +30,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from metapeft import affinity, backend, blas, distributed, io, sweep_stop
-from metapeft.config import GROUPS, RunConfig, group_options, register_configs
+from metapeft.config import CONF_DIR, GROUPS, RunConfig, group_options, register_configs
 from metapeft.errors import STOP_REQUESTS, ConfigError, DivergedError, Interrupted, WriteFailed
 from metapeft.experiment import run
 from metapeft.launchers import threads_per_job
@@ -165,8 +165,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def top_level_keys() -> list[str]:
-    """What a command-line override may start with: the config groups and the run config's keys."""
-    return sorted({*GROUPS, *(f.name for f in dataclasses.fields(RunConfig)), "experiment", "hydra", "budget"})
+    """What a command-line override may start with: the run config's keys and every config group under conf/ (an
+    experiment's own groups, such as low_rank_arm, included)."""
+    groups = {path.name for path in CONF_DIR.iterdir() if path.is_dir() and not path.name.startswith("_")}
+    return sorted({*GROUPS, *groups, *(f.name for f in dataclasses.fields(RunConfig)), "experiment", "hydra"})
 
 
 def refuse_before_hydra(argv: list[str]) -> None:
