@@ -1,12 +1,13 @@
 """Meta-learned adapters in formats other tools load: a Hugging Face PEFT adapter directory, or a merged model.
 
-For a ``model=hf_encoder`` run whose PEFT method has a Hugging Face peft format (``PeftMethod.hf_peft_type``: LoRA,
-AdaLoRA, (IA)^3, DoRA, prefix tuning), ``peft_adapter`` writes the meta-learned initialization as
+For a run of a Hugging Face checkpoint (``model=hf_encoder``, ``model=hf_vit``: a model with ``hf_state_dict``)
+whose PEFT method has a Hugging Face peft format (``PeftMethod.hf_peft_type``: LoRA, AdaLoRA, (IA)^3, DoRA, prefix
+tuning), ``peft_adapter`` writes the meta-learned initialization as
 ``adapter_config.json`` + ``adapter_model.safetensors``; the method supplies the tensors under peft's names and
 layouts and its entries of the config (``hf_adapter_tensors``, ``hf_adapter_config``). ``merged_model`` writes the
 backbone with the update folded in (the method's ``merged``; every method that changes weights or biases, BitFit
 included) as a Hugging Face model directory (``model.safetensors``, the source's ``config.json`` and tokenizer
-files). The task head, which a BERT encoder has no place for, goes beside either as ``head.safetensors`` (a
+files). The task head, which these encoders have no place for, goes beside either as ``head.safetensors`` (a
 ``torch.nn.Linear`` state dict: ``weight`` (n_way, hidden), ``bias``); it is the meta-learned head a task's
 adaptation starts from. Nothing here names a method: a new one brings its formats with it.
 """
@@ -19,7 +20,6 @@ from pathlib import Path
 from metapeft import io
 from metapeft.api import LearnedInitialization
 from metapeft.errors import ConfigError, require
-from metapeft.models.hf_encoder import to_hf_names
 from metapeft.peft.base import PeftMethod
 from metapeft.registry import PEFT_METHODS
 
@@ -28,8 +28,8 @@ PREFIX = "base_model.model."
 
 def check_exportable(learned: LearnedInitialization, merge_weights: bool) -> None:
     cfg, peft = learned.experiment.cfg, learned.experiment.peft
-    require(cfg.model.name == "hf_encoder", "model", f"export writes Hugging Face formats, for model=hf_encoder runs; "
-            f"this run used model={cfg.model.name}")
+    require(hasattr(learned.experiment.model, "hf_state_dict"), "model", "export writes Hugging Face formats, for "
+            f"runs of a Hugging Face checkpoint (model=hf_encoder, model=hf_vit); this run used model={cfg.model.name}")
     if merge_weights:
         require(merges(type(peft)), "--merge", f"peft={cfg.peft.name} adds no weights that fold into the model; "
                 f"methods that do: {methods_that(merges)}"
@@ -62,10 +62,17 @@ def write_head(learned: LearnedInitialization, out: Path) -> None:
 def peft_adapter(learned: LearnedInitialization, out: Path) -> Path:
     """A Hugging Face PEFT adapter directory for the run's meta-learned initialization."""
     exp, weights = learned.experiment, learned.meta["weights"]
-    tensors = exp.peft.hf_adapter_tensors(weights, learned.frozen, PREFIX)
+    # module names as the installed transformers names them (they can differ from the checkpoint's: ViT in
+    # transformers 5); the renaming rules apply to whole weight names, as transformers applies them
+    rename = getattr(exp.model, "hf_module_name", lambda name: name)
+    tensors = {PREFIX + rename(key.removeprefix(PREFIX)): value
+               for key, value in exp.peft.hf_adapter_tensors(weights, learned.frozen, PREFIX).items()}
     config = {"base_model_name_or_path": str(exp.model.directory), "inference_mode": True, "task_type": None,
               "revision": None, "peft_type": exp.peft.hf_peft_type,
               **exp.peft.hf_adapter_config(weights, exp.cfg.mode.num_iterations)}
+    for key in ("target_modules", "feedforward_modules"):
+        if config.get(key):
+            config[key] = sorted(rename(module) for module in config[key])
     out.mkdir(parents=True, exist_ok=True)
     io.save_tree(out / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     io.write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
@@ -87,7 +94,8 @@ def merged_model(learned: LearnedInitialization, out: Path) -> Path:
             shutil.copy2(item, out / item.name)
         elif item.is_dir():
             shutil.copytree(item, out / item.name, dirs_exist_ok=True)
-    io.save_tree(out / "model.safetensors", to_hf_names(merged_backbone(learned)), metadata={"format": "pt"})
+    state = learned.experiment.model.hf_state_dict(merged_backbone(learned))
+    io.save_tree(out / "model.safetensors", state, metadata={"format": "pt"})
     write_head(learned, out)
     return out
 

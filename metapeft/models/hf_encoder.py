@@ -147,6 +147,10 @@ class HFEncoder(Backbone):
         tree["head"] = init_linear(key, self.width, num_outputs)
         return tree, {"source": str(self.directory)}
 
+    def hf_state_dict(self, tree: dict) -> dict:
+        """The backbone of ``tree`` under Hugging Face's names and PyTorch's layouts (what export writes)."""
+        return to_hf_names(tree)
+
     # --- forward --------------------------------------------------------------------------------------------------
 
     def layer_norm(self, params: dict, x: mx.array) -> mx.array:

@@ -18,13 +18,13 @@ PACKAGED_MODEL = "all_minilm_l6_v2"  # the import name of PyPI's all-minilm-l6-v
 INSTALL_HINT = 'pip install -e ".[text]"'
 
 
-def model_directory(path: str | None, cache_dir: str) -> Path:
-    """The model directory to read, checked to hold every required file."""
+def model_directory(path: str | None, cache_dir: str, required: tuple[str, ...] = REQUIRED_FILES) -> Path:
+    """The model directory to read, checked to hold every ``required`` file (an image model has no tokenizer)."""
     directory = Path(path).expanduser() if path else packaged_model(Path(cache_dir).expanduser())
-    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    missing = [name for name in required if not (directory / name).is_file()]
     if missing:
         raise ConfigError("model.path", f"{directory} lacks {', '.join(missing)}; a Hugging Face model directory "
-                          f"holds {', '.join(REQUIRED_FILES)}")
+                          f"holds {', '.join(required)}")
     return directory
 
 

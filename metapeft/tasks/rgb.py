@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 
@@ -42,6 +42,10 @@ class ColourImagesConfig(TaskConfig):
     # the standard augmentation (RFS's): random crop after zero-padding by an eighth of the side, horizontal flip,
     # colour jitter of brightness, contrast and saturation by up to 40%; pretraining and meta-training only
     augment: bool = False
+    # the per-channel normalization; null: the meta-train split's pixels' (a pretrained model's own, e.g. a ViT's
+    # preprocessor_config.json image_mean / image_std, where its features are used)
+    channel_mean: Optional[List[float]] = None
+    channel_std: Optional[List[float]] = None
 
 
 @dataclass
@@ -74,7 +78,7 @@ class ColourImagesTask(ClassImagesTask):
                         f"expected uint8 colour images (n, height, width, 3), got {images.dtype} {images.shape}")
         self.class_names = class_names
         super().__init__(cfg, class_images, class_images["train"][0].shape[1:], size_keys, class_sources)
-        self.channel_mean, self.channel_std = channel_statistics(class_images["train"])
+        self.channel_mean, self.channel_std = chosen_normalization(cfg, class_images["train"])
 
     def normalized(self, images: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """To float32, normalized; with ``rng``, augmented first (``task.augment``: training data only)."""
@@ -101,6 +105,18 @@ class ColourImagesTask(ClassImagesTask):
     def pretraining_batch(self, rng: np.random.Generator, batch_size: int) -> tuple[mx.array, mx.array]:
         picks = rng.integers(0, len(self.pretraining_labels), size=batch_size)
         return mx.array(self.normalized(self.pretraining_images[picks], rng)), mx.array(self.pretraining_labels[picks])
+
+
+def chosen_normalization(cfg: ColourImagesConfig, train_classes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``task.channel_mean`` / ``task.channel_std`` where given (both or neither), else the meta-train pixels'."""
+    given = {key: getattr(cfg, key) for key in ("channel_mean", "channel_std")}
+    if all(value is None for value in given.values()):
+        return channel_statistics(train_classes)
+    for key, value in given.items():
+        require(value is not None and len(value) == 3, f"task.{key}", "give three values (red, green, blue) for "
+                f"both task.channel_mean and task.channel_std, or neither (the meta-train split's), got {value}")
+    require(min(cfg.channel_std) > 0, "task.channel_std", f"must be > 0, got {list(cfg.channel_std)}")
+    return np.asarray(cfg.channel_mean, np.float32), np.asarray(cfg.channel_std, np.float32)
 
 
 def channel_statistics(classes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
