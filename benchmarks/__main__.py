@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks import encoder, processes, runs, steps
+from benchmarks import encoder, processes, resnet12, runs, steps
 from metapeft import blas, io
 from metapeft.backend import mx
 
@@ -95,6 +95,14 @@ def encoder_ops(args) -> None:
     encoder.print_encoder_ops(both)
 
 
+def resnet12_workloads(args) -> None:
+    results = resnet12.resnet12_workloads(args.repeats, args.names)
+    path = args.out.with_name("bench_resnet12.json")
+    io.write_json(path, {"blas": blas.status(), "workloads": results, "overrides": resnet12.COMMON})
+    resnet12.print_resnet12(results)
+    print(f"written to {path}")
+
+
 def process_scaling(args) -> None:
     results = processes.scaling(args.names, args.processes, args.out.parent / "processes")
     path = args.out.with_name("bench_processes.json")
@@ -125,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("encoder", help="MAML, FOMAML, Reptile + LoRA on model=hf_encoder").add_argument(
         "variants", nargs="?", default=encoder.ENCODER_DEFAULT, help=f"some of {list(encoder.ENCODER_VARIANTS)}")
     commands.add_parser("encoder-ops", help="the encoder's largest operations, MLX and PyTorch")
+    commands.add_parser("resnet12", help="ResNet-12 at 84x84: a ProtoNet episode, a FOMAML step, against PyTorch"
+                        ).add_argument("names", nargs="?", default=",".join(resnet12.RESNET12_WORKLOADS),
+                                       help=f"some of {list(resnet12.RESNET12_WORKLOADS)}")
     scaling = commands.add_parser("processes", help="meta-iterations per second on 1 and N processes (mlx.launch)")
     scaling.add_argument("names", nargs="?", default=",".join(processes.WORKLOADS),
                          help=f"some of {list(processes.WORKLOADS)}")
@@ -135,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         args.variants = checked(args.variants, encoder.ENCODER_VARIANTS, "encoder", parser)
     if args.command == "processes":
         args.names = checked(args.names, processes.WORKLOADS, "processes", parser)
+    if args.command == "resnet12":
+        args.names = checked(args.names, resnet12.RESNET12_WORKLOADS, "resnet12", parser)
     {"steps": timings, "memory": memory, "per-call": per_call, "runs": whole_runs, "start-up": start_up,
      "evaluation": evaluation, "encoder": encoder_workloads, "encoder-ops": encoder_ops,
-     "processes": process_scaling}[args.command](args)
+     "processes": process_scaling, "resnet12": resnet12_workloads}[args.command](args)
     return 0
 
 

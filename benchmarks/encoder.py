@@ -25,6 +25,7 @@ ENCODER_VARIANTS = {
     "maml_task_by_task_checkpointed": ["algorithm=maml", "algorithm.tasks_per_pass=1",
                                        "algorithm.checkpoint_inner_steps=true"],
     "fomaml": ["algorithm=fomaml"],
+    "fomaml_mlx_softmax": ["algorithm=fomaml", "model.softmax=mlx"],  # attention with mx.softmax, as before
     "reptile": ["algorithm=reptile"],
 }
 ENCODER_DEFAULT = "maml_task_by_task,maml_task_by_task_checkpointed,fomaml,reptile"
@@ -73,23 +74,27 @@ def encoder_one(variant: str, implementation: str, repeats: int) -> dict:
 
 # ENCODER_VARIANTS with a PyTorch peer: the same computation, task by task where ours is (checkpointed or not)
 PEER_OF = {"maml_task_by_task": "maml_task_by_task", "maml_task_by_task_checkpointed": "maml_task_by_task",
-           "fomaml": "fomaml", "reptile": "reptile"}
+           "fomaml": "fomaml", "fomaml_mlx_softmax": "fomaml", "reptile": "reptile"}
 
 
 def encoder_ops(implementation: str, repeats: int = 20) -> dict:
     """Milliseconds per call of the encoder's largest operations at the encoder benchmark's shapes (25 texts of 39
-    tokens, MiniLM's widths), in MLX (compiled, as in the meta-step) or PyTorch (eager, its own threads)."""
+    tokens, MiniLM's widths), in MLX (compiled, as in the meta-step) or PyTorch (eager, its own threads); the
+    softmax twice in MLX, ``mx.softmax`` and the encoder's polynomial one (``model.softmax``)."""
     rng = np.random.default_rng(0)
     shapes = {"x": (975, 384), "w": (384, 1536), "h": (975, 1536), "scores": (25, 12, 39, 39)}
     data = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
     if implementation == "mlx":
         from metapeft.models.hf_encoder import gelu
+        from metapeft.models.softmax import softmax as polynomial_softmax
 
         x, w, h, scores = (mx.array(data[n]) for n in ("x", "w", "h", "scores"))
         scale, bias = mx.ones((384,)), mx.zeros((384,))
         compiled_gelu, softmax = mx.compile(gelu), mx.compile(lambda s: mx.softmax(s, axis=-1))
+        ours_softmax = mx.compile(polynomial_softmax)
         ops = {"matmul (975x384 @ 384x1536)": lambda: x @ w, "GELU (975x1536)": lambda: compiled_gelu(h),
                "softmax (25x12x39x39)": lambda: softmax(scores),
+               "softmax, polynomial exp": lambda: ours_softmax(scores),
                "layer norm (975x384)": lambda: mx.fast.layer_norm(x, scale, bias, 1e-12),
                "add (975x1536)": lambda: h + h}
         sync = mx.eval
@@ -100,6 +105,7 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
         scale, bias = torch.ones(384), torch.zeros(384)
         ops = {"matmul (975x384 @ 384x1536)": lambda: x @ w, "GELU (975x1536)": lambda: torch.nn.functional.gelu(h),
                "softmax (25x12x39x39)": lambda: torch.softmax(scores, -1),
+               "softmax, polynomial exp": lambda: torch.softmax(scores, -1),  # PyTorch's own, beside ours
                "layer norm (975x384)": lambda: torch.nn.functional.layer_norm(x, (384,), scale, bias, 1e-12),
                "add (975x1536)": lambda: h + h}
         sync = lambda out: None

@@ -65,7 +65,7 @@ def peft_adapter(learned: LearnedInitialization, out: Path) -> Path:
     # module names as the installed transformers names them (they can differ from the checkpoint's: ViT in
     # transformers 5); the renaming rules apply to whole weight names, as transformers applies them
     rename = getattr(exp.model, "hf_module_name", lambda name: name)
-    tensors = {PREFIX + rename(key.removeprefix(PREFIX)): value
+    tensors = {(PREFIX + rename(key.removeprefix(PREFIX)) if key.startswith(PREFIX) else key): value
                for key, value in exp.peft.hf_adapter_tensors(weights, learned.frozen, PREFIX).items()}
     config = {"base_model_name_or_path": str(exp.model.directory), "inference_mode": True, "task_type": None,
               "revision": None, "peft_type": exp.peft.hf_peft_type,

@@ -64,3 +64,22 @@ def test_the_benchmarks_command_line_refuses_an_unknown_workload(capsys):
     with pytest.raises(SystemExit):
         main(["--workloads", "z_nothing", "steps"])
     assert "--workloads: unknown ['z_nothing']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workload", ["protonet", "fomaml"])
+def test_the_pytorch_peer_computes_our_loss_on_resnet12(tmp_path, workload):
+    """``python -m benchmarks resnet12``'s peer (F.conv2d, batch statistics, torch.func.grad for the inner steps),
+    on a narrow ResNet-12 over 16x16 images: its first step's loss is ours, from our parameters and batches."""
+    pytest.importorskip("torch")
+    from benchmarks import resnet12 as bench_resnet12
+
+    root = bench_resnet12.mini_imagenet_layout(tmp_path / "mini", size=16)
+    overrides = [*bench_resnet12.COMMON, *bench_resnet12.RESNET12_WORKLOADS[workload], f"task.root={root}",
+                 f"task.cache_dir={tmp_path / 'cache'}", "task.image_size=16", "model.channels=[4,6,8,8]",
+                 "task.num_query=3"]
+    exp, meta, frozen = bench_setup.setup(overrides)
+    batch = exp.task.sample("train", 1, 1, np.random.default_rng(0))
+    ours = exp.learner.meta_value_and_grad(meta, frozen, batch)[0].item()
+    step, sync = bench_resnet12.torch_resnet12_peer(exp, tree_map(lambda a: np.array(a), meta["weights"]),
+                                                     [tuple(np.array(a) for a in batch)])
+    assert sync(step(0)) == pytest.approx(ours, rel=1e-4)

@@ -162,3 +162,15 @@ def test_an_exported_vit_adapter_loads_in_hugging_face_peft(vit_run, tmp_path):
     np.testing.assert_allclose(hidden, ours, atol=1e-4)
     backbone = learned.experiment.model.features(learned.experiment.model.pretrained(mx.random.key(0), 5)[0], x)
     assert np.abs(ours - np.array(backbone)).max() > 1e-4  # the meta-learned update is not zero: a real check
+
+
+def test_a_merged_vit_export_reloads_as_the_adapted_model(vit_run, tmp_path):
+    from metapeft.api import load_run
+    from runners.export import main as export_main
+
+    assert export_main([str(vit_run), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    learned = load_run(vit_run)
+    merged, params = tiny_vit(path=tmp_path / "merged")
+    x = mx.array(np.array(REFERENCE["images_channels_last"], np.float32))
+    adapted = learned.experiment.peft.features(learned.meta["weights"], learned.frozen, x)
+    np.testing.assert_allclose(np.array(merged.features(params, x)), np.array(adapted), atol=1e-5)

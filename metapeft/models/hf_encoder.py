@@ -30,6 +30,7 @@ from metapeft.backend import mx
 from metapeft.errors import ConfigError, require
 from metapeft.models.hf_files import REQUIRED_FILES, model_directory
 from metapeft.models.layers import Backbone, init_linear, with_prefix
+from metapeft.models.softmax import SoftmaxKind, attention_softmax
 from metapeft.registry import MODELS
 
 # MiniLM checkpoints are BERT models (model_type "bert"). RoBERTa differs only in numbering positions from the pad
@@ -53,6 +54,9 @@ class HFEncoderConfig:
     # iterations of LoRA on MiniLM collapsed every prediction to one class (task=text, quick mode); 3e-4 and 1e-4
     # learned (5-shot validation accuracy 0.63 and 0.54 after 40 iterations, from 0.52).
     default_outer_lr: float = 0.0003
+    # attention's softmax: "polynomial" (metapeft/models/softmax.py, 2-3x faster on the CPU, equal to float32
+    # rounding) or "mlx" (mx.softmax, how runs before it computed attention: to reproduce them to the digit)
+    softmax: SoftmaxKind = SoftmaxKind.polynomial
 
 
 @MODELS.register("hf_encoder", HFEncoderConfig)
@@ -82,6 +86,7 @@ class HFEncoder(Backbone):
         self.eps = self.config.get("layer_norm_eps", 1e-12)
         self.output_dim = output_dim
         self._tokenizer = None
+        self.softmax = attention_softmax(cfg.softmax)
 
     # --- text in, token ids out ---------------------------------------------------------------------------------
 
@@ -184,7 +189,7 @@ class HFEncoder(Backbone):
 
         q, k, v = split_heads(q), split_heads(k), split_heads(v)
         scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(width // heads) + bias
-        mixed = (mx.softmax(scores, axis=-1) @ v).swapaxes(-2, -3)
+        mixed = (self.softmax(scores) @ v).swapaxes(-2, -3)
         mixed = mixed.reshape(*mixed.shape[:-2], width)
         return self.layer_norm(params["output"]["LayerNorm"], h + self.linear(params["output"]["dense"], mixed))
 

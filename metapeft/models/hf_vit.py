@@ -34,6 +34,7 @@ from metapeft.errors import ConfigError, require
 from metapeft.models.hf_encoder import gelu
 from metapeft.models.hf_files import model_directory
 from metapeft.models.layers import Backbone, init_linear, with_prefix
+from metapeft.models.softmax import SoftmaxKind, attention_softmax
 from metapeft.registry import MODELS
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
@@ -50,6 +51,7 @@ class HFViTConfig:
     path: str = MISSING  # a Hugging Face ViT model directory (config.json, model.safetensors)
     pooling: VitPooling = VitPooling.cls
     default_outer_lr: float = 0.0003  # as model=hf_encoder's: a pretrained transformer under Adam
+    softmax: SoftmaxKind = SoftmaxKind.polynomial  # attention's (metapeft/models/softmax.py), as model=hf_encoder's
 
 
 @MODELS.register("hf_vit", HFViTConfig)
@@ -81,6 +83,7 @@ class HFViT(Backbone):
         self.eps = c.get("layer_norm_eps", 1e-12)
         self.input_shape = shape
         self.output_dim = output_dim
+        self.softmax = attention_softmax(cfg.softmax)
 
     # --- parameters -----------------------------------------------------------------------------------------------
 
@@ -181,7 +184,7 @@ class HFViT(Backbone):
 
         q, k, v = split_heads(q), split_heads(k), split_heads(v)
         scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(width // heads)
-        mixed = (mx.softmax(scores, axis=-1) @ v).swapaxes(-2, -3)
+        mixed = (self.softmax(scores) @ v).swapaxes(-2, -3)
         return self.linear(params["output"]["dense"], mixed.reshape(*mixed.shape[:-2], width))
 
     def token_keys_values(self, params: dict, x: mx.array) -> list[tuple[mx.array, mx.array]]:
