@@ -27,12 +27,17 @@ def tiny_vit(pooling: str = "cls", path: Path = TINY_VIT) -> tuple[HFViT, dict]:
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_matches_transformers_vit_model_on_its_stored_outputs(pooling):
-    model, params = tiny_vit(pooling)
-    images = mx.array(np.array(REFERENCE["images_channels_last"], np.float32))
-    hidden = np.array(REFERENCE["last_hidden_state"], np.float32)
+@pytest.mark.parametrize("name", ["tiny_vit", "tiny_vit_classifier"])
+def test_matches_transformers_vit_model_on_its_stored_outputs(name, pooling):
+    """Two random configurations (the second saved by ViTForImageClassification, under "vit.", with another
+    LayerNorm epsilon, patch size and depth), transformers' outputs stored by tests/fixtures/make_vit_reference.py."""
+    reference = json.loads((FIXTURES / f"{name}_reference.json").read_text())
+    images = np.array(reference["images_channels_last"], np.float32)
+    model = HFViT(HFViTConfig(path=str(FIXTURES / name), pooling=pooling), images.shape[1:], 5)
+    params = model.pretrained(mx.random.key(0), 5)[0]
+    hidden = np.array(reference["last_hidden_state"], np.float32)
     expected = hidden[:, 0] if pooling == "cls" else hidden[:, 1:].mean(axis=1)
-    np.testing.assert_allclose(np.array(model.features(params, images)), expected, atol=2e-5)
+    np.testing.assert_allclose(np.array(model.features(params, mx.array(images))), expected, atol=2e-5)
     assert np.abs(expected).max() > 0.5  # random weights of size 0.3: every layer moves the output
 
 
