@@ -55,8 +55,8 @@ def build(cfg: DictConfig) -> Experiment:
     task_class, model_class = TASKS.get(cfg.task.name), MODELS.get(cfg.model.name)
     reads_text, reads_tokens = getattr(task_class, "reads_text", False), getattr(model_class, "reads_tokens", False)
     require(reads_text == reads_tokens, "model", f"task={cfg.task.name} reads text, which model={cfg.model.name} "
-            "cannot: use model=hf_encoder" if reads_text else f"model={cfg.model.name} reads text; task="
-            f"{cfg.task.name} is not a text task: use task=text or task=text_folder")
+            "cannot: use model=hf_encoder or model=causal_lm" if reads_text else f"model={cfg.model.name} reads "
+            f"text; task={cfg.task.name} is not a text task: use task=text or task=text_folder")
     task = task_class(cfg.task)
     task.validate(sorted({cfg.shots.train, *cfg.shots.eval}))
     model = model_class(cfg.model, task.input_shape, task.output_dim)

@@ -149,3 +149,25 @@ def class_folders(root: Path, layout: dict[str, list[str]], per_class: int = 4, 
             for i in range(per_class):
                 Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
     return root
+
+
+def tiny_causal_lm(directory: Path, kind: str = "tiny_llama") -> Path:
+    """A small random causal language model from tests/fixtures (``tiny_llama`` or ``tiny_qwen2``, written by
+    make_causal_lm_reference.py) with a character-level tokenizer that puts ``<s>`` first: what ``model=causal_lm
+    model.path=DIR`` reads."""
+    import shutil
+    import string
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(REPO / "tests" / "fixtures" / kind / name, directory / name)
+    letters = string.ascii_lowercase + string.digits
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>", *letters, *(f"##{c}" for c in letters)])}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory

@@ -8,8 +8,10 @@ from metapeft.backend import mx
 
 
 def affine(params: dict, x: mx.array) -> mx.array:
-    """The plain linear layer. PEFT methods that change linear layers substitute their own (see ``Backbone``)."""
-    return x @ params["weight"] + params["bias"]
+    """The plain linear layer, its bias optional (Llama's have none). PEFT methods that change linear layers
+    substitute their own (see ``Backbone``)."""
+    out = x @ params["weight"]
+    return out + params["bias"] if "bias" in params else out
 
 
 class LinearInit(StrEnum):

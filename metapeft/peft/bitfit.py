@@ -35,6 +35,9 @@ class BitFit(PeftMethod):
                 if self.cfg.include_norms or not set(map(str, path)) & set(NORMS)]
 
     def check(self, backbone: dict) -> None:
+        require(len(paths_holding(without_head(backbone), "bias")) > 0, "peft",
+                f"model={type(self.model).__name__.lower()} has no biases (as Llama's): BitFit would train nothing; "
+                "choose another method (lora, dora, ia3, ...)")
         require(len(self.bias_paths(backbone)) > 0, "peft.include_norms",
                 f"model={type(self.model).__name__.lower()} has no bias outside its normalization layers; "
                 "set peft.include_norms=true")

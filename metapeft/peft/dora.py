@@ -43,7 +43,8 @@ class DoRA(LoRA):
             magnitude_scale = params[MAGNITUDE] / column_norms(params["weight"] + update)
             branch_input = x * mx.random.bernoulli(keep, x.shape) / keep if dropout else x
             low_rank = scale * ((branch_input @ params["lora_a"]) @ params["lora_b"])
-            return magnitude_scale * (x @ params["weight"] + low_rank) + params["bias"]
+            out = magnitude_scale * (x @ params["weight"] + low_rank)
+            return out + params["bias"] if "bias" in params else out
 
         return dora_linear
 

@@ -90,8 +90,10 @@ class IA3(PeftMethod):
         updates: dict = {}
         for path, kind in self.scaled_layers(adapted):
             layer, scale = get_in(frozen, path), get_in(adapted, path)[kind]
-            set_in(updates, path, {"weight": layer["weight"] * scale[:, None]} if kind == SCALES_INPUT
-                   else {"weight": layer["weight"] * scale, "bias": layer["bias"] * scale})
+            scaled = ({"weight": layer["weight"] * scale[:, None]} if kind == SCALES_INPUT
+                      else {"weight": layer["weight"] * scale, **({"bias": layer["bias"] * scale} if "bias" in layer
+                                                                  else {})})
+            set_in(updates, path, scaled)
         return merge(self.learnable_backbone(frozen), updates)
 
     def hf_adapter_tensors(self, adapted: dict, frozen: dict, prefix: str) -> dict:

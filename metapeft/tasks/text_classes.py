@@ -18,7 +18,7 @@ from metapeft.tasks.classification import SPLITS, ClassImagesTask
 
 
 class TextClassesTask(ClassImagesTask):
-    reads_text = True  # needs a model with ``tokenize`` (model=hf_encoder)
+    reads_text = True  # needs a model with ``tokenize`` (model=hf_encoder, model=causal_lm)
 
     def __init__(self, cfg, class_texts: dict[str, list[list[str]]], class_names: dict[str, list[str]],
                  where: str = "task"):

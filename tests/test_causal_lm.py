@@ -1,0 +1,161 @@
+"""model=causal_lm: Llama and Qwen2 read from a folder, checked against transformers (its stored outputs on small
+random checkpoints, tests/fixtures/make_causal_lm_reference.py, and live where transformers is installed), as a
+few-shot text classifier under LoRA and MAML."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+from helpers import run_cli, text_classes, tiny_causal_lm, write_text_csv
+from metapeft.errors import ConfigError
+from metapeft.models.causal_lm import CausalLM, CausalLMConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REFERENCE = json.loads((FIXTURES / "causal_lm_reference.json").read_text())
+
+
+def load(directory: Path, **keys) -> tuple[CausalLM, dict]:
+    model = CausalLM(CausalLMConfig(path=str(directory), **keys), None, 3)
+    return model, model.pretrained(mx.random.key(0), 3)[0]
+
+
+@pytest.mark.parametrize("kind", ["tiny_llama", "tiny_qwen2"])
+def test_matches_transformers_on_its_stored_outputs(tmp_path, kind):
+    model, params = load(tiny_causal_lm(tmp_path / kind, kind))
+    expected = np.array(REFERENCE[kind], np.float32)
+    ours = np.array(model.hidden_states(params, mx.array(REFERENCE["input_ids"])))
+    np.testing.assert_allclose(ours, expected, atol=2e-4 * np.abs(expected).max())
+    assert np.abs(expected).max() > 0.5
+
+
+def test_matches_transformers_live_where_installed(tmp_path):
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
+                                      num_attention_heads=6, num_key_value_heads=3, head_dim=8, attention_bias=True,
+                                      mlp_bias=True, rope_theta=1000.0, rms_norm_eps=1e-6)
+    torch.manual_seed(1)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.normal_(0.0, 0.3)
+    directory = tiny_causal_lm(tmp_path / "llama")
+    reference.save_pretrained(directory)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        expected = reference.model(input_ids=ids).last_hidden_state.numpy()
+    model, params = load(directory)
+    ours = np.array(model.hidden_states(params, mx.array(ids.numpy())))
+    np.testing.assert_allclose(ours, expected, atol=2e-4 * np.abs(expected).max())
+
+
+def test_padding_leaves_each_texts_state_unchanged(tmp_path):
+    directory = tiny_causal_lm(tmp_path / "llama")
+    model, params = load(directory)
+    texts = ["abc def", "a", "hello world again"]
+    together = np.array(model.features(params, mx.array(model.tokenize(texts))))
+    alone = np.concatenate([np.array(model.features(params, mx.array(model.tokenize([t])))) for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert (model.tokenize(texts)[1, 2:] == -1).all() and model.tokenize(["a"])[0, 0] == 1  # right-padded; <s> first
+    mean_model, _ = load(directory, pooling="mean")
+    assert not np.allclose(np.array(mean_model.features(params, mx.array(model.tokenize(texts)))), together)
+
+
+def test_lora_targets_peft_names_and_starts_at_the_backbone(tmp_path):
+    from metapeft.peft.lora import LoRA, LoRAConfig
+
+    model, params = load(tiny_causal_lm(tmp_path / "qwen", "tiny_qwen2"))
+    lora = LoRA(LoRAConfig(rank=2, target_modules=["q_proj", "v_proj"]), model)
+    lora.check(params)
+    adapted, frozen = lora.init_adapted(params, mx.random.key(1), None), lora.frozen(params)
+    ids = mx.array(model.tokenize(["abc", "de fg"]))
+    assert mx.array_equal(lora.features(adapted, frozen, ids), model.features(params, ids)).item()
+    assert sorted(lora.low_rank_factors(adapted, frozen)) == [
+        f"model.layers.{i}.self_attn.{n}" for i in (0, 1) for n in ("q_proj", "v_proj")]
+
+
+def test_maml_meta_gradient_through_the_model_matches_finite_differences(tmp_path):
+    """Second-order MAML through one inner LoRA step on the tiny Llama (float64, vmapped over two tasks)."""
+    from metapeft.peft.lora import LoRA, LoRAConfig
+    from metapeft.trees import merge
+
+    model, params = load(tiny_causal_lm(tmp_path / "llama"))
+    lora = LoRA(LoRAConfig(rank=2, target_modules=["q_proj", "v_proj"]), model)
+    to64 = lambda tree: tree_map(lambda a: a.astype(mx.float64), tree)
+    frozen = to64(lora.frozen(params))
+    adapted = to64(lora.init_adapted(params, mx.random.key(1), None))
+    adapted = tree_map(lambda a: a + 0.1, adapted)  # B away from zero, so the inner step moves every factor
+    ids = mx.array(np.random.default_rng(0).integers(0, 96, size=(2, 2, 2, 6)).astype(np.int32))
+    labels = mx.array([[0, 1], [1, 0]])
+
+    def loss(a, x, y):
+        logits = lora.model(merge(frozen, a), x)
+        return mx.mean(mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, y[..., None], axis=-1)[..., 0])
+
+    def meta_loss(scale):
+        def task(x, y):
+            start = {**adapted, "head": {**adapted["head"], "weight": adapted["head"]["weight"] * scale}}
+            inner = tree_map(lambda w, g: w - 0.5 * g, start, mx.grad(loss)(start, x[0], y))
+            return loss(inner, x[1], y)
+
+        return mx.mean(mx.vmap(task)(ids, labels))
+
+    with mx.stream(mx.cpu):  # h = 1e-3: the fused RMSNorm is not float64-exact, so smaller steps measure rounding
+        one, h = mx.array(1.0, dtype=mx.float64), 1e-3
+        grad = mx.grad(meta_loss)(one).item()
+        numeric = (meta_loss(one + h).item() - meta_loss(one - h).item()) / (2 * h)
+    assert grad == pytest.approx(numeric, rel=1e-3)
+
+
+def test_unsupported_or_incomplete_folders_are_refused_by_name(tmp_path):
+    directory = tiny_causal_lm(tmp_path / "llama")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    with pytest.raises(ConfigError, match=r"'gpt_neox' model; model=causal_lm reads model types \['llama'"):
+        load(directory)
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "model.safetensors").rename(directory / "elsewhere.safetensors")
+    with pytest.raises(ConfigError, match="neither model.safetensors nor model.safetensors.index.json"):
+        load(directory)
+    (directory / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match="lacks tokenizer.json") as error:
+        load(directory)
+    assert error.value.key == "model.path"
+
+
+def test_sharded_weights_load_as_one_file(tmp_path):
+    directory = tiny_causal_lm(tmp_path / "llama")
+    _, whole = load(directory)
+    weights = mx.load(str(directory / "model.safetensors"))
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, part in shards.items():
+        mx.save_safetensors(str(directory / shard), {n: weights[n] for n in part})
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: shard for shard, part in shards.items() for n in part}}))
+    (directory / "model.safetensors").unlink()
+    _, sharded = load(directory)
+    whole, sharded = dict(tree_flatten(whole["model"])), dict(tree_flatten(sharded["model"]))
+    assert whole.keys() == sharded.keys() and all(mx.array_equal(v, sharded[k]).item() for k, v in whole.items())
+
+
+def test_a_causal_lm_meta_trains_as_a_few_shot_text_classifier(tmp_path):
+    directory = tiny_causal_lm(tmp_path / "llama")
+    (tmp_path / "texts").mkdir()
+    write_text_csv(tmp_path / "texts" / "data.csv", text_classes())
+    run_dir = tmp_path / "run"
+    result = run_cli("model=causal_lm", f"model.path={directory}", "task=text_folder",
+                     f"task.root={tmp_path / 'texts'}", "task.n_way=3", "task.val_fraction=0.34",
+                     "task.test_fraction=0.34", "peft=lora", "peft.target_modules=[q_proj,v_proj]", "algorithm=maml",
+                     "mode=tiny", "shots.eval=[1]", "baselines=[linear_probe,prototype]", "progress=false",
+                     f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    assert set(metrics["evaluation"]["shots"]["1"]["baselines"]) >= {"linear_probe", "prototype"}
