@@ -2,8 +2,11 @@
 of it, and how a benchmark starts a part of itself in a process of its own."""
 from __future__ import annotations
 
+import resource
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from hydra import compose, initialize_config_dir
@@ -58,3 +61,34 @@ def peer_spec(exp):
     if cfg.peft.name == "lora":
         spec.lora_scale = cfg.peft.alpha / cfg.peft.rank
     return spec
+
+
+def our_compiled_step(exp, meta: dict, frozen: dict, batches: list) -> Callable[[int], float]:
+    """The runner's own compiled meta-step over ``batches``: ``step(i)`` updates the meta-parameters on batch ``i``
+    and returns its meta-loss before the update."""
+    from metapeft.train import compiled_meta_step
+
+    optimizer = exp.learner.make_optimizer(10**6)
+    optimizer.init(meta)
+    step, state = compiled_meta_step(exp.learner, optimizer), {"meta": meta}
+    mx.eval(meta, frozen)
+
+    def run_step(i: int) -> float:
+        loss, state["meta"], grads = step(state["meta"], frozen, *batches[i])
+        mx.eval(loss, state["meta"], grads)
+        return loss.item()
+
+    return run_step
+
+
+def timed_steps(run_step: Callable[[int], float], repeats: int) -> dict:
+    """One warm-up step, then ``repeats`` timed: ms per step (the median), the first step's time and its loss (the
+    meta-loss on the first batch, before any update), and the process's peak resident memory."""
+    times, first_loss = [], None
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        loss = run_step(i)
+        times.append(time.perf_counter() - start)
+        first_loss = loss if first_loss is None else first_loss
+    return {"first_loss": first_loss, "ms_per_iteration": 1e3 * float(np.median(times[1:])), "first_ms": 1e3 * times[0],
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -10,9 +10,8 @@ import time
 
 import numpy as np
 
-from benchmarks.common import in_own_process, peer_spec, setup
+from benchmarks.common import in_own_process, our_compiled_step, peer_spec, setup, timed_steps
 from metapeft.backend import mx, utils
-from metapeft.train import compiled_meta_step
 
 # second-order MAML + LoRA over the pretrained encoder: meta-batch 4, 5 inner steps, 5-way 5-shot,
 # 64 tokens per text; FOMAML and Reptile beside it.
@@ -35,22 +34,12 @@ def encoder_one(variant: str, implementation: str, repeats: int) -> dict:
     """One of ENCODER_VARIANTS by ``mlx`` (the runner's own compiled step) or its ``pytorch`` peer (torch.func,
     eager; task by task where ours is), on the same batches from the same start: ms per iteration after one
     warm-up iteration, the loss of the first, and the process's peak resident memory (run alone in a process)."""
-    import resource
-
     exp, meta, frozen = setup([*ENCODER, *ENCODER_VARIANTS[variant]])
     rng = np.random.default_rng(0)
     batches = [exp.task.sample("train", 4, 5, rng) for _ in range(repeats + 1)]
     result: dict = {"implementation": implementation, "sequence_length": int(batches[0].xs.shape[-1])}
     if implementation == "mlx":
-        optimizer = exp.learner.make_optimizer(10**6)
-        optimizer.init(meta)
-        step, state = compiled_meta_step(exp.learner, optimizer), {"meta": meta}
-        mx.eval(meta, frozen)
-
-        def run_step(i: int) -> float:
-            loss, state["meta"], grads = step(state["meta"], frozen, *batches[i])
-            mx.eval(loss, state["meta"], grads)
-            return loss.item()
+        run_step = our_compiled_step(exp, meta, frozen, batches)
     else:
         from benchmarks.peers import torch_peer
 
@@ -59,14 +48,7 @@ def encoder_one(variant: str, implementation: str, repeats: int) -> dict:
                                             [tuple(np.array(a) for a in b) for b in batches])
         del meta, frozen  # the peer holds its own copies
         run_step = lambda i: sync(peer_step(i))  # the meta-loss before the update, as ours
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        loss = run_step(i)
-        times.append(time.perf_counter() - start)
-        result.setdefault("first_loss", loss)  # the meta-loss on the first batch, before any update
-    result.update(ms_per_iteration=1e3 * float(np.median(times[1:])), first_ms=1e3 * times[0],
-                  max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result.update(timed_steps(run_step, repeats))
     if implementation == "mlx":
         result["mlx_peak_mb"] = mx.get_peak_memory() / 2**20
     return result

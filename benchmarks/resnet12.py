@@ -11,14 +11,12 @@ import importlib.util
 import json
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import in_own_process, setup
-from metapeft.backend import mx, utils
-from metapeft.train import compiled_meta_step
+from benchmarks.common import in_own_process, our_compiled_step, setup, timed_steps
+from metapeft.backend import utils
 
 COMMON = ["task=mini_imagenet", "task.image_size=84", "task.num_query=15", "model=resnet12", "peft=none",
           "shots.train=1", "shots.eval=[1]", "algorithm.meta_batch_size=1"]
@@ -123,8 +121,6 @@ def torch_resnet12_peer(exp, weights: dict, batches: list):
 def resnet12_one(workload: str, implementation: str, repeats: int, root: str) -> dict:
     """One workload by ``mlx`` or ``pytorch``: ms per step after one warm-up step, the first step's loss, and the
     process's peak resident memory."""
-    import resource
-
     exp, meta, frozen = setup([*COMMON, f"task.root={root}", f"task.cache_dir={root}/cache",
                                *RESNET12_WORKLOADS[workload]])
     rng = np.random.default_rng(0)
@@ -132,28 +128,13 @@ def resnet12_one(workload: str, implementation: str, repeats: int, root: str) ->
     result: dict = {"implementation": implementation, "images_per_step": int(batches[0].xs.shape[1]
                                                                             + batches[0].xq.shape[1])}
     if implementation == "mlx":
-        optimizer = exp.learner.make_optimizer(10**6)
-        optimizer.init(meta)
-        step, state = compiled_meta_step(exp.learner, optimizer), {"meta": meta}
-        mx.eval(meta, frozen)
-
-        def run_step(i: int) -> float:
-            loss, state["meta"], grads = step(state["meta"], frozen, *batches[i])
-            mx.eval(loss, state["meta"], grads)
-            return loss.item()
+        run_step = our_compiled_step(exp, meta, frozen, batches)
     else:
         weights = utils.tree_map(lambda a: np.array(a), meta["weights"])
         peer_step, sync = torch_resnet12_peer(exp, weights, batches)
         del meta
         run_step = lambda i: sync(peer_step(i))
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        loss = run_step(i)
-        times.append(time.perf_counter() - start)
-        result.setdefault("first_loss", loss)
-    result.update(ms_per_iteration=1e3 * float(np.median(times[1:])), first_ms=1e3 * times[0],
-                  max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result.update(timed_steps(run_step, repeats))
     return result
 
 

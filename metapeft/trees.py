@@ -1,7 +1,7 @@
 """Small helpers over parameter trees (nested dicts and lists of arrays)."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from metapeft.backend import mx, utils
 
@@ -53,6 +53,16 @@ def linear_layers(tree: Any, path: Path = ()) -> Iterator[tuple[Path, dict]]:
     elif isinstance(tree, list):
         for index, child in enumerate(tree):
             yield from linear_layers(child, (*path, index))
+
+
+def map_with_path(fn: Callable[[Path, Any], Any], tree: Any, path: Path = ()) -> Any:
+    """``tree`` with every leaf replaced by ``fn(its path, the leaf)`` (a checkpoint's arrays read into a model's
+    tree by their names)."""
+    if isinstance(tree, list):
+        return [map_with_path(fn, child, (*path, i)) for i, child in enumerate(tree)]
+    if isinstance(tree, dict):
+        return {k: map_with_path(fn, v, (*path, k)) for k, v in tree.items()}
+    return fn(path, tree)
 
 
 def path_name(path: Path) -> str:

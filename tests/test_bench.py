@@ -83,3 +83,13 @@ def test_the_pytorch_peer_computes_our_loss_on_resnet12(tmp_path, workload):
     step, sync = bench_resnet12.torch_resnet12_peer(exp, tree_map(lambda a: np.array(a), meta["weights"]),
                                                      [tuple(np.array(a) for a in batch)])
     assert sync(step(0)) == pytest.approx(ours, rel=1e-4)
+
+
+def test_a_timed_compiled_step_reports_the_first_meta_loss():
+    """The timing both the encoder and the ResNet-12 benchmarks use: the runner's compiled step, one warm-up."""
+    exp, meta, frozen = bench_setup.setup([*bench.WORKLOADS["c_digits_lora_maml"], "algorithm.meta_batch_size=2"])
+    batches = [exp.task.sample("train", 2, exp.cfg.shots.train, np.random.default_rng(i)) for i in range(2)]
+    first = exp.learner.meta_value_and_grad(meta, frozen, batches[0])[0].item()
+    result = bench_setup.timed_steps(bench_setup.our_compiled_step(exp, meta, frozen, batches), repeats=1)
+    assert result["first_loss"] == pytest.approx(first, rel=1e-5)
+    assert result["ms_per_iteration"] > 0 and result["max_rss_mb"] > 0

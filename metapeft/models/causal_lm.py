@@ -34,6 +34,7 @@ from metapeft.errors import ConfigError, require
 from metapeft.models.layers import Backbone, init_linear
 from metapeft.models.softmax import SoftmaxKind, attention_softmax
 from metapeft.registry import MODELS
+from metapeft.trees import map_with_path
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 PAD = -1  # right padding: no token id, so no real token is ever taken for padding
@@ -247,11 +248,4 @@ def fill_from_hf_names(flat: dict, expected: dict, directory: Path) -> dict:
                               f"{like.shape}")
         return array.astype(mx.float32)
 
-    def fill(node, path):
-        if isinstance(node, list):
-            return [fill(child, (*path, i)) for i, child in enumerate(node)]
-        if isinstance(node, dict):
-            return {k: fill(v, (*path, k)) for k, v in node.items()}
-        return load(path, node)
-
-    return fill(expected, ())
+    return map_with_path(load, expected)

@@ -36,6 +36,7 @@ from metapeft.models.hf_files import model_directory
 from metapeft.models.layers import Backbone, init_linear, with_prefix
 from metapeft.models.softmax import SoftmaxKind, attention_softmax
 from metapeft.registry import MODELS
+from metapeft.trees import map_with_path
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
 
@@ -253,14 +254,7 @@ def from_hf_names(flat: dict, expected: dict, directory: Path) -> dict:
                               f"{like.shape}")
         return array.astype(mx.float32)
 
-    def fill(node, path):
-        if isinstance(node, list):
-            return [fill(child, (*path, i)) for i, child in enumerate(node)]
-        if isinstance(node, dict):
-            return {k: fill(v, (*path, k)) for k, v in node.items()}
-        return load(path, node)
-
-    return fill({k: v for k, v in expected.items() if k != "head"}, ())
+    return map_with_path(load, {k: v for k, v in expected.items() if k != "head"})
 
 
 def to_hf_names(tree: dict, channels: int, patch: int) -> dict:
