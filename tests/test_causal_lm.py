@@ -24,7 +24,7 @@ def load(directory: Path, **keys) -> tuple[CausalLM, dict]:
     return model, model.pretrained(mx.random.key(0), 3)[0]
 
 
-@pytest.mark.parametrize("kind", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("kind", ["tiny_llama", "tiny_qwen2", "tiny_gpt2"])
 def test_matches_transformers_on_its_stored_outputs(tmp_path, kind):
     model, params = load(tiny_causal_lm(tmp_path / kind, kind))
     expected = np.array(REFERENCE[kind], np.float32)
@@ -77,6 +77,20 @@ def test_lora_targets_peft_names_and_starts_at_the_backbone(tmp_path):
     assert mx.array_equal(lora.features(adapted, frozen, ids), model.features(params, ids)).item()
     assert sorted(lora.low_rank_factors(adapted, frozen)) == [
         f"model.layers.{i}.self_attn.{n}" for i in (0, 1) for n in ("q_proj", "v_proj")]
+
+
+def test_gpt2_is_read_by_its_own_layout_and_lora_targets_its_fused_projection(tmp_path):
+    from metapeft.models.gpt2 import GPT2
+    from metapeft.peft.lora import LoRA, LoRAConfig
+
+    model, params = load(tiny_causal_lm(tmp_path / "gpt2", "tiny_gpt2"))
+    assert isinstance(model, GPT2) and params["h"][0]["attn"]["c_attn"]["weight"].shape == (16, 48)
+    lora = LoRA(LoRAConfig(rank=2, target_modules=["c_attn"]), model)
+    lora.check(params)
+    adapted, frozen = lora.init_adapted(params, mx.random.key(1), None), lora.frozen(params)
+    assert sorted(lora.low_rank_factors(adapted, frozen)) == ["h.0.attn.c_attn", "h.1.attn.c_attn"]
+    ids = mx.array(model.tokenize(["abc", "de fg"]))
+    assert mx.array_equal(lora.features(adapted, frozen, ids), model.features(params, ids)).item()
 
 
 def test_maml_meta_gradient_through_the_model_matches_finite_differences(tmp_path):

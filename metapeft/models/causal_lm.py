@@ -1,6 +1,6 @@
-"""A Hugging Face decoder-only language model (Llama, Qwen2, Mistral) in MLX, read from a local folder, as a few-shot
-text classifier: a task head on the hidden state of each text's last token, as ``LlamaForSequenceClassification``
-reads it.
+"""A Hugging Face decoder-only language model (Llama, Qwen2, Mistral; GPT-2 in ``gpt2.py``) in MLX, read from a
+local folder, as a few-shot text classifier: a task head on the hidden state of each text's last token, as
+``LlamaForSequenceClassification`` reads it.
 
 The folder holds ``config.json``, ``tokenizer.json`` and the weights as ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json`` (float32, float16 or bfloat16; computed in float32). Parameters keep Hugging Face's
@@ -36,7 +36,7 @@ from metapeft.models.softmax import SoftmaxKind, attention_softmax
 from metapeft.registry import MODELS
 from metapeft.trees import map_with_path
 
-SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_TYPES = ("llama", "qwen2", "mistral", "gpt2")
 PAD = -1  # right padding: no token id, so no real token is ever taken for padding
 
 
@@ -53,6 +53,14 @@ class CausalLMConfig:
     max_length: int = 32  # tokens per text, special tokens included; longer texts are truncated
     default_outer_lr: float = 0.0003  # as model=hf_encoder's: a pretrained transformer under Adam
     softmax: SoftmaxKind = SoftmaxKind.polynomial  # attention's (metapeft/models/softmax.py), as model=hf_encoder's
+
+
+def read_config(directory: Path) -> dict:
+    """``config.json``, once the folder is checked to hold it and ``tokenizer.json``."""
+    for name in ("config.json", "tokenizer.json"):
+        require((directory / name).is_file(), "model.path", f"{directory} lacks {name}; a Hugging Face model folder "
+                "holds config.json, tokenizer.json and model.safetensors (or its shards)")
+    return json.loads((directory / "config.json").read_text())
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -73,16 +81,27 @@ class CausalLM(Backbone):
     reads_tokens = True  # inputs are token ids from ``tokenize``: text tasks only
     input_layer = ("model", "embed_tokens")
 
+    def __new__(cls, cfg: CausalLMConfig, *args):
+        """GPT-2 folders build ``metapeft.models.gpt2.GPT2`` (another layer layout, the same interface)."""
+        if cls is CausalLM and read_config(Path(cfg.path).expanduser()).get("model_type") == "gpt2":
+            from metapeft.models.gpt2 import GPT2
+
+            return super().__new__(GPT2)
+        return super().__new__(cls)
+
     def __init__(self, cfg: CausalLMConfig, input_shape: tuple[int, ...] | None, output_dim: int):
         require(cfg.max_length >= 2, "model.max_length", f"must be >= 2, got {cfg.max_length}")
         self.cfg = cfg
         self.directory = Path(cfg.path).expanduser()
-        for name in ("config.json", "tokenizer.json"):
-            require((self.directory / name).is_file(), "model.path", f"{self.directory} lacks {name}; a Hugging Face "
-                    "model folder holds config.json, tokenizer.json and model.safetensors (or its shards)")
-        self.config = c = json.loads((self.directory / "config.json").read_text())
+        self.config = c = read_config(self.directory)
         require(c.get("model_type") in SUPPORTED_TYPES, "model.path", f"{self.directory} holds a "
                 f"'{c.get('model_type')}' model; model=causal_lm reads model types {list(SUPPORTED_TYPES)}")
+        self.output_dim = output_dim
+        self.softmax = attention_softmax(cfg.softmax)
+        self._tokenizer = None
+        self.read_architecture(c)
+
+    def read_architecture(self, c: dict) -> None:
         require(c.get("hidden_act", "silu") == "silu", "model.path",
                 f"only hidden_act 'silu' is implemented, {self.directory} uses '{c.get('hidden_act')}'")
         self.width, self.num_heads = c["hidden_size"], c["num_attention_heads"]
@@ -93,9 +112,6 @@ class CausalLM(Backbone):
         self.output_bias = bool(c.get("attention_bias", False)) and c["model_type"] != "qwen2"
         self.mlp_bias = bool(c.get("mlp_bias", False))
         self.inverse_frequencies = rope_inverse_frequencies(c, self.head_dim)
-        self.output_dim = output_dim
-        self.softmax = attention_softmax(cfg.softmax)
-        self._tokenizer = None
 
     # --- text in, token ids out ---------------------------------------------------------------------------------
 
@@ -153,12 +169,20 @@ class CausalLM(Backbone):
     def pretrained(self, key: mx.array, num_outputs: int) -> tuple[dict, dict]:
         """The checkpoint's weights in this model's tree (with a fresh head of ``num_outputs``) and their source."""
         flat: dict = {}
-        for path in weight_files(self.directory):
-            flat.update(mx.load(str(path)))
+        for path in weight_files(self.directory):  # a GPT2LMHeadModel's body is under "transformer."
+            flat.update({k.removeprefix("transformer."): v for k, v in mx.load(str(path)).items()})
         expected = self.init(mx.random.key(0))
-        tree = fill_from_hf_names(flat, {"model": expected["model"]}, self.directory)
+        tree = fill_from_hf_names(flat, {k: v for k, v in expected.items() if k != "head"}, self.directory,
+                                  self.hf_name, self.transposed)
         tree["head"] = init_linear(key, self.width, num_outputs)
         return tree, {"source": str(self.directory)}
+
+    @staticmethod
+    def hf_name(path: tuple) -> str:
+        """A parameter's name in the checkpoint (the embeddings, an array here, are ``embed_tokens.weight``)."""
+        return ".".join(str(k) for k in path) + (".weight" if path[-1] == "embed_tokens" else "")
+
+    transposed = True  # PyTorch's nn.Linear stores (out, in)
 
     # --- forward --------------------------------------------------------------------------------------------------
 
@@ -233,15 +257,15 @@ def rope_inverse_frequencies(config: dict, head_dim: int) -> mx.array:
     return mx.array(inverse.astype(np.float32))
 
 
-def fill_from_hf_names(flat: dict, expected: dict, directory: Path) -> dict:
-    """The tree shaped like ``expected`` filled from Hugging Face-named arrays (linear weights transposed to (in,
-    out), the embeddings read from ``embed_tokens.weight``); a missing or misshapen array is refused, naming it."""
+def fill_from_hf_names(flat: dict, expected: dict, directory: Path, hf_name, transposed: bool) -> dict:
+    """The tree shaped like ``expected`` filled from the arrays ``hf_name(path)`` names (2-D weights transposed to
+    (in, out) where ``transposed``); a missing or misshapen array is refused, naming it."""
     def load(path: tuple, like: mx.array) -> mx.array:
-        name = ".".join(str(k) for k in path) + (".weight" if path[-1] == "embed_tokens" else "")
+        name = hf_name(path)
         if name not in flat:
             raise ConfigError("model.path", f"the weights in {directory} have no '{name}'")
         array = flat[name]
-        if path[-1] == "weight" and array.ndim == 2:
+        if transposed and path[-1] == "weight" and array.ndim == 2:
             array = array.T
         if array.shape != like.shape:
             raise ConfigError("model.path", f"'{name}' in {directory} has shape {array.shape}, config.json implies "

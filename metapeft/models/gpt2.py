@@ -1,0 +1,86 @@
+"""GPT-2 under ``model=causal_lm`` (a folder whose ``config.json`` says ``model_type: gpt2``): ``GPT2Model``'s
+forward in inference mode, learned positions, pre-norm LayerNorm blocks, attention from one fused ``c_attn``
+projection, the MLP with GELU's tanh form (``activation_function: gelu_new``), the final ``ln_f``.
+
+Parameters keep Hugging Face's names (``h.0.attn.c_attn``, ``h.0.mlp.c_fc``, ...; a ``GPT2LMHeadModel``'s
+``transformer.`` prefix is dropped), so ``peft.target_modules=[c_attn]`` is what Hugging Face peft's LoRA targets.
+Its ``Conv1D`` layers already store weights as (in, out), as every model here computes ``x @ W``: nothing is
+transposed. Everything else (tokenizing, right padding, pooling the last token's state) is ``CausalLM``'s.
+"""
+from __future__ import annotations
+
+import math
+
+from metapeft.backend import mx
+from metapeft.errors import require
+from metapeft.models.causal_lm import CausalLM
+from metapeft.models.layers import init_linear
+
+
+class GPT2(CausalLM):
+    input_layer = ("wte",)
+
+    def read_architecture(self, c: dict) -> None:
+        require(c.get("activation_function", "gelu_new") == "gelu_new", "model.path", "only activation_function "
+                f"'gelu_new' is implemented, {self.directory} uses '{c.get('activation_function')}'")
+        self.width, self.num_heads = c["n_embd"], c["n_head"]
+        self.head_dim = self.width // self.num_heads
+        self.eps = c.get("layer_norm_epsilon", 1e-5)
+        require(self.cfg.max_length <= c["n_positions"], "model.max_length",
+                f"must be <= {c['n_positions']} (the model's positions), got {self.cfg.max_length}")
+
+    def init(self, key: mx.array) -> dict:
+        c, std, h = self.config, self.config.get("initializer_range", 0.02), self.width
+        keys = iter(mx.random.split(key, 3 + 4 * c["n_layer"]))
+        inner = c.get("n_inner") or 4 * h
+
+        def linear(fan_in, fan_out):
+            return {"weight": std * mx.random.normal((fan_in, fan_out), key=next(keys)), "bias": mx.zeros((fan_out,))}
+
+        def norm():
+            return {"weight": mx.ones((h,)), "bias": mx.zeros((h,))}
+
+        return {
+            "wte": std * mx.random.normal((c["vocab_size"], h), key=next(keys)),
+            "wpe": std * mx.random.normal((c["n_positions"], h), key=next(keys)),
+            "h": [{"ln_1": norm(), "attn": {"c_attn": linear(h, 3 * h), "c_proj": linear(h, h)},
+                   "ln_2": norm(), "mlp": {"c_fc": linear(h, inner), "c_proj": linear(inner, h)}}
+                  for _ in range(c["n_layer"])],
+            "ln_f": norm(),
+            "head": init_linear(next(keys), h, self.output_dim),
+        }
+
+    @staticmethod
+    def hf_name(path: tuple) -> str:
+        return ".".join(str(k) for k in path) + (".weight" if path[-1] in ("wte", "wpe") else "")
+
+    transposed = False  # Conv1D stores (in, out)
+
+    def layer_norm(self, params: dict, x: mx.array) -> mx.array:
+        return mx.fast.layer_norm(x, params["weight"], params["bias"], self.eps)
+
+    def attention(self, params: dict, h: mx.array) -> mx.array:
+        length, width = h.shape[-2], self.width
+        q, k, v = mx.split(self.linear(params["c_attn"], h), 3, axis=-1)
+
+        def heads(t):  # (..., L, width) -> (..., heads, L, d)
+            return t.reshape(*t.shape[:-1], self.num_heads, self.head_dim).swapaxes(-2, -3)
+
+        causal = mx.triu(mx.full((length, length), -1e9), k=1)
+        scores = (heads(q) @ heads(k).swapaxes(-1, -2)) / math.sqrt(self.head_dim) + causal
+        mixed = (self.softmax(scores) @ heads(v)).swapaxes(-2, -3)
+        return self.linear(params["c_proj"], mixed.reshape(*mixed.shape[:-2], width))
+
+    def hidden_states(self, params: dict, ids: mx.array) -> mx.array:
+        """``GPT2Model``'s last hidden state, (..., L, width)."""
+        h = params["wte"][mx.maximum(ids, 0)] + params["wpe"][: ids.shape[-1]]
+        for block in params["h"]:
+            h = h + self.attention(block["attn"], self.layer_norm(block["ln_1"], h))
+            hidden = gelu_tanh(self.linear(block["mlp"]["c_fc"], self.layer_norm(block["ln_2"], h)))
+            h = h + self.linear(block["mlp"]["c_proj"], hidden)
+        return self.layer_norm(params["ln_f"], h)
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """GPT-2's GELU (``gelu_new``): 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
