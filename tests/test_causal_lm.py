@@ -80,7 +80,7 @@ def test_lora_targets_peft_names_and_starts_at_the_backbone(tmp_path):
 
 
 def test_gpt2_is_read_by_its_own_layout_and_lora_targets_its_fused_projection(tmp_path):
-    from metapeft.models.gpt2 import GPT2
+    from metapeft.models.causal_lm import GPT2
     from metapeft.peft.lora import LoRA, LoRAConfig
 
     model, params = load(tiny_causal_lm(tmp_path / "gpt2", "tiny_gpt2"))

@@ -31,6 +31,7 @@ from omegaconf import MISSING
 
 from metapeft.backend import mx
 from metapeft.errors import ConfigError, require
+from metapeft.models.gpt2 import GPT2Layout
 from metapeft.models.layers import Backbone, init_linear
 from metapeft.models.softmax import SoftmaxKind, attention_softmax
 from metapeft.registry import MODELS
@@ -82,10 +83,8 @@ class CausalLM(Backbone):
     input_layer = ("model", "embed_tokens")
 
     def __new__(cls, cfg: CausalLMConfig, *args):
-        """GPT-2 folders build ``metapeft.models.gpt2.GPT2`` (another layer layout, the same interface)."""
+        """GPT-2 folders build ``GPT2`` (below: another layer layout, the same interface)."""
         if cls is CausalLM and read_config(Path(cfg.path).expanduser()).get("model_type") == "gpt2":
-            from metapeft.models.gpt2 import GPT2
-
             return super().__new__(GPT2)
         return super().__new__(cls)
 
@@ -234,6 +233,12 @@ class CausalLM(Backbone):
             return (h * real[..., None]).sum(axis=-2) / real.sum(axis=-1, keepdims=True)
         last = (real.sum(axis=-1) - 1).astype(mx.int32)  # right padding: the last real token
         return mx.take_along_axis(h, last[..., None, None], axis=-2).squeeze(-2)
+
+
+
+class GPT2(GPT2Layout, CausalLM):
+    """A GPT-2 folder under ``model=causal_lm``: GPT-2's layout (``gpt2.py``) over ``CausalLM``'s tokenizing, padding
+    and pooling."""
 
 
 def rope_inverse_frequencies(config: dict, head_dim: int) -> mx.array:

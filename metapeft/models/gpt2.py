@@ -1,4 +1,5 @@
-"""GPT-2 under ``model=causal_lm`` (a folder whose ``config.json`` says ``model_type: gpt2``): ``GPT2Model``'s
+"""GPT-2's layer layout for ``model=causal_lm`` (a folder whose ``config.json`` says ``model_type: gpt2``; the
+model is ``causal_lm.GPT2``, this layout over ``CausalLM``): ``GPT2Model``'s
 forward in inference mode, learned positions, pre-norm LayerNorm blocks, attention from one fused ``c_attn``
 projection, the MLP with GELU's tanh form (``activation_function: gelu_new``), the final ``ln_f``.
 
@@ -13,11 +14,12 @@ import math
 
 from metapeft.backend import mx
 from metapeft.errors import require
-from metapeft.models.causal_lm import CausalLM
 from metapeft.models.layers import init_linear
 
 
-class GPT2(CausalLM):
+class GPT2Layout:
+    """What GPT-2 changes in ``CausalLM``: its config keys, parameter tree, names and forward pass."""
+
     input_layer = ("wte",)
 
     def read_architecture(self, c: dict) -> None:
