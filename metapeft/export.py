@@ -1,8 +1,8 @@
 """Meta-learned adapters in formats other tools load: a Hugging Face PEFT adapter directory, or a merged model.
 
-For a run of a Hugging Face checkpoint (``model=hf_encoder``, ``model=hf_vit``: a model with ``hf_state_dict``)
-whose PEFT method has a Hugging Face peft format (``PeftMethod.hf_peft_type``: LoRA, AdaLoRA, (IA)^3, DoRA, prefix
-tuning), ``peft_adapter`` writes the meta-learned initialization as
+For a run of a Hugging Face checkpoint (``model=hf_encoder``, ``model=hf_vit``, ``model=causal_lm``: a model with
+``hf_state_dict``) whose PEFT method has a Hugging Face peft format (``PeftMethod.hf_peft_type``: LoRA, AdaLoRA,
+(IA)^3, DoRA, prefix tuning), ``peft_adapter`` writes the meta-learned initialization as
 ``adapter_config.json`` + ``adapter_model.safetensors``; the method supplies the tensors under peft's names and
 layouts and its entries of the config (``hf_adapter_tensors``, ``hf_adapter_config``). ``merged_model`` writes the
 backbone with the update folded in (the method's ``merged``; every method that changes weights or biases, BitFit
@@ -29,7 +29,8 @@ PREFIX = "base_model.model."
 def check_exportable(learned: LearnedInitialization, merge_weights: bool) -> None:
     cfg, peft = learned.experiment.cfg, learned.experiment.peft
     require(hasattr(learned.experiment.model, "hf_state_dict"), "model", "export writes Hugging Face formats, for "
-            f"runs of a Hugging Face checkpoint (model=hf_encoder, model=hf_vit); this run used model={cfg.model.name}")
+            "runs of a Hugging Face checkpoint (model=hf_encoder, model=hf_vit, model=causal_lm); this run used "
+            f"model={cfg.model.name}")
     if merge_weights:
         require(merges(type(peft)), "--merge", f"peft={cfg.peft.name} adds no weights that fold into the model; "
                 f"methods that do: {methods_that(merges)}"
@@ -73,6 +74,8 @@ def peft_adapter(learned: LearnedInitialization, out: Path) -> Path:
     for key in ("target_modules", "feedforward_modules"):
         if config.get(key):
             config[key] = sorted(rename(module) for module in config[key])
+    if "fan_in_fan_out" in config:  # GPT-2's Conv1D layers store (in, out)
+        config["fan_in_fan_out"] = bool(getattr(exp.model, "hf_fan_in_fan_out", False))
     out.mkdir(parents=True, exist_ok=True)
     io.save_tree(out / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     io.write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
@@ -89,8 +92,8 @@ def merged_model(learned: LearnedInitialization, out: Path) -> Path:
     """A Hugging Face model directory whose weights carry the meta-learned update (an unadapted task's start)."""
     source = learned.experiment.model.directory
     out.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():
-        if item.is_file() and item.name != "model.safetensors":
+    for item in source.iterdir():  # the weights (one file, or shards and their index) are written anew
+        if item.is_file() and not (item.suffix == ".safetensors" or item.name == "model.safetensors.index.json"):
             shutil.copy2(item, out / item.name)
         elif item.is_dir():
             shutil.copytree(item, out / item.name, dirs_exist_ok=True)

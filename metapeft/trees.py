@@ -65,6 +65,18 @@ def map_with_path(fn: Callable[[Path, Any], Any], tree: Any, path: Path = ()) ->
     return fn(path, tree)
 
 
+def leaves_with_paths(tree: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
+    """Every leaf of ``tree`` with its path (a model's tree written under a checkpoint's names)."""
+    if isinstance(tree, list):
+        for index, child in enumerate(tree):
+            yield from leaves_with_paths(child, (*path, index))
+    elif isinstance(tree, dict):
+        for key, child in tree.items():
+            yield from leaves_with_paths(child, (*path, key))
+    else:
+        yield path, tree
+
+
 def path_name(path: Path) -> str:
     return ".".join(str(k) for k in path)
 

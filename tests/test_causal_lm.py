@@ -159,17 +159,60 @@ def test_sharded_weights_load_as_one_file(tmp_path):
     assert whole.keys() == sharded.keys() and all(mx.array_equal(v, sharded[k]).item() for k, v in whole.items())
 
 
-def test_a_causal_lm_meta_trains_as_a_few_shot_text_classifier(tmp_path):
-    directory = tiny_causal_lm(tmp_path / "llama")
-    (tmp_path / "texts").mkdir()
-    write_text_csv(tmp_path / "texts" / "data.csv", text_classes())
-    run_dir = tmp_path / "run"
-    result = run_cli("model=causal_lm", f"model.path={directory}", "task=text_folder",
-                     f"task.root={tmp_path / 'texts'}", "task.n_way=3", "task.val_fraction=0.34",
-                     "task.test_fraction=0.34", "peft=lora", "peft.target_modules=[q_proj,v_proj]", "algorithm=maml",
-                     "mode=tiny", "shots.eval=[1]", "baselines=[linear_probe,prototype]", "progress=false",
-                     f"hydra.run.dir={run_dir}")
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_gpt2"])
+def lm_run(request, tmp_path_factory) -> Path:
+    """A tiny LoRA + MAML run of a causal LM as a 3-way text classifier, on a CSV of texts."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    directory = tiny_causal_lm(tmp / "model", request.param)
+    (tmp / "texts").mkdir()
+    write_text_csv(tmp / "texts" / "data.csv", text_classes())
+    targets = "[c_attn]" if request.param == "tiny_gpt2" else "[q_proj,v_proj]"
+    result = run_cli("model=causal_lm", f"model.path={directory}", "task=text_folder", f"task.root={tmp / 'texts'}",
+                     "task.n_way=3", "task.val_fraction=0.34", "task.test_fraction=0.34", "peft=lora",
+                     f"peft.target_modules={targets}", "algorithm=maml", "mode=tiny", "shots.eval=[1]",
+                     "baselines=[linear_probe,prototype]", "progress=false", f"hydra.run.dir={tmp / 'run'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return tmp / "run"
+
+
+def test_a_causal_lm_meta_trains_as_a_few_shot_text_classifier(lm_run):
+    metrics = json.loads((lm_run / "metrics.json").read_text())
     assert metrics["status"] == "completed"
     assert set(metrics["evaluation"]["shots"]["1"]["baselines"]) >= {"linear_probe", "prototype"}
+
+
+def test_a_merged_export_reloads_as_the_adapted_model(lm_run, tmp_path):
+    from metapeft.api import load_run
+    from runners.export import main as export_main
+
+    assert export_main([str(lm_run), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    learned = load_run(lm_run)
+    model = learned.experiment.model
+    merged = CausalLM(CausalLMConfig(path=str(tmp_path / "merged")), None, 3)
+    ids = mx.array(model.tokenize(["abc def", "ghij"]))
+    adapted = learned.experiment.peft.features(learned.meta["weights"], learned.frozen, ids)
+    reloaded = merged.features(merged.pretrained(mx.random.key(0), 3)[0], ids)
+    np.testing.assert_allclose(np.array(reloaded), np.array(adapted), atol=1e-5)
+
+
+def test_an_exported_adapter_loads_in_hugging_face_peft(lm_run, tmp_path):
+    torch = pytest.importorskip("torch", reason="peft needs torch, not installed here")
+    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
+    peft = pytest.importorskip("peft", reason="Hugging Face peft is not installed")
+    from metapeft.api import load_run
+    from runners.export import main as export_main
+
+    assert export_main([str(lm_run), "--out", str(tmp_path / "adapter")]) == 0
+    learned = load_run(lm_run)
+    model = learned.experiment.model
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(model.directory))
+    lm = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    ids = model.tokenize(["abc def", "ghij"])
+    with torch.no_grad():  # right padding: each text's last real token, as ours pools it
+        hidden = lm(input_ids=torch.tensor(np.maximum(ids, 0).astype(np.int64)), output_hidden_states=True
+                    ).hidden_states[-1].numpy()
+    last = (ids >= 0).sum(axis=1) - 1
+    ours = np.array(learned.experiment.peft.features(learned.meta["weights"], learned.frozen, mx.array(ids)))
+    np.testing.assert_allclose(hidden[np.arange(len(ids)), last], ours, atol=1e-4)
+    plain = np.array(model.features(model.pretrained(mx.random.key(0), 3)[0], mx.array(ids)))
+    assert np.abs(ours - plain).max() > 1e-4  # the meta-learned update is not zero: a real check

@@ -16,7 +16,7 @@ query, key and value projections; Llama's ``attention_bias`` / ``mlp_bias`` are 
 last real token's (``model.pooling=last``) or the mean over the real tokens (``mean``).
 
 Not yet here (they need the generative head and text-to-text tasks): scoring answers by likelihood, generation, the
-zero-shot and in-context baselines, prompt and prefix tuning, and export.
+zero-shot and in-context baselines, prompt and prefix tuning.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from metapeft.models.gpt2 import GPT2Layout
 from metapeft.models.layers import Backbone, init_linear
 from metapeft.models.softmax import SoftmaxKind, attention_softmax
 from metapeft.registry import MODELS
-from metapeft.trees import map_with_path
+from metapeft.trees import leaves_with_paths, map_with_path
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral", "gpt2")
 PAD = -1  # right padding: no token id, so no real token is ever taken for padding
@@ -182,6 +182,17 @@ class CausalLM(Backbone):
         return ".".join(str(k) for k in path) + (".weight" if path[-1] == "embed_tokens" else "")
 
     transposed = True  # PyTorch's nn.Linear stores (out, in)
+
+    def hf_state_dict(self, tree: dict) -> dict:
+        """The body of ``tree`` under the checkpoint's names and layouts (what export writes; no ``lm_head``)."""
+        body = {k: v for k, v in tree.items() if k != "head"}
+        return {self.hf_name(path): value.T if self.transposed and path[-1] == "weight" and value.ndim == 2 else value
+                for path, value in leaves_with_paths(body)}
+
+    @staticmethod
+    def hf_module_name(name: str) -> str:
+        """A module's name in ``AutoModelForCausalLM``, which a peft adapter is loaded onto: this tree's names."""
+        return name
 
     # --- forward --------------------------------------------------------------------------------------------------
 

@@ -57,6 +57,12 @@ class GPT2Layout:
         return ".".join(str(k) for k in path) + (".weight" if path[-1] in ("wte", "wpe") else "")
 
     transposed = False  # Conv1D stores (in, out)
+    hf_fan_in_fan_out = True  # peft's LoRA over Conv1D layers
+
+    @staticmethod
+    def hf_module_name(name: str) -> str:
+        """``GPT2LMHeadModel`` keeps the body under ``transformer.``."""
+        return f"transformer.{name}"
 
     def layer_norm(self, params: dict, x: mx.array) -> mx.array:
         return mx.fast.layer_norm(x, params["weight"], params["bias"], self.eps)

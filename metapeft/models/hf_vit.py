@@ -36,7 +36,7 @@ from metapeft.models.hf_files import model_directory
 from metapeft.models.layers import Backbone, init_linear, with_prefix
 from metapeft.models.softmax import SoftmaxKind, attention_softmax
 from metapeft.registry import MODELS
-from metapeft.trees import map_with_path
+from metapeft.trees import leaves_with_paths, map_with_path
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
 
@@ -227,15 +227,6 @@ def hf_name(path: tuple, leaf: str) -> str:
     return name
 
 
-def leaves(tree, path=()):
-    if isinstance(tree, list):
-        for i, child in enumerate(tree):
-            yield from leaves(child, (*path, i))
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from leaves(v, (*path, k)) if isinstance(v, (dict, list)) else [((*path, k), v)]
-
-
 def from_hf_names(flat: dict, expected: dict, directory: Path) -> dict:
     """The tree shaped like ``expected`` (its head left out) filled from Hugging Face-named arrays; a missing or
     misshapen array is refused, naming it."""
@@ -260,7 +251,7 @@ def from_hf_names(flat: dict, expected: dict, directory: Path) -> dict:
 def to_hf_names(tree: dict, channels: int, patch: int) -> dict:
     """The inverse of ``from_hf_names``: Hugging Face names, PyTorch layouts (for export)."""
     out = {}
-    for path, value in leaves({k: v for k, v in tree.items() if k != "head"}):
+    for path, value in leaves_with_paths({k: v for k, v in tree.items() if k != "head"}):
         if path[-1] == "weight" and value.ndim == 2:
             value = value.T
             if path[:-1] == HFViT.input_layer:
