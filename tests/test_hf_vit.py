@@ -179,3 +179,19 @@ def test_a_merged_vit_export_reloads_as_the_adapted_model(vit_run, tmp_path):
     x = mx.array(np.array(REFERENCE["images_channels_last"], np.float32))
     adapted = learned.experiment.peft.features(learned.meta["weights"], learned.frozen, x)
     np.testing.assert_allclose(np.array(merged.features(params, x)), np.array(adapted), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_prompt_and_prefix_tuning_run_on_the_vit_and_change_its_output(method):
+    """Prompts after [CLS] (VPT-shallow) and prefixes in every layer are attended to, so [CLS] moves."""
+    from metapeft.peft.prefix_tuning import PrefixTuning, PrefixTuningConfig
+    from metapeft.peft.prompt_tuning import PromptTuning, PromptTuningConfig
+
+    model, params = tiny_vit()
+    peft = (PromptTuning(PromptTuningConfig(), model) if method == "prompt_tuning"
+            else PrefixTuning(PrefixTuningConfig(), model))
+    images = mx.array(np.array(REFERENCE["images_channels_last"], np.float32))
+    adapted = peft.init_adapted(params, mx.random.key(1), images)
+    features = np.array(peft.features(adapted, peft.frozen(params), images))
+    assert features.shape == (3, 16) and np.isfinite(features).all()
+    assert np.abs(features - np.array(model.features(params, images))).max() > 1e-3

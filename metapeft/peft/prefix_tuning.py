@@ -42,7 +42,7 @@ class PrefixTuning(PeftMethod):
         require(cfg.num_virtual_tokens >= 1, "peft.num_virtual_tokens", f"must be >= 1, got {cfg.num_virtual_tokens}")
         require(model.supports_prefixes, "model",
                 f"prefix tuning prepends keys and values in attention layers, which {type(model).__name__} does not "
-                "have; use model=transformer or model=hf_encoder")
+                "have; use model=transformer, model=hf_encoder or model=hf_vit")
         positions = getattr(model, "num_positions", None)
         if positions is not None:
             require(model.cfg.max_length + cfg.num_virtual_tokens <= positions, "peft.num_virtual_tokens",
