@@ -119,7 +119,7 @@ def test_prefix_tuning_starts_from_real_tokens_keys_and_values_and_acts_through_
     assert not mx.allclose(exp.model(merge(frozen, {"head": adapted["head"]}), x), out).item()  # not the backbone
     _, _, _, random = setup(compose_cfg, "peft=prefix_tuning", "peft.init=random", "peft.init_std=0.5")
     assert 0.4 < float(np.std(np.array(random["prefix"]))) < 0.6
-    with pytest.raises(ConfigError, match="model=transformer or model=hf_encoder"):
+    with pytest.raises(ConfigError, match="model=transformer, model=hf_encoder or model=hf_vit"):
         build(compose_cfg("task=digits", "peft=prefix_tuning", "model=mlp"))
 
 
