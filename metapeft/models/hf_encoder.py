@@ -54,7 +54,7 @@ class HFEncoderConfig:
     # iterations of LoRA on MiniLM collapsed every prediction to one class (task=text, quick mode); 3e-4 and 1e-4
     # learned (5-shot validation accuracy 0.63 and 0.54 after 40 iterations, from 0.52).
     default_outer_lr: float = 0.0003
-    # attention's softmax: "polynomial" (metapeft/models/softmax.py: 1.6-2.8x faster than mx.softmax on the CPU, a
+    # attention's softmax: "polynomial" (metapeft/models/softmax.py: 1.6x faster than mx.softmax on the CPU, a
     # FOMAML step 8% faster; docs/performance.md) or "mlx" (mx.softmax, how earlier runs computed attention: to
     # reproduce them to the digit)
     softmax: SoftmaxKind = SoftmaxKind.polynomial

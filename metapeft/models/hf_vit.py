@@ -24,14 +24,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 from omegaconf import MISSING
 
 from metapeft.backend import mx
 from metapeft.errors import ConfigError, require
-from metapeft.models.hf_encoder import gelu
+from metapeft.models.hf_encoder import Pooling, gelu
 from metapeft.models.hf_files import model_directory
 from metapeft.models.layers import Backbone, init_linear, with_prefix
 from metapeft.models.softmax import SoftmaxKind, attention_softmax
@@ -41,16 +40,11 @@ from metapeft.trees import leaves_with_paths, map_with_path
 REQUIRED_FILES = ("config.json", "model.safetensors")
 
 
-class VitPooling(StrEnum):
-    cls = "cls"
-    mean = "mean"
-
-
 @dataclass
 class HFViTConfig:
     name: str = "hf_vit"
     path: str = MISSING  # a Hugging Face ViT model directory (config.json, model.safetensors)
-    pooling: VitPooling = VitPooling.cls
+    pooling: Pooling = Pooling.cls
     default_outer_lr: float = 0.0003  # as model=hf_encoder's: a pretrained transformer under Adam
     softmax: SoftmaxKind = SoftmaxKind.polynomial  # attention's (metapeft/models/softmax.py), as model=hf_encoder's
 
@@ -210,7 +204,7 @@ class HFViT(Backbone):
             hidden = gelu(self.linear(layer["intermediate"]["dense"], self.layer_norm(layer["layernorm_after"], h)))
             h = h + self.linear(layer["output"]["dense"], hidden)
         h = self.layer_norm(params["layernorm"], h)
-        if self.cfg.pooling == VitPooling.cls:
+        if self.cfg.pooling == Pooling.cls:
             return h[..., 0, :]
         return h[..., h.shape[-2] - self.grid ** 2:, :].mean(axis=-2)  # the patches' outputs, prompts left out
 
