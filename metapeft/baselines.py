@@ -25,6 +25,13 @@ Regression:
 - ``plain_init``, ``finetune``, ``finetune_head``: as above.
 - ``oracle`` (a task family that knows the right backbone, ``task=low_rank``): ``finetune`` over that backbone.
 
+Text-to-text (``task=text_tasks``, a language model), scored as the task scores (option accuracy, exact match):
+- ``zero_shot``: the pretrained language model on the query's prompt alone.
+- ``in_context``: the pretrained language model with the K support examples as demonstrations before each query
+  (the practitioner's first choice; the last demonstrations that fit the model's context, their mean count recorded).
+- ``plain_init``, ``finetune``: as above (``finetune``: the run's PEFT method from its plain start, tuned on
+  validation).
+
 The pretrained backbone is the one the PEFT methods adapt (``metapeft.pretrain``: trained on the meta-train split
 only); for ``peft=none`` it is pretrained (and cached) for these baselines alone. No baseline is tuned on the test
 split: the linear read-outs' regularisation and the fine-tuning baselines' two settings are chosen on the
@@ -51,10 +58,13 @@ from metapeft.trees import merge
 CLASSIFICATION = ("nearest_centroid", "nearest_neighbour", "logistic_regression", "prototype", "linear_probe",
                   "plain_init", "finetune", "finetune_head")
 REGRESSION = ("zero", "support_mean", "linear_probe", "plain_init", "finetune", "finetune_head")
-NEEDS_PRETRAINED = ("prototype", "linear_probe", "finetune", "finetune_head")
+TEXT_TO_TEXT = ("zero_shot", "in_context", "plain_init", "finetune")
+NEEDS_PRETRAINED = ("prototype", "linear_probe", "finetune", "finetune_head", "zero_shot", "in_context")
 
 
 def applicable(exp: Experiment) -> tuple[str, ...]:
+    if getattr(exp.task, "generative", False):
+        return TEXT_TO_TEXT
     names = CLASSIFICATION if exp.task.num_classes is not None else REGRESSION
     if exp.peft.uses_pretrained_backbone:  # the head alone over a PEFT run's backbone is the linear probe's job
         names = tuple(name for name in names if name != "finetune_head")
@@ -66,7 +76,7 @@ def applicable(exp: Experiment) -> tuple[str, ...]:
 def chosen(exp: Experiment) -> tuple[str, ...]:
     """The ``baselines`` key (null: every one that applies but those the mode skips for their cost,
     ``mode.skipped_baselines``), checked before any work."""
-    valid, known = applicable(exp), (*CLASSIFICATION, *REGRESSION, "oracle")
+    valid, known = applicable(exp), (*CLASSIFICATION, *REGRESSION, *TEXT_TO_TEXT, "oracle")
     for name in exp.cfg.mode.skipped_baselines:
         require(name in known, "mode.skipped_baselines", f"'{name}' is no baseline; valid: {sorted(set(known))}")
     if exp.cfg.baselines is None:
@@ -155,7 +165,7 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
         if exp.peft.uses_pretrained_backbone:  # the run's PEFT method from its plain start, over the backbone
             start, over = plain, frozen
         else:  # the whole pretrained network with a fresh head; nothing is frozen
-            start, over = {**without_head(backbone), "head": plain.get("head", {})}, {}
+            start, over = {**without_head(backbone), **{k: v for k, v in plain.items() if k == "head"}}, {}
         if not head_only:
             return tuned_finetune(exp, lambda w, x, y: exp.loss(w, over, x, y),
                                   lambda w, x, y: exp.metric(w, over, x, y), start, e)
@@ -167,7 +177,20 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
                               lambda head, f, y: exp.task.metric(head_output(head, f), y), start.get("head", {}), e,
                               inputs=lambda e: Episodes(chunked(e.xs), e.ys, chunked(e.xq), e.yq))
 
+    def language_model(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The pretrained language model's score per task on these inputs and targets, ``chunk`` tasks at a time."""
+        score = mx.vmap(lambda x, y: exp.task.metric(exp.model(backbone, x), y))
+        return np.concatenate([np.array(score(mx.array(x[lo: lo + chunk]), mx.array(y[lo: lo + chunk])))
+                               for lo in range(0, len(x), chunk)])
+
+    def in_context(e: Episodes) -> tuple[np.ndarray, dict]:
+        ids, targets, demonstrations = exp.task.in_context(np.array(e.xs), np.array(e.xq), np.array(e.yq))
+        return language_model(ids, targets), {"mean_demonstrations": float(demonstrations.mean()),
+                                              "context_length": exp.task.context_length}
+
     table: dict[str, BaselineFn] = {
+        "zero_shot": lambda e: language_model(np.array(e.xq), np.array(e.yq)),
+        "in_context": in_context,
         "finetune": finetune,
         "oracle": oracle,
         "finetune_head": lambda e: finetune(e, head_only=True),

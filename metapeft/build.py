@@ -56,15 +56,17 @@ def build(cfg: DictConfig) -> Experiment:
     reads_text, reads_tokens = getattr(task_class, "reads_text", False), getattr(model_class, "reads_tokens", False)
     require(reads_text == reads_tokens, "model", f"task={cfg.task.name} reads text, which model={cfg.model.name} "
             "cannot: use model=hf_encoder or model=causal_lm" if reads_text else f"model={cfg.model.name} reads "
-            f"text; task={cfg.task.name} is not a text task: use task=text or task=text_folder")
+            f"text; task={cfg.task.name} is not a text task: use task=text, task=text_folder or task=text_tasks")
     task = task_class(cfg.task)
     task.validate(sorted({cfg.shots.train, *cfg.shots.eval}))
     model = model_class(cfg.model, task.input_shape, task.output_dim)
     if reads_text:
-        task.tokenize(model.tokenize, model.pad_id)  # once, in one batch: episodes are token ids from here on
+        task.tokenize(model)  # once, in one batch: episodes are token ids from here on
     peft = PEFT_METHODS.get(cfg.peft.name)(cfg.peft, model)
     peft.check(model.init(mx.random.key(0)))  # target layers and ranks against the real layer shapes
-    if task.num_classes is None and cfg.algorithm.get("head_init") == "prototypes":
+    if getattr(task, "generative", False):
+        refuse_head_algorithms(cfg)
+    elif task.num_classes is None and cfg.algorithm.get("head_init") == "prototypes":
         protonet = cfg.algorithm.name == "protonet"
         require(False, "algorithm" if protonet else "algorithm.head_init",
                 f"task={cfg.task.name} is regression, and {'ProtoNet' if protonet else 'head_init=prototypes'} "
@@ -80,6 +82,18 @@ def build(cfg: DictConfig) -> Experiment:
             f"peft={cfg.peft.name} follows its adapter's meta-gradient, which meta_learn=backbone does not take: "
             "use meta_learn=both")
     return experiment
+
+
+def refuse_head_algorithms(cfg: DictConfig) -> None:
+    """A text-to-text task has no task head: its output layer is the language model's (vocabulary x width), frozen
+    with the backbone, as Hugging Face peft leaves ``lm_head`` out."""
+    valid = "maml, fomaml, reptile, metasgd (with a PEFT method)"
+    require(cfg.algorithm.name != "protonet", "algorithm", f"task={cfg.task.name} generates text, and ProtoNet "
+            f"classifies by class prototypes over a fixed set of labels: use {valid}")
+    require(cfg.algorithm.name != "anil", "algorithm", f"ANIL adapts the task head alone; task={cfg.task.name}'s "
+            f"output layer is the language model's, frozen with the backbone: use {valid}")
+    require(cfg.algorithm.get("head_init") != "prototypes", "algorithm.head_init",
+            f"task={cfg.task.name} has no task head to start from prototypes: use head_init=learned")
 
 
 class InitialState(NamedTuple):

@@ -300,6 +300,7 @@ def evaluate_run(exp: Experiment, start: InitialState, meta: dict, frozen: dict,
         "processes": distributed.size(),  # mlx.launch -n: sums and dropout masks split over processes differ
         "cpu_affinity": affinity.status(),
         "peft": exp.peft.report(frozen),
+        "task": exp.task.report(),
         "pretraining": pretraining,
         "baselines_below_full_strength": below_full_strength(cfg, pretraining, evaluation, skipped_for_cost(exp)),
     }

@@ -1,10 +1,12 @@
 """What several test files share: paths, in-process composition as the runners compose, and the runner's CLI."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from hydra import compose, initialize_config_dir
 
 from metapeft.config import register_configs
@@ -170,4 +172,35 @@ def tiny_causal_lm(directory: Path, kind: str = "tiny_llama") -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}))
     return directory
+
+
+def text_tasks(num_examples: int = 10) -> list[dict]:
+    """Six named text-to-text tasks over lowercase words (what the character-level tokenizer of
+    ``tiny_causal_lm`` reads): three with options (classification), three without (generation)."""
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefgh"), rng.integers(2, 5))) for _ in range(6 * num_examples)]
+    rows = []
+    for i, word in enumerate(words):
+        task = i % 6
+        if task == 0:
+            rows.append({"task": "has_a", "input": word, "output": "yes" if "a" in word else "no",
+                         "options": ["no", "yes"]})
+        elif task == 1:
+            rows.append({"task": "length", "input": word, "output": str(len(word)), "options": ["2", "3", "4"]})
+        elif task == 2:
+            rows.append({"task": "first", "input": word, "output": word[0],
+                         "options": list("abcdefgh")[:4] if word[0] in "abcd" else list("efgh")})
+        elif task == 3:
+            rows.append({"task": "reverse", "input": word, "output": word[::-1]})
+        elif task == 4:
+            rows.append({"task": "double", "input": word, "output": word + word})
+        else:
+            rows.append({"task": "last", "input": word, "output": word[-1]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -1,12 +1,18 @@
 """A Hugging Face decoder-only language model (Llama, Qwen2, Mistral; GPT-2 in ``gpt2.py``) in MLX, read from a
-local folder, as a few-shot text classifier: a task head on the hidden state of each text's last token, as
-``LlamaForSequenceClassification`` reads it.
+local folder, in one of two roles the task decides:
+
+- a language model (``task=text_tasks``, text-to-text): the output is the next-token logits from the checkpoint's
+  own ``lm_head`` (or the token embeddings, where ``tie_word_embeddings``), frozen with the backbone, as
+  ``LlamaForCausalLM`` computes them. There is no task head.
+- a few-shot text classifier (``task=text``, ``task=text_folder``): a task head on the hidden state of each text's
+  last token, as ``LlamaForSequenceClassification`` reads it; ``lm_head`` is not read.
 
 The folder holds ``config.json``, ``tokenizer.json`` and the weights as ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json`` (float32, float16 or bfloat16; computed in float32). Parameters keep Hugging Face's
 names (``model.layers.0.self_attn.q_proj``, ...), so ``peft.target_modules=[q_proj,v_proj]`` names what Hugging
-Face peft's LoRA targets on these models. Linear weights are stored as (in, out); the token embeddings as an array
-(not a layer PEFT methods adapt); ``lm_head`` is not read, since the head is the task's.
+Face peft's LoRA targets on these models. Linear weights are stored as (in, out); the token embeddings and
+``lm_head`` as arrays in Hugging Face's (vocabulary, width) layout: not layers PEFT methods adapt, as peft's
+``all-linear`` leaves ``lm_head`` out.
 
 The forward pass is ``LlamaModel``'s in inference mode: RMSNorm before attention and before the SwiGLU MLP,
 rotary position embeddings (Hugging Face's half-rotation layout; Llama 3's ``rope_scaling`` and transformers 5's
@@ -15,8 +21,10 @@ query, key and value projections; Llama's ``attention_bias`` / ``mlp_bias`` are 
 -1 (no token id), so the causal mask alone keeps padding out of every real token's state; the pooled state is the
 last real token's (``model.pooling=last``) or the mean over the real tokens (``mean``).
 
-Not yet here (they need the generative head and text-to-text tasks): scoring answers by likelihood, generation, the
-zero-shot and in-context baselines, prompt and prefix tuning.
+Prompt tuning prepends its vectors to the embedded tokens, which then take positions 0..n-1; prefix tuning prepends
+keys and values in every attention layer (keys as attention sees them, after the rotation) and shifts the tokens'
+positions by n: what Hugging Face peft's prompt tuning (``inputs_embeds``) and prefix tuning (``past_key_values``)
+give ``AutoModelForCausalLM``. The outputs at the virtual tokens are left out.
 """
 from __future__ import annotations
 
@@ -81,6 +89,8 @@ def weight_files(directory: Path) -> list[Path]:
 class CausalLM(Backbone):
     reads_tokens = True  # inputs are token ids from ``tokenize``: text tasks only
     input_layer = ("model", "embed_tokens")
+    supports_prompts = True
+    supports_prefixes = True
 
     def __new__(cls, cfg: CausalLMConfig, *args):
         """GPT-2 folders build ``GPT2`` (below: another layer layout, the same interface)."""
@@ -96,6 +106,8 @@ class CausalLM(Backbone):
         require(c.get("model_type") in SUPPORTED_TYPES, "model.path", f"{self.directory} holds a "
                 f"'{c.get('model_type')}' model; model=causal_lm reads model types {list(SUPPORTED_TYPES)}")
         self.output_dim = output_dim
+        self.generates = output_dim is None  # a text-to-text task: next-token logits, no task head
+        self.tied = bool(c.get("tie_word_embeddings", c["model_type"] == "gpt2"))  # lm_head is the token embeddings
         self.softmax = attention_softmax(cfg.softmax)
         self._tokenizer = None
         self.read_architecture(c)
@@ -126,6 +138,38 @@ class CausalLM(Backbone):
         return self._tokenizer
 
     pad_id = PAD
+
+    @property
+    def context_length(self) -> int:
+        """The most positions the model was built for (``max_position_embeddings``)."""
+        return int(self.config.get("max_position_embeddings") or 1 << 30)
+
+    def encode(self, texts: list[str], special_tokens: bool) -> list[list[int]]:
+        """Each text's token ids, untruncated; ``special_tokens``: with those the tokenizer adds (Llama's ``<s>``)."""
+        tokenizer = self.tokenizer
+        tokenizer.no_truncation()
+        try:
+            return [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=special_tokens)]
+        finally:
+            tokenizer.enable_truncation(self.cfg.max_length)
+
+    @property
+    def eos_id(self) -> int:
+        """The end-of-sequence token that ends every output: ``tokenizer_config.json``'s ``eos_token``, else
+        ``config.json``'s ``eos_token_id`` (the first of a list) where the vocabulary holds it."""
+        settings = self.directory / "tokenizer_config.json"
+        token = json.loads(settings.read_text()).get("eos_token") if settings.is_file() else None
+        if isinstance(token, dict):  # older files: {"content": "</s>", ...}
+            token = token.get("content")
+        found = self.tokenizer.token_to_id(token) if isinstance(token, str) else None
+        if found is None:
+            found = self.config.get("eos_token_id")
+            found = found[0] if isinstance(found, list) and found else found
+        vocab = self.config.get("vocab_size", 0)
+        require(isinstance(found, int) and 0 <= found < vocab, "model.path",
+                f"{self.directory} names no end-of-sequence token in the vocabulary ({vocab} tokens): give "
+                "tokenizer_config.json an eos_token, or config.json an eos_token_id, that the tokenizer knows")
+        return found
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
         """Token ids (texts, L), L = the longest text's length (at most ``max_length``), right-padded with -1."""
@@ -162,8 +206,15 @@ class CausalLM(Backbone):
                 } for _ in range(c["num_hidden_layers"])],
                 "norm": {"weight": mx.ones((h,))},
             },
-            "head": init_linear(next(keys), h, self.output_dim),
+            **self.output_layer(next(keys), (c["vocab_size"], h)),
         }
+
+    def output_layer(self, key: mx.array, vocab_by_width: tuple[int, int]) -> dict:
+        """A language model's own ``lm_head`` (none where tied to the embeddings); a classifier's task head."""
+        if self.generates:
+            std = self.config.get("initializer_range", 0.02)
+            return {} if self.tied else {"lm_head": std * mx.random.normal(vocab_by_width, key=key)}
+        return {"head": init_linear(key, vocab_by_width[1], self.output_dim)}
 
     def pretrained(self, key: mx.array, num_outputs: int) -> tuple[dict, dict]:
         """The checkpoint's weights in this model's tree (with a fresh head of ``num_outputs``) and their source."""
@@ -173,18 +224,20 @@ class CausalLM(Backbone):
         expected = self.init(mx.random.key(0))
         tree = fill_from_hf_names(flat, {k: v for k, v in expected.items() if k != "head"}, self.directory,
                                   self.hf_name, self.transposed)
-        tree["head"] = init_linear(key, self.width, num_outputs)
+        if not self.generates:
+            tree["head"] = init_linear(key, self.width, num_outputs)
         return tree, {"source": str(self.directory)}
 
     @staticmethod
     def hf_name(path: tuple) -> str:
-        """A parameter's name in the checkpoint (the embeddings, an array here, are ``embed_tokens.weight``)."""
-        return ".".join(str(k) for k in path) + (".weight" if path[-1] == "embed_tokens" else "")
+        """A parameter's name in the checkpoint (the embeddings and ``lm_head``, arrays here, end in ``.weight``)."""
+        return ".".join(str(k) for k in path) + (".weight" if path[-1] in ("embed_tokens", "lm_head") else "")
 
     transposed = True  # PyTorch's nn.Linear stores (out, in)
 
     def hf_state_dict(self, tree: dict) -> dict:
-        """The body of ``tree`` under the checkpoint's names and layouts (what export writes; no ``lm_head``)."""
+        """The body of ``tree`` under the checkpoint's names and layouts (what export writes; ``lm_head`` where the
+        model is a language model with its own)."""
         body = {k: v for k, v in tree.items() if k != "head"}
         return {self.hf_name(path): value.T if self.transposed and path[-1] == "weight" and value.ndim == 2 else value
                 for path, value in leaves_with_paths(body)}
@@ -199,52 +252,121 @@ class CausalLM(Backbone):
     def rms_norm(self, params: dict, x: mx.array) -> mx.array:
         return mx.fast.rms_norm(x, params["weight"], self.eps)
 
-    def rotary(self, x: mx.array) -> mx.array:
-        """Rotary position embeddings in Hugging Face's layout (the halves of each head rotated), positions from 0."""
-        positions = mx.arange(x.shape[-2], dtype=mx.float32)
+    def rotary(self, x: mx.array, offset: int = 0) -> mx.array:
+        """Rotary position embeddings in Hugging Face's layout (the halves of each head rotated), positions from
+        ``offset``."""
+        positions = mx.arange(offset, offset + x.shape[-2], dtype=mx.float32)
         angles = positions[:, None] * self.inverse_frequencies[None, :]
         cos, sin = mx.cos(mx.concatenate([angles, angles], -1)), mx.sin(mx.concatenate([angles, angles], -1))
         half = x.shape[-1] // 2
         rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
 
-    def attention(self, params: dict, h: mx.array) -> mx.array:
-        length = h.shape[-2]
+    def heads(self, t: mx.array, n: int) -> mx.array:
+        """(..., L, n * d) -> (..., n, L, d)."""
+        return t.reshape(*t.shape[:-1], n, self.head_dim).swapaxes(-2, -3)
 
-        def heads(t, n):  # (..., L, n * d) -> (..., n, L, d)
-            return t.reshape(*t.shape[:-1], n, self.head_dim).swapaxes(-2, -3)
-
-        q = self.rotary(heads(self.linear(params["q_proj"], h), self.num_heads))
-        k = self.rotary(heads(self.linear(params["k_proj"], h), self.num_kv_heads))
-        v = heads(self.linear(params["v_proj"], h), self.num_kv_heads)
-        groups = self.num_heads // self.num_kv_heads
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, prefix: tuple | None) -> mx.array:
+        """Causal attention of the heads ``q`` over ``k``, ``v``, after ``prefix`` = (keys, values), each
+        (n, kv heads * d), which every token sees; returns (..., L, heads * d)."""
+        length = q.shape[-2]
+        causal = mx.triu(mx.full((length, length), -1e9), k=1)
+        if prefix is not None:
+            k, v = (mx.concatenate([mx.broadcast_to(self.heads(p, t.shape[-3]), (*t.shape[:-2], p.shape[0],
+                                                                                  t.shape[-1])), t], axis=-2)
+                    for p, t in zip(prefix, (k, v)))
+            causal = mx.concatenate([mx.zeros((length, prefix[0].shape[0])), causal], axis=-1)
+        groups = q.shape[-3] // k.shape[-3]
         if groups > 1:  # grouped-query attention: each key and value head serves `groups` query heads
             k, v = (mx.repeat(t, groups, axis=-3) for t in (k, v))
-        causal = mx.triu(mx.full((length, length), -1e9), k=1)
-        scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(self.head_dim) + causal
+        scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(q.shape[-1]) + causal
         mixed = (self.softmax(scores) @ v).swapaxes(-2, -3)
-        return self.linear(params["o_proj"], mixed.reshape(*mixed.shape[:-2], self.num_heads * self.head_dim))
+        return mixed.reshape(*mixed.shape[:-2], q.shape[-3] * q.shape[-1])
 
-    def hidden_states(self, params: dict, ids: mx.array) -> mx.array:
-        """The last layer's states after the final norm, (..., L, width): ``LlamaModel``'s last hidden state."""
-        model = params["model"]
-        h = model["embed_tokens"][mx.maximum(ids, 0)]
-        for layer in model["layers"]:
-            h = h + self.attention(layer["self_attn"], self.rms_norm(layer["input_layernorm"], h))
-            x, mlp = self.rms_norm(layer["post_attention_layernorm"], h), layer["mlp"]
-            gate = self.linear(mlp["gate_proj"], x)
-            h = h + self.linear(mlp["down_proj"], gate * mx.sigmoid(gate) * self.linear(mlp["up_proj"], x))
-        return self.rms_norm(model["norm"], h)
+    def attention(self, params: dict, h: mx.array, prefix: tuple | None = None, offset: int = 0,
+                  record: list | None = None) -> mx.array:
+        q = self.rotary(self.heads(self.linear(params["q_proj"], h), self.num_heads), offset)
+        k = self.rotary(self.heads(self.linear(params["k_proj"], h), self.num_kv_heads), offset)
+        v = self.heads(self.linear(params["v_proj"], h), self.num_kv_heads)
+        if record is not None:  # the keys and values a prefix holds: (..., L, kv heads * d)
+            record.append(tuple(t.swapaxes(-2, -3).reshape(*h.shape[:-1], -1) for t in (k, v)))
+        return self.linear(params["o_proj"], self.attend(q, k, v, prefix))
 
-    def features(self, params: dict, x: mx.array) -> mx.array:
+    def embed(self, params: dict, ids: mx.array) -> mx.array:
+        """The tokens' embeddings, without positions."""
+        return params["model"]["embed_tokens"][mx.maximum(ids, 0)]
+
+    def positioned(self, params: dict, h: mx.array, offset: int) -> mx.array:
+        """The input vectors with their positions, from ``offset``: Llama's are rotated in attention instead."""
+        return h
+
+    def hidden_states(self, params: dict, ids: mx.array, prompt: mx.array | None = None,
+                      prefix: mx.array | None = None, record: list | None = None) -> mx.array:
+        """The last layer's states after the final norm, (..., L, width): ``LlamaModel``'s last hidden state, with
+        the virtual tokens' outputs left out."""
+        virtual = 0 if prompt is None else prompt.shape[0]
+        offset = 0 if prefix is None else prefix.shape[2]  # past keys and values shift the positions
+        h = self.embed(params, ids)
+        if prompt is not None:
+            h = mx.concatenate([mx.broadcast_to(prompt, (*h.shape[:-2], *prompt.shape)), h], axis=-2)
+        h = self.positioned(params, h, offset)
+        for i, layer in enumerate(self.blocks(params)):
+            layer_prefix = None if prefix is None else (prefix[i, 0], prefix[i, 1])
+            h = self.block(layer, h, layer_prefix, offset, record)
+        return self.final_norm(params, h)[..., virtual:, :]
+
+    def blocks(self, params: dict) -> list:
+        return params["model"]["layers"]
+
+    def block(self, layer: dict, h: mx.array, prefix: tuple | None, offset: int, record: list | None) -> mx.array:
+        h = h + self.attention(layer["self_attn"], self.rms_norm(layer["input_layernorm"], h), prefix, offset, record)
+        x, mlp = self.rms_norm(layer["post_attention_layernorm"], h), layer["mlp"]
+        gate = self.linear(mlp["gate_proj"], x)
+        return h + self.linear(mlp["down_proj"], gate * mx.sigmoid(gate) * self.linear(mlp["up_proj"], x))
+
+    def final_norm(self, params: dict, h: mx.array) -> mx.array:
+        return self.rms_norm(params["model"]["norm"], h)
+
+    def unembedding(self, params: dict) -> mx.array:
+        """(vocabulary, width): ``lm_head``'s weight, or the token embeddings where tied."""
+        return params["model"]["embed_tokens"] if self.tied else params["lm_head"]
+
+    def features(self, params: dict, x: mx.array, prompt: mx.array | None = None, prefix: mx.array | None = None,
+                 record: list | None = None) -> mx.array:
+        """A language model's next-token logits (..., L, vocabulary); a classifier's pooled state (..., width).
+        ``prompt``: (n, width) vectors before the tokens; ``prefix``: (layers, 2, n, kv heads * d) keys and values
+        before the tokens' own in every layer."""
         ids = x.astype(mx.int32)
+        h = self.hidden_states(params, ids, prompt, prefix, record)
+        if self.generates:
+            return h @ self.unembedding(params).T
         real = (ids >= 0).astype(mx.float32)
-        h = self.hidden_states(params, ids)
         if self.cfg.pooling == LastOrMean.mean:
             return (h * real[..., None]).sum(axis=-2) / real.sum(axis=-1, keepdims=True)
         last = (real.sum(axis=-1) - 1).astype(mx.int32)  # right padding: the last real token
         return mx.take_along_axis(h, last[..., None, None], axis=-2).squeeze(-2)
 
+    def head_output(self, head: dict, features: mx.array) -> mx.array:
+        return features if self.generates else self.linear(head, features)
+
+    def real_tokens(self, x: mx.array) -> tuple[np.ndarray, mx.array]:
+        """``x`` as rows of ids (sequences, L) and the flat indices of its real (non-pad) tokens."""
+        ids = np.asarray(x).reshape(-1, np.asarray(x).shape[-1])
+        return ids, mx.array(np.flatnonzero(ids.reshape(-1) != PAD))
+
+    def token_embeddings(self, params: dict, x: mx.array) -> mx.array:
+        """The embedded real tokens of ``x``, (tokens, width): what sampled prompts start from."""
+        ids, real = self.real_tokens(x)
+        embedded = self.embed(params, mx.array(ids))
+        return embedded.reshape(-1, embedded.shape[-1])[real]
+
+    def token_keys_values(self, params: dict, x: mx.array) -> list[tuple[mx.array, mx.array]]:
+        """Every layer's keys and values of the real tokens of ``x``, each (tokens, kv heads * d): where sampled
+        prefixes start."""
+        ids, real = self.real_tokens(x)
+        record: list = []
+        self.hidden_states(params, mx.array(ids), record=record)
+        return [(k.reshape(-1, k.shape[-1])[real], v.reshape(-1, v.shape[-1])[real]) for k, v in record]
 
 
 class GPT2(GPT2Layout, CausalLM):

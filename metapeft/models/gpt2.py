@@ -6,7 +6,7 @@ projection, the MLP with GELU's tanh form (``activation_function: gelu_new``), t
 Parameters keep Hugging Face's names (``h.0.attn.c_attn``, ``h.0.mlp.c_fc``, ...; a ``GPT2LMHeadModel``'s
 ``transformer.`` prefix is dropped), so ``peft.target_modules=[c_attn]`` is what Hugging Face peft's LoRA targets.
 Its ``Conv1D`` layers already store weights as (in, out), as every model here computes ``x @ W``: nothing is
-transposed. Everything else (tokenizing, right padding, pooling the last token's state) is ``CausalLM``'s.
+transposed. Everything else (tokenizing, right padding, pooling, the logits, prompts and prefixes) is ``CausalLM``'s.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import math
 
 from metapeft.backend import mx
 from metapeft.errors import require
-from metapeft.models.layers import init_linear
 
 
 class GPT2Layout:
@@ -27,6 +26,7 @@ class GPT2Layout:
                 f"'gelu_new' is implemented, {self.directory} uses '{c.get('activation_function')}'")
         self.width, self.num_heads = c["n_embd"], c["n_head"]
         self.head_dim = self.width // self.num_heads
+        self.num_kv_heads = self.num_heads
         self.eps = c.get("layer_norm_epsilon", 1e-5)
         require(self.cfg.max_length <= c["n_positions"], "model.max_length",
                 f"must be <= {c['n_positions']} (the model's positions), got {self.cfg.max_length}")
@@ -49,7 +49,7 @@ class GPT2Layout:
                    "ln_2": norm(), "mlp": {"c_fc": linear(h, inner), "c_proj": linear(inner, h)}}
                   for _ in range(c["n_layer"])],
             "ln_f": norm(),
-            "head": init_linear(next(keys), h, self.output_dim),
+            **self.output_layer(next(keys), (c["vocab_size"], h)),
         }
 
     @staticmethod
@@ -64,29 +64,46 @@ class GPT2Layout:
         """``GPT2LMHeadModel`` keeps the body under ``transformer.``."""
         return f"transformer.{name}"
 
+    @property
+    def context_length(self) -> int:
+        return self.config["n_positions"]
+
+    @property
+    def num_positions(self) -> int:
+        """Learned positions: the virtual tokens of prefix tuning must fit beside ``model.max_length``."""
+        return self.config["n_positions"]
+
     def layer_norm(self, params: dict, x: mx.array) -> mx.array:
         return mx.fast.layer_norm(x, params["weight"], params["bias"], self.eps)
 
-    def attention(self, params: dict, h: mx.array) -> mx.array:
-        length, width = h.shape[-2], self.width
+    def attention(self, params: dict, h: mx.array, prefix: tuple | None = None, offset: int = 0,
+                  record: list | None = None) -> mx.array:
         q, k, v = mx.split(self.linear(params["c_attn"], h), 3, axis=-1)
+        if record is not None:
+            record.append((k, v))
+        heads = lambda t: self.heads(t, self.num_heads)
+        return self.linear(params["c_proj"], self.attend(heads(q), heads(k), heads(v), prefix))
 
-        def heads(t):  # (..., L, width) -> (..., heads, L, d)
-            return t.reshape(*t.shape[:-1], self.num_heads, self.head_dim).swapaxes(-2, -3)
+    def embed(self, params: dict, ids: mx.array) -> mx.array:
+        return params["wte"][mx.maximum(ids, 0)]
 
-        causal = mx.triu(mx.full((length, length), -1e9), k=1)
-        scores = (heads(q) @ heads(k).swapaxes(-1, -2)) / math.sqrt(self.head_dim) + causal
-        mixed = (self.softmax(scores) @ heads(v)).swapaxes(-2, -3)
-        return self.linear(params["c_proj"], mixed.reshape(*mixed.shape[:-2], width))
+    def positioned(self, params: dict, h: mx.array, offset: int) -> mx.array:
+        return h + params["wpe"][offset: offset + h.shape[-2]]
 
-    def hidden_states(self, params: dict, ids: mx.array) -> mx.array:
-        """``GPT2Model``'s last hidden state, (..., L, width)."""
-        h = params["wte"][mx.maximum(ids, 0)] + params["wpe"][: ids.shape[-1]]
-        for block in params["h"]:
-            h = h + self.attention(block["attn"], self.layer_norm(block["ln_1"], h))
-            hidden = gelu_tanh(self.linear(block["mlp"]["c_fc"], self.layer_norm(block["ln_2"], h)))
-            h = h + self.linear(block["mlp"]["c_proj"], hidden)
+    def blocks(self, params: dict) -> list:
+        return params["h"]
+
+    def block(self, layer: dict, h: mx.array, prefix: tuple | None, offset: int, record: list | None) -> mx.array:
+        """``GPT2Block``: pre-norm attention and MLP."""
+        h = h + self.attention(layer["attn"], self.layer_norm(layer["ln_1"], h), prefix, offset, record)
+        return h + self.linear(layer["mlp"]["c_proj"], gelu_tanh(self.linear(layer["mlp"]["c_fc"],
+                                                                               self.layer_norm(layer["ln_2"], h))))
+
+    def final_norm(self, params: dict, h: mx.array) -> mx.array:
         return self.layer_norm(params["ln_f"], h)
+
+    def unembedding(self, params: dict) -> mx.array:
+        return params["wte"]  # GPT-2's lm_head is tied to its token embeddings
 
 
 def gelu_tanh(x: mx.array) -> mx.array:

@@ -1,7 +1,8 @@
 """What a PEFT method provides: the frozen tree, a fresh adapted tree, and the forward pass over both.
 
-The adapted tree always holds the task head (``"head"``) and the method's own parameters; the frozen tree is the
-(pretrained) backbone without its head. Algorithms see only the adapted tree.
+The adapted tree holds the task head (``"head"``; none where the model has none, a language model's output layer
+being part of the frozen backbone) and the method's own parameters; the frozen tree is the (pretrained) backbone
+without its head. Algorithms see only the adapted tree.
 """
 from __future__ import annotations
 
@@ -42,9 +43,11 @@ class PeftMethod:
         return frozen
 
     def init_adapted(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
-        """A fresh adapted tree: a new task head and the method's parameters at their initialization."""
+        """A fresh adapted tree: a new task head (where the model has one) and the method's parameters at their
+        initialization."""
         head_key, adapter_key = mx.random.split(key)
-        return {"head": self.model.init(head_key)["head"], **self.init_adapter(backbone, adapter_key, sample_inputs)}
+        head = {k: v for k, v in self.model.init(head_key).items() if k == "head"}
+        return {**head, **self.init_adapter(backbone, adapter_key, sample_inputs)}
 
     def init_adapter(self, backbone: dict, key: mx.array, sample_inputs: mx.array) -> dict:
         raise NotImplementedError

@@ -100,6 +100,10 @@ class TaskFamily:
 
         return flat(xs), flat(xq)
 
+    def report(self) -> dict:
+        """Family-specific facts for ``metrics.json`` (``task=text_tasks``: its split of tasks)."""
+        return {}
+
     # Pretraining of a backbone for the PEFT methods, on meta-train data only; ``loss`` is its objective.
     pretraining_outputs: int
 

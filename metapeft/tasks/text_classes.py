@@ -9,7 +9,7 @@ the text analogue of raw pixels.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -44,11 +44,13 @@ class TextClassesTask(ClassImagesTask):
                             f"{len(texts)} texts of class '{name}' ({split} split); valid: K + num_query <= "
                             f"{min(len(t) for s in SPLITS for t in self.class_images[s])}, or drop that class")
 
-    def tokenize(self, tokenize: Callable[[list[str]], np.ndarray], pad_id: int) -> None:
-        """Replace every class's texts with token ids (one batch through ``tokenize``), padded with ``pad_id``."""
-        self.pad_id = pad_id
+    def tokenize(self, model) -> None:
+        """Replace every class's texts with token ids (one batch through ``model.tokenize``), padded with the
+        model's ``pad_id``."""
+        require(not getattr(model, "generates", False), "model", "a classification task needs a task head")
+        self.pad_id = model.pad_id
         texts = [str(t) for s in SPLITS for c in self.class_images[s] for t in c]
-        ids = tokenize(texts)
+        ids = model.tokenize(texts)
         bounds = np.cumsum([0, *(len(c) for s in SPLITS for c in self.class_images[s])])
         pieces = iter(ids[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]))
         self.class_images = {s: [next(pieces) for _ in self.class_images[s]] for s in SPLITS}
