@@ -56,7 +56,10 @@ def merges(method: type[PeftMethod]) -> bool:
 
 
 def write_head(learned: LearnedInitialization, out: Path) -> None:
-    head = learned.meta["weights"]["head"]
+    """The meta-learned task head beside the adapter or model (a language model has none: its head is lm_head)."""
+    head = learned.meta["weights"].get("head")
+    if head is None:
+        return
     io.save_tree(out / "head.safetensors", {"weight": head["weight"].T, "bias": head["bias"]})
 
 
