@@ -33,6 +33,17 @@ def test_matches_transformers_on_its_stored_outputs(tmp_path, kind):
     assert np.abs(expected).max() > 0.5
 
 
+@pytest.mark.parametrize("kind", ["tiny_llama", "tiny_qwen2", "tiny_gpt2"])
+def test_as_a_language_model_its_logits_match_transformers(tmp_path, kind):
+    """The next-token logits of ``*ForCausalLM`` / ``GPT2LMHeadModel``: an own lm_head (Llama) or tied (Qwen2, GPT-2)."""
+    model = CausalLM(CausalLMConfig(path=str(tiny_causal_lm(tmp_path / kind, kind))), None, None)
+    params = model.pretrained(mx.random.key(0), 1)[0]
+    assert "head" not in params and ("lm_head" in params) == (kind == "tiny_llama")
+    expected = np.array(REFERENCE[f"{kind}_logits"], np.float32)
+    ours = np.array(model(params, mx.array(REFERENCE["input_ids"])))
+    np.testing.assert_allclose(ours, expected, atol=2e-4 * np.abs(expected).max())
+
+
 def test_matches_transformers_live_where_installed(tmp_path):
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
     transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")

@@ -240,3 +240,73 @@ def test_the_frozen_language_model_stays_bit_for_bit(lm_run):
     frozen = dict(tree_flatten(learned.frozen))
     shared = [k for k in original if k in frozen]
     assert shared and all(mx.array_equal(original[k], frozen[k]).item() for k in shared)
+
+
+def test_a_merged_export_reloads_as_the_adapted_language_model(lm_run, tmp_path):
+    name, run = lm_run
+    if name not in ("llama_lora", "meta_learn_backbone"):
+        pytest.skip("one merge per kind of run: LoRA alone, and LoRA over a meta-learned backbone")
+    from metapeft.api import load_run
+    from metapeft.models.causal_lm import CausalLM, CausalLMConfig
+    from runners.export import main as export_main
+
+    assert export_main([str(run), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    learned = load_run(run)
+    ids = mx.array(learned.experiment.model.tokenize(["abc def", "ghij"]))
+    frozen = learned.experiment.learner.task_frozen(learned.meta, learned.frozen)
+    adapted = learned.experiment.peft(learned.meta["weights"], frozen, ids)
+    merged = CausalLM(CausalLMConfig(path=str(tmp_path / "merged")), None, None)
+    reloaded = merged(merged.pretrained(mx.random.key(0), 1)[0], ids)
+    np.testing.assert_allclose(np.array(reloaded), np.array(adapted), atol=1e-5)
+
+
+def test_an_exported_adapter_reproduces_the_logits_in_hugging_face_peft(lm_run, tmp_path):
+    """LoRA (Llama, GPT-2), prefix tuning and (IA)^3 loaded by peft onto AutoModelForCausalLM."""
+    name, run = lm_run
+    if name == "meta_learn_backbone":
+        pytest.skip("a meta-learned backbone is exported merged")
+    torch = pytest.importorskip("torch", reason="peft needs torch, not installed here")
+    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
+    peft = pytest.importorskip("peft", reason="Hugging Face peft is not installed")
+    from metapeft.api import load_run
+    from runners.export import main as export_main
+
+    assert export_main([str(run), "--out", str(tmp_path / "adapter")]) == 0
+    learned = load_run(run)
+    model = learned.experiment.model
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(model.directory))
+    lm = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    ids = model.tokenize(["abc def", "ghij"])
+    with torch.no_grad():
+        logits = lm(input_ids=torch.tensor(np.maximum(ids, 0).astype(np.int64))).logits.numpy()
+    ours = np.array(learned.experiment.peft(learned.meta["weights"], learned.frozen, mx.array(ids)))
+    real = ids >= 0  # right padding: the padded positions' logits are nobody's
+    np.testing.assert_allclose(logits[real], ours[real], atol=1e-4)
+    plain = np.array(model(model.pretrained(mx.random.key(0), 1)[0], mx.array(ids)))
+    assert np.abs(ours - plain)[real].max() > 1e-4  # the adapter changes the logits: a real check
+
+
+@pytest.mark.parametrize("kind", ["tiny_llama", "tiny_gpt2"])
+def test_prompt_tuning_matches_hugging_face_peft(tmp_path, kind):
+    """Virtual tokens before the input, taking positions 0..n-1 (peft's prompt tuning on AutoModelForCausalLM)."""
+    torch = pytest.importorskip("torch", reason="peft needs torch, not installed here")
+    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
+    peft = pytest.importorskip("peft", reason="Hugging Face peft is not installed")
+    from metapeft.models.causal_lm import CausalLM, CausalLMConfig
+    from metapeft.peft.prompt_tuning import PromptTuning, PromptTuningConfig
+
+    directory = tiny_causal_lm(tmp_path / kind, kind)
+    model = CausalLM(CausalLMConfig(path=str(directory)), None, None)
+    backbone = model.pretrained(mx.random.key(0), 1)[0]
+    method = PromptTuning(PromptTuningConfig(num_virtual_tokens=3, init="random"), model)
+    adapted = tree_map(lambda a: 20 * a, method.init_adapted(backbone, mx.random.key(1), None))
+    ids = model.tokenize(["abc def", "ghij"])
+    ours = np.array(method(adapted, method.frozen(backbone), mx.array(ids)))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(directory))
+    lm = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        lm.prompt_encoder["default"].embedding.weight.copy_(torch.tensor(np.array(adapted["prompt"])))
+        logits = lm(input_ids=torch.tensor(np.maximum(ids, 0).astype(np.int64))).logits[:, 3:].numpy()
+    real = ids >= 0
+    np.testing.assert_allclose(logits[real], ours[real], atol=1e-4)
+    assert np.abs(ours - np.array(model(backbone, mx.array(ids))))[real].max() > 1e-3

@@ -91,6 +91,7 @@ class CausalLM(Backbone):
     input_layer = ("model", "embed_tokens")
     supports_prompts = True
     supports_prefixes = True
+    hf_task_type = "CAUSAL_LM"  # what peft loads an exported prefix onto: AutoModelForCausalLM
 
     def __new__(cls, cfg: CausalLMConfig, *args):
         """GPT-2 folders build ``GPT2`` (below: another layer layout, the same interface)."""

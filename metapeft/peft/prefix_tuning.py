@@ -70,7 +70,11 @@ class PrefixTuning(PeftMethod):
         return {"prompt_embeddings": adapted["prefix"].transpose(2, 0, 1, 3).reshape(n, layers * 2 * width)}
 
     def hf_adapter_config(self, adapted: dict, num_iterations: int) -> dict:
+        """A language model's prefix is peft's ``CAUSAL_LM`` one, its keys and values as wide as the key-value
+        heads (grouped-query attention has fewer of them), as peft sets ``token_dim`` there."""
         layers, _, n, width = adapted["prefix"].shape
-        return {"task_type": "FEATURE_EXTRACTION", "num_virtual_tokens": n, "token_dim": width,
-                "num_transformer_submodules": 1, "num_attention_heads": self.model.num_heads, "num_layers": layers,
-                "encoder_hidden_size": width, "prefix_projection": False, "modules_to_save": None}
+        heads = getattr(self.model, "num_kv_heads", self.model.num_heads)
+        return {"task_type": getattr(self.model, "hf_task_type", "FEATURE_EXTRACTION"), "num_virtual_tokens": n,
+                "token_dim": width, "num_transformer_submodules": 1, "num_attention_heads": heads,
+                "num_layers": layers, "encoder_hidden_size": width, "prefix_projection": False,
+                "modules_to_save": None}
