@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks import encoder, processes, resnet12, runs, steps
+from benchmarks import causal_lm, encoder, processes, resnet12, runs, steps
 from metapeft import blas, io
 from metapeft.backend import mx
 
@@ -103,6 +103,14 @@ def resnet12_workloads(args) -> None:
     print(f"written to {path}")
 
 
+def causal_lm_workloads(args) -> None:
+    results = causal_lm.lm_workloads(args.out.parent / "causal_lm", args.shape, args.algorithms, args.repeats)
+    path = args.out.with_name(f"bench_causal_lm_{args.shape}.json")
+    io.write_json(path, {"blas": blas.status(), "shape": causal_lm.SHAPES[args.shape], "workloads": results})
+    causal_lm.print_lm(args.shape, results)
+    print(f"written to {path}")
+
+
 def process_scaling(args) -> None:
     results = processes.scaling(args.names, args.processes, args.out.parent / "processes")
     path = args.out.with_name("bench_processes.json")
@@ -136,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("resnet12", help="ResNet-12 at 84x84: a ProtoNet episode, a FOMAML step, against PyTorch"
                         ).add_argument("names", nargs="?", default=",".join(resnet12.RESNET12_WORKLOADS),
                                        help=f"some of {list(resnet12.RESNET12_WORKLOADS)}")
+    lm = commands.add_parser("causal-lm", help="MAML, FOMAML + LoRA on a random Qwen2.5-shaped model, 128 tokens, "
+                             "against torch.func")
+    lm.add_argument("algorithms", nargs="?", default=",".join(causal_lm.ALGORITHMS),
+                    help=f"some of {list(causal_lm.ALGORITHMS)}")
+    lm.add_argument("--shape", default="0.5b", choices=sorted(causal_lm.SHAPES))
     scaling = commands.add_parser("processes", help="meta-iterations per second on 1 and N processes (mlx.launch)")
     scaling.add_argument("names", nargs="?", default=",".join(processes.WORKLOADS),
                          help=f"some of {list(processes.WORKLOADS)}")
@@ -146,11 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         args.variants = checked(args.variants, encoder.ENCODER_VARIANTS, "encoder", parser)
     if args.command == "processes":
         args.names = checked(args.names, processes.WORKLOADS, "processes", parser)
+    if args.command == "causal-lm":
+        args.algorithms = checked(args.algorithms, causal_lm.ALGORITHMS, "causal-lm", parser)
     if args.command == "resnet12":
         args.names = checked(args.names, resnet12.RESNET12_WORKLOADS, "resnet12", parser)
     {"steps": timings, "memory": memory, "per-call": per_call, "runs": whole_runs, "start-up": start_up,
      "evaluation": evaluation, "encoder": encoder_workloads, "encoder-ops": encoder_ops,
-     "processes": process_scaling, "resnet12": resnet12_workloads}[args.command](args)
+     "processes": process_scaling, "resnet12": resnet12_workloads, "causal-lm": causal_lm_workloads}[args.command](args)
     return 0
 
 

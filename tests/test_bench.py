@@ -93,3 +93,29 @@ def test_a_timed_compiled_step_reports_the_first_meta_loss():
     result = bench_setup.timed_steps(bench_setup.our_compiled_step(exp, meta, frozen, batches), repeats=1)
     assert result["first_loss"] == pytest.approx(first, rel=1e-5)
     assert result["ms_per_iteration"] > 0 and result["max_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml"])
+def test_the_torch_func_peer_computes_our_meta_gradient_on_a_causal_lm(tmp_path, algorithm):
+    """``python -m benchmarks causal-lm``'s peer (transformers' Qwen2 with peft's LoRA, torch.func), on the tiny
+    shape: its meta-loss and meta-gradient are ours, second order for MAML and first order for FOMAML."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from benchmarks import causal_lm as bench_lm
+    from metapeft.export import PREFIX
+
+    model, tasks = bench_lm.write_inputs(tmp_path, "tiny", length=24)
+    exp, meta, frozen = bench_setup.setup([*bench_lm.overrides(model, tasks, algorithm), "model.max_length=24"])
+    meta = tree_map(lambda a: a + 0.05, meta)  # B away from zero, so that second order differs from first
+    batch = exp.task.sample("train", 2, 2, np.random.default_rng(0))
+    loss, grads = exp.learner.meta_value_and_grad(meta, frozen, batch)[:2]
+    bench_lm.save_weights(exp, frozen, meta, tmp_path / "weights", model)
+    _, meta_gradient = bench_lm.torch_peer(exp, tmp_path / "weights", [tuple(np.array(a) for a in batch)], algorithm)
+    theirs_loss, theirs = meta_gradient(0)
+    assert theirs_loss == pytest.approx(loss.item(), rel=1e-4)
+    ours = exp.peft.hf_adapter_tensors(grads["weights"], frozen, PREFIX)
+    theirs = {k.replace(".default", ""): v.detach().numpy() for k, v in theirs.items()}
+    assert ours.keys() == theirs.keys()
+    for name, value in ours.items():
+        np.testing.assert_allclose(theirs[name], np.array(value), atol=1e-4 * np.abs(np.array(value)).max())
