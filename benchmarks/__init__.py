@@ -15,6 +15,7 @@ against JAX and PyTorch peers where installed. One command line, run from the re
     python -m benchmarks causal-lm [maml,fomaml] [--shape 0.5b]   # a Qwen2.5-shaped language model, 128 tokens
 
 Modules: ``steps`` (the workloads and their timing), ``runs`` (whole runs), ``encoder`` (the pretrained encoder),
-``processes`` (one run on several processes), ``resnet12`` (ResNet-12 episodes), ``causal_lm`` (a language model), ``peers`` (the JAX and PyTorch
+``processes`` (one run on several processes), ``resnet12`` (ResNet-12 episodes), ``causal_lm`` (a language
+model), ``peers`` (the JAX and PyTorch
 implementations), ``common`` (composing a workload). Results go to ``outputs/benchmarks/bench*.json`` (``--out``).
 """

@@ -35,7 +35,8 @@ def test_matches_transformers_on_its_stored_outputs(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["tiny_llama", "tiny_qwen2", "tiny_gpt2"])
 def test_as_a_language_model_its_logits_match_transformers(tmp_path, kind):
-    """The next-token logits of ``*ForCausalLM`` / ``GPT2LMHeadModel``: an own lm_head (Llama) or tied (Qwen2, GPT-2)."""
+    """The next-token logits of ``*ForCausalLM`` and ``GPT2LMHeadModel``: Llama's own lm_head, Qwen2's and GPT-2's
+    tied."""
     model = CausalLM(CausalLMConfig(path=str(tiny_causal_lm(tmp_path / kind, kind))), None, None)
     params = model.pretrained(mx.random.key(0), 1)[0]
     assert "head" not in params and ("lm_head" in params) == (kind == "tiny_llama")

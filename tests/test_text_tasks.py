@@ -163,7 +163,8 @@ def test_maml_meta_gradient_through_the_language_model_matches_finite_difference
     (['{"task": "a", "input": "x"}'], "line 1 lacks 'output'"),
     (['{"task": "a", "input": "x", "output": "z", "options": ["x", "y"]}'], "not among its options"),
     (['{"task": "a", "input": "x", "output": "x", "options": ["x"]}'], "at least two distinct"),
-    (['{"task": "a", "input": "x", "output": "x", "options": ["x", "y"]}', '{"task": "a", "input": "x", "output": "x"}'],
+    (['{"task": "a", "input": "x", "output": "x", "options": ["x", "y"]}',
+      '{"task": "a", "input": "x", "output": "x"}'],
      "mixes examples"),
     (['{"task": "a", "input": "x", "output": "y"}'], "meta-validation and meta-test each need"),
 ])
