@@ -31,6 +31,8 @@ Text-to-text (``task=text_tasks``, a language model), scored as the task scores 
   (the practitioner's first choice; the last demonstrations that fit the model's context, their mean count recorded).
 - ``plain_init``, ``finetune``: as above (``finetune``: the run's PEFT method from its plain start, tuned on
   validation).
+- ``multitask_finetune``: Block et al.'s "standard retraining": the run's PEFT method trained on the meta-training
+  tasks together (``metapeft.multitask``), then fine-tuned on each support set as ``finetune`` is.
 
 The pretrained backbone is the one the PEFT methods adapt (``metapeft.pretrain``: trained on the meta-train split
 only); for ``peft=none`` it is pretrained (and cached) for these baselines alone. No baseline is tuned on the test
@@ -50,6 +52,7 @@ from metapeft.build import Experiment
 from metapeft.errors import require
 from metapeft.evaluate import BaselineFn, plain_init_curves
 from metapeft.finetune import shots_of, tuned_finetune, validation_episodes
+from metapeft.multitask import multitask_retrained
 from metapeft.peft.targets import without_head
 from metapeft.probes import flat, logistic_regression, nearest_centroid, ridge_mse, tuned
 from metapeft.tasks.base import Episodes
@@ -58,7 +61,7 @@ from metapeft.trees import merge
 CLASSIFICATION = ("nearest_centroid", "nearest_neighbour", "logistic_regression", "prototype", "linear_probe",
                   "plain_init", "finetune", "finetune_head")
 REGRESSION = ("zero", "support_mean", "linear_probe", "plain_init", "finetune", "finetune_head")
-TEXT_TO_TEXT = ("zero_shot", "in_context", "plain_init", "finetune")
+TEXT_TO_TEXT = ("zero_shot", "in_context", "plain_init", "finetune", "multitask_finetune")
 NEEDS_PRETRAINED = ("prototype", "linear_probe", "finetune", "finetune_head", "zero_shot", "in_context")
 
 
@@ -188,7 +191,17 @@ def make_baselines(exp: Experiment, plain: dict, frozen: dict,
         return language_model(ids, targets), {"mean_demonstrations": float(demonstrations.mean()),
                                               "context_length": exp.task.context_length}
 
+    retrained: list = []  # the multi-task retrained start, once for every K
+
+    def multitask_finetune(e: Episodes) -> tuple[np.ndarray, dict]:
+        if not retrained:
+            retrained.extend(multitask_retrained(exp, plain, frozen))
+        values, facts = tuned_finetune(exp, lambda w, x, y: exp.loss(w, frozen, x, y),
+                                       lambda w, x, y: exp.metric(w, frozen, x, y), retrained[0], e)
+        return values, {**facts, **retrained[1]}
+
     table: dict[str, BaselineFn] = {
+        "multitask_finetune": multitask_finetune,
         "zero_shot": lambda e: language_model(np.array(e.xq), np.array(e.yq)),
         "in_context": in_context,
         "finetune": finetune,

@@ -183,7 +183,7 @@ def test_text_folder_refuses_bad_data_naming_the_key(compose_cfg, bert_dir, tmp_
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (("task=digits", "model=hf_encoder"), "use task=text or task=text_folder"),
+    (("task=digits", "model=hf_encoder"), "use task=text, task=text_folder or task=text_tasks"),
     (("task=text_folder", "task.root=/tmp", "model=transformer", "peft=lora"), "use model=hf_encoder"),
 ])
 def test_text_and_non_text_parts_do_not_mix(compose_cfg, bert_dir, overrides, words):

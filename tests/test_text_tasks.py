@@ -226,7 +226,8 @@ def test_a_text_to_text_run_reports_the_language_model_baselines_with_paired_dif
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed"
     shot = metrics["evaluation"]["shots"]["1"]
-    assert set(shot["baselines"]) == {"zero_shot", "in_context", "plain_init", "finetune"}
+    assert set(shot["baselines"]) == {"zero_shot", "in_context", "plain_init", "finetune", "multitask_finetune"}
+    assert shot["baselines"]["multitask_finetune"]["retraining"]["steps"] == metrics["train"]["iterations"]
     assert shot["baselines"]["in_context"]["mean_demonstrations"] == 1.0
     assert "chosen_on_validation" in shot["baselines"]["finetune"]
     assert {"difference", "ci95"} <= set(shot["versus_best_baseline"])
@@ -316,3 +317,19 @@ def test_prompt_tuning_matches_hugging_face_peft(tmp_path, kind):
     real = ids >= 0
     np.testing.assert_allclose(logits[real], ours[real], atol=1e-4)
     assert np.abs(ours - np.array(model(backbone, mx.array(ids))))[real].max() > 1e-3
+
+
+def test_standard_retraining_trains_the_adapter_on_the_meta_training_tasks_together(llama):
+    """The multi-task start of ``multitask_finetune``: its loss on meta-training tasks falls, and what it kept is
+    recorded."""
+    from metapeft.multitask import multitask_retrained
+
+    exp, start = llama
+    cfg = exp.cfg.copy()
+    cfg.mode.num_iterations, cfg.mode.val_interval, cfg.keep = 30, 10, "last"  # accuracy is flat on random weights
+    retrained, facts = multitask_retrained(type(exp)(cfg, exp.task, exp.model, exp.peft, exp.learner), start.plain,
+                                           start.frozen)
+    batch = exp.task.sample("train", 8, 2, np.random.default_rng(9))
+    loss = lambda w: float(mx.vmap(lambda x, y: exp.loss(w, start.frozen, x, y))(batch.xq, batch.yq).mean())
+    assert loss(retrained) < loss(start.plain) - 0.05
+    assert facts["retraining"]["steps"] == 30 and facts["retraining"]["kept_step"] == 30
