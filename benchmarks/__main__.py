@@ -95,6 +95,13 @@ def encoder_ops(args) -> None:
     encoder.print_encoder_ops(both)
 
 
+def encoder_streams(args) -> None:
+    results = encoder.encoder_streams(args.repeats)
+    io.write_json(args.out.with_name("bench_encoder_streams.json"), {"blas": blas.status(), "seconds": results})
+    for name, seconds in results.items():
+        print(f"encoder-streams {name:32s} {seconds:7.2f} s")
+
+
 def resnet12_workloads(args) -> None:
     results = resnet12.resnet12_workloads(args.repeats, args.names)
     path = args.out.with_name("bench_resnet12.json")
@@ -141,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("encoder", help="MAML, FOMAML, Reptile + LoRA on model=hf_encoder").add_argument(
         "variants", nargs="?", default=encoder.ENCODER_DEFAULT, help=f"some of {list(encoder.ENCODER_VARIANTS)}")
     commands.add_parser("encoder-ops", help="the encoder's largest operations, MLX and PyTorch")
+    commands.add_parser("encoder-streams", help="the encoder's FOMAML work in two halves on one CPU stream or two")
     commands.add_parser("resnet12", help="ResNet-12 at 84x84: a ProtoNet episode, a FOMAML step, against PyTorch"
                         ).add_argument("names", nargs="?", default=",".join(resnet12.RESNET12_WORKLOADS),
                                        help=f"some of {list(resnet12.RESNET12_WORKLOADS)}")
@@ -165,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         args.names = checked(args.names, resnet12.RESNET12_WORKLOADS, "resnet12", parser)
     {"steps": timings, "memory": memory, "per-call": per_call, "runs": whole_runs, "start-up": start_up,
      "evaluation": evaluation, "encoder": encoder_workloads, "encoder-ops": encoder_ops,
-     "processes": process_scaling, "resnet12": resnet12_workloads, "causal-lm": causal_lm_workloads}[args.command](args)
+     "encoder-streams": encoder_streams, "processes": process_scaling, "resnet12": resnet12_workloads,
+     "causal-lm": causal_lm_workloads}[args.command](args)
     return 0
 
 

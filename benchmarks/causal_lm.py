@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import resource
 import string
 import subprocess
 from pathlib import Path
@@ -166,13 +168,20 @@ def torch_peer(exp, weights: Path, batches: list, algorithm: str):
 def lm_workloads(directory: Path, shape: str, algorithms: list[str], repeats: int) -> dict:
     """Each algorithm and, where PyTorch, transformers and peft are installed, its peer, each in a process of its
     own; the peer timed only if its first meta-loss equals ours."""
+    limit = memory_limit()
+
     def one(algorithm: str, implementation: str) -> dict:
+        # each side's address space is capped below the machine's memory: a side that needs more fails cleanly
+        # with an allocation error instead of driving the machine into paging
         done = subprocess.run(in_own_process("causal_lm", "one", str(directory), shape, algorithm, implementation,
-                                             str(repeats)), capture_output=True, text=True)
+                                             str(repeats)), capture_output=True, text=True,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
         if done.returncode != 0:
-            return {"failed": f"exit {done.returncode}" + (" (killed: out of memory?)" if done.returncode < 0 else ""),
-                    "stderr_tail": done.stderr[-800:]}
-        return json.loads(done.stdout.splitlines()[-1])
+            out_of_memory = done.returncode < 0 or any(s in done.stderr for s in OUT_OF_MEMORY)
+            return {"failed": f"exit {done.returncode}" + (f" (out of memory: its address space is capped at "
+                                                            f"{limit / 2**30:.1f} GiB)" if out_of_memory else ""),
+                    "memory_limit_gib": limit / 2**30, "stderr_tail": done.stderr[-800:]}
+        return {**json.loads(done.stdout.splitlines()[-1]), "memory_limit_gib": limit / 2**30}
 
     has_peer = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
     results = {}
@@ -190,6 +199,14 @@ def lm_workloads(directory: Path, shape: str, algorithms: list[str], repeats: in
     return results
 
 
+OUT_OF_MEMORY = ("can't allocate memory", "MemoryError", "std::bad_alloc", "Unable to allocate")
+
+
+def memory_limit() -> int:
+    """Bytes of address space each side may map: 90 % of the machine's physical memory."""
+    return int(0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def print_lm(shape: str, results: dict) -> None:
     for name, r in results.items():
         if "failed" in r:
@@ -198,6 +215,7 @@ def print_lm(shape: str, results: dict) -> None:
         peer = r.get("pytorch")
         versus = (f"; torch.func {peer['ms_per_iteration']:.0f} ms, {peer['max_rss_mb']:.0f} MB RSS: "
                   f"{peer['ours_over_peer']:.2f}x" if isinstance(peer, dict) and "ms_per_iteration" in peer
+                  else f"; torch.func failed: {peer['failed']}" if isinstance(peer, dict)
                   else f"; torch.func: {peer}" if peer else "")
         print(f"causal-lm {shape} ({r['parameters'] / 1e6:.0f}M parameters) {name:8s} {r['ms_per_iteration']:8.0f} "
               f"ms per meta-iteration, MLX peak {r['mlx_peak_mb']:6.0f} MB, {r['max_rss_mb']:6.0f} MB RSS{versus}")

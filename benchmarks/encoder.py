@@ -26,6 +26,12 @@ ENCODER_VARIANTS = {
     "fomaml": ["algorithm=fomaml"],
     "fomaml_mlx_softmax": ["algorithm=fomaml", "model.softmax=mlx"],  # attention with mx.softmax, as before
     "reptile": ["algorithm=reptile"],
+    # two passes at once, each on a CPU stream of its own (two cores for the element-wise work)
+    "fomaml_two_streams": ["algorithm=fomaml", "algorithm.parallel_passes=2"],
+    "maml_task_by_task_checkpointed_two_streams": ["algorithm=maml", "algorithm.tasks_per_pass=1",
+                                                   "algorithm.checkpoint_inner_steps=true",
+                                                   "algorithm.parallel_passes=2"],
+    "reptile_two_streams": ["algorithm=reptile", "algorithm.parallel_passes=2"],
 }
 ENCODER_DEFAULT = "maml_task_by_task,maml_task_by_task_checkpointed,fomaml,reptile"
 
@@ -56,7 +62,9 @@ def encoder_one(variant: str, implementation: str, repeats: int) -> dict:
 
 # ENCODER_VARIANTS with a PyTorch peer: the same computation, task by task where ours is (checkpointed or not)
 PEER_OF = {"maml_task_by_task": "maml_task_by_task", "maml_task_by_task_checkpointed": "maml_task_by_task",
-           "fomaml": "fomaml", "fomaml_mlx_softmax": "fomaml", "reptile": "reptile"}
+           "fomaml": "fomaml", "fomaml_mlx_softmax": "fomaml", "reptile": "reptile",
+           "fomaml_two_streams": "fomaml", "maml_task_by_task_checkpointed_two_streams": "maml_task_by_task",
+           "reptile_two_streams": "reptile"}
 
 
 def encoder_ops(implementation: str, repeats: int = 20) -> dict:
@@ -98,6 +106,46 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
         for _ in range(repeats):
             sync(op())
         results[name] = 1e3 * (time.perf_counter() - start) / repeats
+    return results
+
+
+def encoder_streams(repeats: int) -> dict:
+    """Seconds for the encoder benchmark's 4 FOMAML tasks taken as two halves, on one CPU stream or on two (each
+    half on its own; ``algorithm.parallel_passes=2`` does this in the meta-step): the query loss's forward pass,
+    its gradient, and the whole meta-gradient (5 inner steps, then the query gradient). Each the median of
+    ``repeats`` after one warm-up."""
+    from metapeft.train import as_episodes
+
+    exp, meta, frozen = setup([*ENCODER, *ENCODER_VARIANTS["fomaml"]])
+    b = exp.task.sample("train", 4, 5, np.random.default_rng(0))
+    batch = [mx.array(np.array(a)) for a in (b.xs, b.ys, b.xq, b.yq)]
+    weights, learner = meta["weights"], exp.learner
+    mx.eval(meta, frozen, batch)
+    losses = lambda w, x, y: mx.vmap(lambda a, c: exp.loss(w, frozen, a, c))(x, y).sum()
+    parts = {
+        "forward": lambda h: losses(weights, h[2], h[3]),
+        "gradient": lambda h: mx.grad(losses)(weights, h[2], h[3]),
+        "meta-gradient": lambda h: learner.meta_value_and_grad(meta, frozen, as_episodes(*h)),
+    }
+    halves = [[a[:2] for a in batch], [a[2:] for a in batch]]
+    streams = [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)]
+
+    def on(stream_of_half: list, part):
+        outs = []
+        for half, stream in zip(halves, stream_of_half):
+            with mx.stream(stream):
+                outs.append(part(half))
+        mx.eval(outs)
+
+    results = {}
+    for name, part in parts.items():
+        for label, chosen in (("one stream", [streams[0]] * 2), ("two streams", streams)):
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                on(chosen, part)
+                times.append(time.perf_counter() - start)
+            results[f"{name}, {label}"] = float(np.median(times[1:]))
     return results
 
 

@@ -46,36 +46,43 @@ def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
 
     Returns the loss, the updated meta-parameters and the meta-gradient (AdaLoRA reads its importance from it).
     With ``algorithm.tasks_per_pass`` smaller than the meta-batch, the gradient is taken pass by pass (each pass
-    compiled, evaluated before the next so that its activations are freed) and averaged by tasks. Under
+    compiled, evaluated before the next so that its activations are freed) and averaged by tasks. With
+    ``algorithm.parallel_passes=N``, N passes are evaluated at once, each on a CPU stream of its own (MLX runs a
+    stream's element-wise kernels on one thread); their gradients are summed in pass order. Under
     ``mlx.launch`` each process takes the gradient of its share of the meta-batch and the shares are summed,
     weighted by their sizes (``metapeft.distributed``): every process applies the same update.
     """
     state = [optimizer.state, mx.random.state]  # random state: LoRA's dropout
-    per_pass = learner.cfg.tasks_per_pass
+    per_pass, parallel = learner.cfg.tasks_per_pass, learner.cfg.parallel_passes
 
     def step(meta, frozen, *batch):
         loss, grads = learner.meta_value_and_grad(meta, frozen, as_episodes(*batch))
         return loss, optimizer.apply_gradients(grads, meta), grads
 
-    if per_pass is None and distributed.size() == 1:
+    if per_pass is None and parallel == 1 and distributed.size() == 1:
         return mx.compile(step, inputs=state, outputs=state)
 
     one_pass = mx.compile(lambda meta, frozen, *tasks: learner.meta_value_and_grad(meta, frozen, as_episodes(*tasks)),
                           inputs=[mx.random.state], outputs=[mx.random.state])
     update = mx.compile(optimizer.apply_gradients, inputs=[optimizer.state], outputs=[optimizer.state])
+    streams = [mx.default_stream(mx.default_device())] + [mx.new_stream(mx.default_device())
+                                                          for _ in range(parallel - 1)]
 
     def accumulated_step(meta, frozen, *batch):
         lo, hi = distributed.share(batch[0].shape[0])  # one process: the whole batch
         mine, loss, grads = [a[lo:hi] for a in batch], 0.0, None
-        pass_size = per_pass or hi - lo
-        for first in range(0, hi - lo, pass_size):
-            tasks = [a[first: first + pass_size] for a in mine]
-            share = tasks[0].shape[0] / (hi - lo)
-            pass_loss, pass_grads = one_pass(meta, frozen, *tasks)
-            loss = loss + share * pass_loss
-            grads = utils.tree_map(lambda g: share * g, pass_grads) if grads is None else \
-                utils.tree_map(lambda total, g: total + share * g, grads, pass_grads)
-            mx.eval(loss, grads)
+        pass_size = per_pass or -(-(hi - lo) // parallel)
+        starts = list(range(0, hi - lo, pass_size))
+        for round_start in range(0, len(starts), parallel):  # `parallel` passes at once, one per stream
+            for first, stream in zip(starts[round_start: round_start + parallel], streams):
+                tasks = [a[first: first + pass_size] for a in mine]
+                share = tasks[0].shape[0] / (hi - lo)
+                with mx.stream(stream):
+                    pass_loss, pass_grads = one_pass(meta, frozen, *tasks)
+                loss = loss + share * pass_loss  # summed in pass order whatever finishes first: reproducible
+                grads = utils.tree_map(lambda g: share * g, pass_grads) if grads is None else \
+                    utils.tree_map(lambda total, g: total + share * g, grads, pass_grads)
+            mx.eval(loss, grads)  # frees the round's activations before the next
         loss, grads = distributed.weighted_sum((loss, grads), (hi - lo) / batch[0].shape[0])
         return loss, update(grads, meta), grads
 

@@ -215,10 +215,13 @@ def test_prototype_head_init_starts_every_gradient_based_algorithm_from_the_prot
 
 
 @pytest.mark.parametrize("cls, schema", [(MAML, MAMLConfig), (MetaSGD, MetaSGDConfig), (Reptile, ReptileConfig)])
-@pytest.mark.parametrize("passes", [{"tasks_per_pass": 2}, {"tasks_per_pass": 1, "checkpoint_inner_steps": True}])
+@pytest.mark.parametrize("passes", [{"tasks_per_pass": 2}, {"tasks_per_pass": 1, "checkpoint_inner_steps": True},
+                                    {"parallel_passes": 2},
+                                    {"tasks_per_pass": 1, "checkpoint_inner_steps": True, "parallel_passes": 2}])
 def test_a_meta_batch_taken_in_passes_gives_the_whole_batch_update(cls, schema, passes):
     """3 tasks in passes of 2 + 1 (the single task runs without vmap) or 1 + 1 + 1 with each inner step
-    recomputed in the backward pass: the same loss, meta-gradient and update as all 3 at once."""
+    recomputed in the backward pass, one pass at a time or two at once on two CPU streams: the same loss,
+    meta-gradient and update as all 3 at once."""
     from metapeft.train import compiled_meta_step
 
     weights, episodes, loss = problem()
@@ -243,3 +246,6 @@ def test_checkpointed_inner_steps_need_one_task_per_pass():
     with pytest.raises(ConfigError) as error:
         make(MAML, MAMLConfig, loss, tasks_per_pass=0)
     assert error.value.key == "algorithm.tasks_per_pass"
+    with pytest.raises(ConfigError) as error:
+        make(MAML, MAMLConfig, loss, parallel_passes=0)
+    assert error.value.key == "algorithm.parallel_passes" and ">= 1" in str(error.value)

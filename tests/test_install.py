@@ -10,9 +10,12 @@ import subprocess
 import sys
 import venv
 
+import pytest
+
 from helpers import REPO
 
 
+@pytest.mark.slow
 def test_a_non_editable_install_runs_from_anywhere(tmp_path):
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w",

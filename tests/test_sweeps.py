@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from helpers import REPO, compose_config, run_cli
 from runners.aggregate import main as aggregate
@@ -91,6 +92,7 @@ def test_a_sweep_with_a_long_override_gets_short_stable_job_directories(tmp_path
     assert (again.stdout + again.stderr).count("already completed with these overrides; skipped") == 2
 
 
+@pytest.mark.slow
 def test_a_parallel_sweep_prints_how_many_jobs_are_done_and_a_sequential_one_names_each_bar(tmp_path):
     # small jobs, two at a time, each long enough (300 iterations) that the progress line, polled every second,
     # sees the first pair done before the second

@@ -71,6 +71,10 @@ class AlgorithmConfig:
     # algorithm's (pseudo-)gradient is a mean over tasks). null: the whole meta-batch at once. Fewer tasks per
     # pass hold fewer activations: second-order MAML over a pretrained encoder needs it.
     tasks_per_pass: Optional[int] = None
+    # Passes whose gradients are taken at once, each on a CPU stream of its own: MLX runs a stream's element-wise
+    # kernels on one thread, so two streams use two cores (python -m benchmarks encoder measures it). With
+    # tasks_per_pass null, the meta-batch is split into this many passes. 1: one stream, one pass at a time.
+    parallel_passes: int = 1
     # Recompute each inner step's activations during the meta-gradient instead of keeping them (``mx.checkpoint``):
     # memory for time. MLX cannot vmap it, so it needs tasks_per_pass=1 (one task: no vmap).
     checkpoint_inner_steps: bool = False
@@ -115,6 +119,8 @@ class MetaLearner:
                 "prototypes need a classification task (task=digits or task=image_folder); use head_init=learned")
         require(cfg.tasks_per_pass is None or cfg.tasks_per_pass >= 1, "algorithm.tasks_per_pass",
                 f"must be >= 1 or null (the whole meta-batch), got {cfg.tasks_per_pass}")
+        require(cfg.parallel_passes >= 1, "algorithm.parallel_passes",
+                f"must be >= 1 (1: one pass at a time), got {cfg.parallel_passes}")
         require(not cfg.checkpoint_inner_steps or cfg.tasks_per_pass == 1, "algorithm.checkpoint_inner_steps",
                 "needs algorithm.tasks_per_pass=1: MLX cannot vmap a checkpointed function over tasks")
         require(cfg.meta_learn == MetaLearn.adapter or cfg.backbone_outer_lr > 0, "algorithm.backbone_outer_lr",
