@@ -111,7 +111,8 @@ def resnet12_workloads(args) -> None:
 
 
 def causal_lm_workloads(args) -> None:
-    results = causal_lm.lm_workloads(args.out.parent / "causal_lm", args.shape, args.algorithms, args.repeats)
+    results = causal_lm.lm_workloads(args.out.parent / "causal_lm", args.shape, args.algorithms, args.repeats,
+                                     with_peer=not args.without_peer)
     path = args.out.with_name(f"bench_causal_lm_{args.shape}.json")
     io.write_json(path, {"blas": blas.status(), "shape": causal_lm.SHAPES[args.shape], "workloads": results})
     causal_lm.print_lm(args.shape, results)
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     lm.add_argument("algorithms", nargs="?", default=",".join(causal_lm.ALGORITHMS),
                     help=f"some of {list(causal_lm.ALGORITHMS)}")
     lm.add_argument("--shape", default="0.5b", choices=sorted(causal_lm.SHAPES))
+    lm.add_argument("--without-peer", action="store_true", help="ours alone (where the peer needs more memory)")
     scaling = commands.add_parser("processes", help="meta-iterations per second on 1 and N processes (mlx.launch)")
     scaling.add_argument("names", nargs="?", default=",".join(processes.WORKLOADS),
                          help=f"some of {list(processes.WORKLOADS)}")

@@ -21,15 +21,17 @@ from benchmarks.common import in_own_process, our_compiled_step, setup, timed_st
 from metapeft import io
 from metapeft.backend import mx
 
-SHAPES = {  # Qwen2.5's published configurations (0.5B, 1.5B), and a tiny one for the tests
+SHAPES = {  # Qwen2.5's published configurations (0.5B, 1.5B, 3B), and a tiny one for the tests
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, tie_word_embeddings=True),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, tie_word_embeddings=True),
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, tie_word_embeddings=True),
     "tiny": dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True),
 }
-VOCAB = {"0.5b": 151936, "1.5b": 151936, "tiny": 96}
+VOCAB = {"0.5b": 151936, "1.5b": 151936, "3b": 151936, "tiny": 96}
 ALGORITHMS = {"maml": ["algorithm=maml"], "fomaml": ["algorithm=fomaml"]}
 LENGTH = 128  # tokens per text, the answer and its end token included
 
@@ -76,7 +78,10 @@ def lm_one(directory: Path, shape: str, algorithm: str, implementation: str, rep
     exp, meta, frozen = setup(overrides(model, tasks, algorithm))
     rng = np.random.default_rng(0)
     batches = [exp.task.sample("train", 2, 2, rng) for _ in range(repeats + 1)]
-    result: dict = {"implementation": implementation, "sequence_length": int(batches[0].xs.shape[-1]),
+    from metapeft import blas
+
+    result: dict = {"implementation": implementation, "blas": blas.status(),
+                    "sequence_length": int(batches[0].xs.shape[-1]),
                     "parameters": int(sum(a.size for _, a in mlx_leaves(frozen)))}
     if implementation == "mlx":
         run_step = our_compiled_step(exp, meta, frozen, batches)
@@ -165,7 +170,7 @@ def torch_peer(exp, weights: Path, batches: list, algorithm: str):
     return step, meta_gradient
 
 
-def lm_workloads(directory: Path, shape: str, algorithms: list[str], repeats: int) -> dict:
+def lm_workloads(directory: Path, shape: str, algorithms: list[str], repeats: int, with_peer: bool = True) -> dict:
     """Each algorithm and, where PyTorch, transformers and peft are installed, its peer, each in a process of its
     own; the peer timed only if its first meta-loss equals ours."""
     limit = memory_limit()
@@ -183,7 +188,7 @@ def lm_workloads(directory: Path, shape: str, algorithms: list[str], repeats: in
                     "memory_limit_gib": limit / 2**30, "stderr_tail": done.stderr[-800:]}
         return {**json.loads(done.stdout.splitlines()[-1]), "memory_limit_gib": limit / 2**30}
 
-    has_peer = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
+    has_peer = with_peer and all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
     results = {}
     for algorithm in algorithms:
         results[algorithm] = ours = one(algorithm, "mlx")
