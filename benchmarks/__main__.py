@@ -99,7 +99,7 @@ def encoder_streams(args) -> None:
     results = encoder.encoder_streams(args.repeats)
     io.write_json(args.out.with_name("bench_encoder_streams.json"), {"blas": blas.status(), "seconds": results})
     for name, seconds in results.items():
-        print(f"encoder-streams {name:32s} {seconds:7.2f} s")
+        print(f"encoder-streams {name:48s} {seconds:7.2f} s")
 
 
 def resnet12_workloads(args) -> None:

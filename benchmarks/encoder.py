@@ -110,10 +110,10 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
 
 
 def encoder_streams(repeats: int) -> dict:
-    """Seconds for the encoder benchmark's 4 FOMAML tasks taken as two halves, on one CPU stream or on two (each
-    half on its own; ``algorithm.parallel_passes=2`` does this in the meta-step): the query loss's forward pass,
-    its gradient, and the whole meta-gradient (5 inner steps, then the query gradient). Each the median of
-    ``repeats`` after one warm-up."""
+    """Seconds for the encoder benchmark's 4 FOMAML tasks taken as two halves: on one CPU stream, on two evaluated
+    by one thread, or on two each evaluated by a thread of its own (as ``algorithm.parallel_passes=2`` does): the
+    query loss's forward pass, its gradient, and the whole meta-gradient (5 inner steps, then the query gradient).
+    Each the median of ``repeats`` after one warm-up."""
     from metapeft.train import as_episodes
 
     exp, meta, frozen = setup([*ENCODER, *ENCODER_VARIANTS["fomaml"]])
@@ -127,23 +127,29 @@ def encoder_streams(repeats: int) -> dict:
         "gradient": lambda h: mx.grad(losses)(weights, h[2], h[3]),
         "meta-gradient": lambda h: learner.meta_value_and_grad(meta, frozen, as_episodes(*h)),
     }
+    from metapeft.streams import ParallelStreams
+
     halves = [[a[:2] for a in batch], [a[2:] for a in batch]]
+    mx.eval(halves)
+    threaded = ParallelStreams(2)  # the second stream owned and evaluated by a thread of its own
     streams = [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)]
 
-    def on(stream_of_half: list, part):
+    def on(stream_of_half: list, part, evaluate=mx.eval):
         outs = []
         for half, stream in zip(halves, stream_of_half):
             with mx.stream(stream):
                 outs.append(part(half))
-        mx.eval(outs)
+        evaluate(outs)
 
     results = {}
     for name, part in parts.items():
-        for label, chosen in (("one stream", [streams[0]] * 2), ("two streams", streams)):
+        for label, chosen, evaluate in (("one stream", [streams[0]] * 2, mx.eval),
+                                        ("two streams, one thread", streams, mx.eval),
+                                        ("two streams, a thread each", threaded.streams, threaded.evaluate)):
             times = []
             for _ in range(repeats + 1):
                 start = time.perf_counter()
-                on(chosen, part)
+                on(chosen, part, evaluate)
                 times.append(time.perf_counter() - start)
             results[f"{name}, {label}"] = float(np.median(times[1:]))
     return results

@@ -12,6 +12,7 @@ from metapeft import distributed
 from metapeft.algorithms.base import MetaLearner
 from metapeft.backend import mx, utils
 from metapeft.errors import DivergedError, stop_requested
+from metapeft.streams import ParallelStreams
 from metapeft.tasks.base import Episodes, as_episodes
 
 
@@ -47,8 +48,8 @@ def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
     Returns the loss, the updated meta-parameters and the meta-gradient (AdaLoRA reads its importance from it).
     With ``algorithm.tasks_per_pass`` smaller than the meta-batch, the gradient is taken pass by pass (each pass
     compiled, evaluated before the next so that its activations are freed) and averaged by tasks. With
-    ``algorithm.parallel_passes=N``, N passes are evaluated at once, each on a CPU stream of its own (MLX runs a
-    stream's element-wise kernels on one thread); their gradients are summed in pass order. Under
+    ``algorithm.parallel_passes=N``, N passes are evaluated at once, each on a CPU stream of its own evaluated by a
+    thread of its own (``metapeft.streams``); their gradients are summed in pass order. Under
     ``mlx.launch`` each process takes the gradient of its share of the meta-batch and the shares are summed,
     weighted by their sizes (``metapeft.distributed``): every process applies the same update.
     """
@@ -65,21 +66,31 @@ def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
     one_pass = mx.compile(lambda meta, frozen, *tasks: learner.meta_value_and_grad(meta, frozen, as_episodes(*tasks)),
                           inputs=[mx.random.state], outputs=[mx.random.state])
     update = mx.compile(optimizer.apply_gradients, inputs=[optimizer.state], outputs=[optimizer.state])
-    streams = [mx.default_stream(mx.default_device())] + [mx.new_stream(mx.default_device())
-                                                          for _ in range(parallel - 1)]
+    streams = ParallelStreams(parallel) if parallel > 1 else None
 
     def accumulated_step(meta, frozen, *batch):
         lo, hi = distributed.share(batch[0].shape[0])  # one process: the whole batch
         mine, loss, grads = [a[lo:hi] for a in batch], 0.0, None
         pass_size = per_pass or -(-(hi - lo) // parallel)
         starts = list(range(0, hi - lo, pass_size))
+        if streams is not None:  # a worker's thread cannot evaluate work left on this thread's stream
+            mx.eval(meta, frozen, mine, mx.random.state)
         for round_start in range(0, len(starts), parallel):  # `parallel` passes at once, one per stream
-            for first, stream in zip(starts[round_start: round_start + parallel], streams):
-                tasks = [a[first: first + pass_size] for a in mine]
-                share = tasks[0].shape[0] / (hi - lo)
-                with mx.stream(stream):
-                    pass_loss, pass_grads = one_pass(meta, frozen, *tasks)
-                loss = loss + share * pass_loss  # summed in pass order whatever finishes first: reproducible
+            passes = []
+            for i, first in enumerate(starts[round_start: round_start + parallel]):
+                if streams is None:
+                    tasks = [a[first: first + pass_size] for a in mine]
+                    passes.append((tasks[0].shape[0], one_pass(meta, frozen, *tasks)))
+                    continue
+                with mx.stream(streams.streams[i]):
+                    tasks = [a[first: first + pass_size] for a in mine]
+                    passes.append((tasks[0].shape[0], one_pass(meta, frozen, *tasks)))
+                mx.eval(mx.random.state)  # the next pass's key (dropout), so that no stream waits on another's pass
+            if streams is not None:
+                streams.evaluate([out for _, out in passes])
+            for size, (pass_loss, pass_grads) in passes:  # summed in pass order: reproducible
+                share = size / (hi - lo)
+                loss = loss + share * pass_loss
                 grads = utils.tree_map(lambda g: share * g, pass_grads) if grads is None else \
                     utils.tree_map(lambda total, g: total + share * g, grads, pass_grads)
             mx.eval(loss, grads)  # frees the round's activations before the next
