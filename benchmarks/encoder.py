@@ -114,6 +114,7 @@ def encoder_streams(repeats: int) -> dict:
     by one thread, or on two each evaluated by a thread of its own (as ``algorithm.parallel_passes=2`` does): the
     query loss's forward pass, its gradient, and the whole meta-gradient (5 inner steps, then the query gradient).
     Each the median of ``repeats`` after one warm-up."""
+    from metapeft.streams import ParallelStreams
     from metapeft.train import as_episodes
 
     exp, meta, frozen = setup([*ENCODER, *ENCODER_VARIANTS["fomaml"]])
@@ -127,8 +128,6 @@ def encoder_streams(repeats: int) -> dict:
         "gradient": lambda h: mx.grad(losses)(weights, h[2], h[3]),
         "meta-gradient": lambda h: learner.meta_value_and_grad(meta, frozen, as_episodes(*h)),
     }
-    from metapeft.streams import ParallelStreams
-
     halves = [[a[:2] for a in batch], [a[2:] for a in batch]]
     mx.eval(halves)
     threaded = ParallelStreams(2)  # the second stream owned and evaluated by a thread of its own

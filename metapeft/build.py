@@ -81,6 +81,10 @@ def build(cfg: DictConfig) -> Experiment:
     require(learner.learns_adapter or not peft.needs_meta_learned_adapter, "algorithm.meta_learn",
             f"peft={cfg.peft.name} follows its adapter's meta-gradient, which meta_learn=backbone does not take: "
             "use meta_learn=both")
+    # the random state a pass advances lives on that pass's stream, which other threads cannot evaluate
+    require(cfg.algorithm.parallel_passes == 1 or not cfg.peft.get("dropout"), "algorithm.parallel_passes",
+            f"passes on parallel streams cannot draw LoRA's dropout masks (peft.dropout={cfg.peft.get('dropout')}): "
+            "use algorithm.parallel_passes=1 or peft.dropout=0")
     return experiment
 
 

@@ -1,6 +1,7 @@
 """The meta-training loop: a compiled meta-step, a progress bar, a loss history and a divergence guard."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -74,18 +75,13 @@ def compiled_meta_step(learner: MetaLearner, optimizer) -> Callable:
         pass_size = per_pass or -(-(hi - lo) // parallel)
         starts = list(range(0, hi - lo, pass_size))
         if streams is not None:  # a worker's thread cannot evaluate work left on this thread's stream
-            mx.eval(meta, frozen, mine, mx.random.state)
+            mx.eval(meta, frozen, mine)
         for round_start in range(0, len(starts), parallel):  # `parallel` passes at once, one per stream
             passes = []
             for i, first in enumerate(starts[round_start: round_start + parallel]):
-                if streams is None:
+                with mx.stream(streams.streams[i]) if streams else contextlib.nullcontext():
                     tasks = [a[first: first + pass_size] for a in mine]
                     passes.append((tasks[0].shape[0], one_pass(meta, frozen, *tasks)))
-                    continue
-                with mx.stream(streams.streams[i]):
-                    tasks = [a[first: first + pass_size] for a in mine]
-                    passes.append((tasks[0].shape[0], one_pass(meta, frozen, *tasks)))
-                mx.eval(mx.random.state)  # the next pass's key (dropout), so that no stream waits on another's pass
             if streams is not None:
                 streams.evaluate([out for _, out in passes])
             for size, (pass_loss, pass_grads) in passes:  # summed in pass order: reproducible

@@ -37,3 +37,13 @@ def test_a_failure_on_a_worker_stream_is_raised_to_the_caller(monkeypatch):
     with pytest.raises(ValueError, match="worker's evaluation failed"):
         parallel.evaluate([mx.array(1.0), "broken"])
     parallel.evaluate([mx.array(1.0), mx.array(2.0)])  # the worker goes on after a failure
+
+
+def test_parallel_passes_with_lora_dropout_are_refused_naming_the_key(compose_cfg):
+    from metapeft.build import build
+    from metapeft.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        build(compose_cfg("task=sinusoid", "peft=lora", "peft.dropout=0.1", "algorithm.parallel_passes=2"))
+    assert error.value.key == "algorithm.parallel_passes" and "peft.dropout=0" in str(error.value)
+    build(compose_cfg("task=sinusoid", "peft=lora", "algorithm.parallel_passes=2"))  # no dropout: accepted

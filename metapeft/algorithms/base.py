@@ -71,9 +71,10 @@ class AlgorithmConfig:
     # algorithm's (pseudo-)gradient is a mean over tasks). null: the whole meta-batch at once. Fewer tasks per
     # pass hold fewer activations: second-order MAML over a pretrained encoder needs it.
     tasks_per_pass: Optional[int] = None
-    # Passes whose gradients are taken at once, each on a CPU stream of its own: MLX runs a stream's element-wise
-    # kernels on one thread, so two streams use two cores (python -m benchmarks encoder measures it). With
-    # tasks_per_pass null, the meta-batch is split into this many passes. 1: one stream, one pass at a time.
+    # Passes whose gradients are taken at once, each on a CPU stream and thread of its own (metapeft.streams): MLX
+    # runs a stream's element-wise kernels on one thread, so two streams can use two cores. It paid only with one
+    # BLAS thread a stream (METAPEFT_BLAS_THREADS=1; docs/performance.md, "Two CPU streams"). With tasks_per_pass
+    # null, the meta-batch is split into this many passes. 1: one pass at a time.
     parallel_passes: int = 1
     # Recompute each inner step's activations during the meta-gradient instead of keeping them (``mx.checkpoint``):
     # memory for time. MLX cannot vmap it, so it needs tasks_per_pass=1 (one task: no vmap).
