@@ -32,6 +32,10 @@ ENCODER_VARIANTS = {
                                                    "algorithm.checkpoint_inner_steps=true",
                                                    "algorithm.parallel_passes=2"],
     "reptile_two_streams": ["algorithm=reptile", "algorithm.parallel_passes=2"],
+    # one task a pass: no vmap, so no scalar constant becomes a broadcast input of a fused kernel
+    "fomaml_task_by_task": ["algorithm=fomaml", "algorithm.tasks_per_pass=1"],
+    "fomaml_task_by_task_two_streams": ["algorithm=fomaml", "algorithm.tasks_per_pass=1",
+                                        "algorithm.parallel_passes=2"],
 }
 ENCODER_DEFAULT = "maml_task_by_task,maml_task_by_task_checkpointed,fomaml,reptile"
 
@@ -64,25 +68,33 @@ def encoder_one(variant: str, implementation: str, repeats: int) -> dict:
 PEER_OF = {"maml_task_by_task": "maml_task_by_task", "maml_task_by_task_checkpointed": "maml_task_by_task",
            "fomaml": "fomaml", "fomaml_mlx_softmax": "fomaml", "reptile": "reptile",
            "fomaml_two_streams": "fomaml", "maml_task_by_task_checkpointed_two_streams": "maml_task_by_task",
-           "reptile_two_streams": "reptile"}
+           "reptile_two_streams": "reptile",
+           "fomaml_task_by_task": "fomaml", "fomaml_task_by_task_two_streams": "fomaml"}
 
 
 def encoder_ops(implementation: str, repeats: int = 20) -> dict:
     """Milliseconds per call of the encoder's largest operations at the encoder benchmark's shapes (25 texts of 39
     tokens, MiniLM's widths), in MLX (compiled, as in the meta-step) or PyTorch (eager, its own threads); the
-    softmax twice in MLX, ``mx.softmax`` and the encoder's polynomial one (``model.softmax``)."""
+    softmax twice in MLX, ``mx.softmax`` and the encoder's polynomial one (``model.softmax``); GELU with its
+    gradient; and GELU over a meta-batch of 4 tasks, vmapped (as a meta-step with several tasks a pass computes it)
+    and as one array (PyTorch: one array both times)."""
     rng = np.random.default_rng(0)
-    shapes = {"x": (975, 384), "w": (384, 1536), "h": (975, 1536), "scores": (25, 12, 39, 39)}
+    shapes = {"x": (975, 384), "w": (384, 1536), "h": (975, 1536), "scores": (25, 12, 39, 39),
+              "tasks": (4, 975, 1536)}
     data = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
     if implementation == "mlx":
         from metapeft.models.hf_encoder import gelu
         from metapeft.models.softmax import softmax as polynomial_softmax
 
-        x, w, h, scores = (mx.array(data[n]) for n in ("x", "w", "h", "scores"))
-        scale, bias = mx.ones((384,)), mx.zeros((384,))
+        x, w, h, scores, tasks = (mx.array(data[n]) for n in ("x", "w", "h", "scores", "tasks"))
+        scale, bias, cotangent = mx.ones((384,)), mx.zeros((384,)), mx.ones_like(h)
         compiled_gelu, softmax = mx.compile(gelu), mx.compile(lambda s: mx.softmax(s, axis=-1))
-        ours_softmax = mx.compile(polynomial_softmax)
+        ours_softmax, vmapped_gelu = mx.compile(polynomial_softmax), mx.compile(mx.vmap(gelu))
+        gelu_and_gradient = mx.compile(lambda h, c: mx.vjp(gelu, [h], [c]))
         ops = {"matmul (975x384 @ 384x1536)": lambda: x @ w, "GELU (975x1536)": lambda: compiled_gelu(h),
+               "GELU and its gradient": lambda: gelu_and_gradient(h, cotangent),
+               "GELU, 4 tasks vmapped": lambda: vmapped_gelu(tasks),
+               "GELU, 4 tasks as one array": lambda: compiled_gelu(tasks),
                "softmax (25x12x39x39)": lambda: softmax(scores),
                "softmax, polynomial exp": lambda: ours_softmax(scores),
                "layer norm (975x384)": lambda: mx.fast.layer_norm(x, scale, bias, 1e-12),
@@ -91,9 +103,18 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
     else:
         import torch
 
-        x, w, h, scores = (torch.from_numpy(data[n]) for n in ("x", "w", "h", "scores"))
-        scale, bias = torch.ones(384), torch.zeros(384)
-        ops = {"matmul (975x384 @ 384x1536)": lambda: x @ w, "GELU (975x1536)": lambda: torch.nn.functional.gelu(h),
+        x, w, h, scores, tasks = (torch.from_numpy(data[n]) for n in ("x", "w", "h", "scores", "tasks"))
+        scale, bias, cotangent = torch.ones(384), torch.zeros(384), torch.ones_like(h)
+        gelu = torch.nn.functional.gelu
+
+        def gelu_and_gradient():
+            leaf = h.detach().requires_grad_()
+            out = gelu(leaf)
+            return out, torch.autograd.grad(out, leaf, cotangent)
+
+        ops = {"matmul (975x384 @ 384x1536)": lambda: x @ w, "GELU (975x1536)": lambda: gelu(h),
+               "GELU and its gradient": gelu_and_gradient,
+               "GELU, 4 tasks vmapped": lambda: gelu(tasks), "GELU, 4 tasks as one array": lambda: gelu(tasks),
                "softmax (25x12x39x39)": lambda: torch.softmax(scores, -1),
                "softmax, polynomial exp": lambda: torch.softmax(scores, -1),  # PyTorch's own, beside ours
                "layer norm (975x384)": lambda: torch.nn.functional.layer_norm(x, (384,), scale, bias, 1e-12),

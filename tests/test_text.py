@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten, tree_map
 from helpers import REPO, run_cli, text_classes, tiny_bert, write_text_csv
 from metapeft.build import build, initial_state
 from metapeft.errors import ConfigError
-from metapeft.models.hf_encoder import HFEncoder, HFEncoderConfig, erf, from_hf_names, to_hf_names
+from metapeft.models.hf_encoder import HFEncoder, HFEncoderConfig, erf, from_hf_names, gelu, to_hf_names
 from metapeft.peft.targets import target_layers
 from metapeft.trees import path_name
 
@@ -82,6 +82,27 @@ def test_fast_erf_is_accurate_and_finite_with_its_derivatives():
     far = mx.array(np.array([-1e4, -30.0, 30.0, 1e4], dtype=np.float32))
     second = mx.grad(lambda v: mx.grad(lambda u: erf(u).sum())(v).sum())(far)
     assert np.isfinite(np.array(second)).all()
+
+
+def test_gelu_given_derivative_is_the_traced_one_first_and_second_order():
+    """GELU's derivative is written out (``gelu_vjp``); it must be the derivative autodiff traces through the same
+    forward, to float64 rounding, so MAML's second-order meta-gradient is unchanged; also under vmap and past the
+    clamp of erf (|x| > 6 sqrt 2)."""
+    traced = lambda x: 0.5 * x * (1.0 + erf(x * (1.0 / np.sqrt(2.0))))
+    with mx.stream(mx.cpu):
+        x = mx.array(np.concatenate([np.linspace(-12, 12, 2001), [0.0, -9.5, 9.5]])).astype(mx.float64)
+        for f in (lambda v: v.sum(), lambda v: (v ** 2).sum()):
+            first = [np.array(mx.grad(lambda u: f(g(u)))(x)) for g in (gelu, traced)]
+            np.testing.assert_allclose(*first, rtol=1e-12, atol=1e-14)
+            second = [np.array(mx.grad(lambda w: mx.grad(lambda u: f(g(u)))(w).sum())(x)) for g in (gelu, traced)]
+            # at x = 0 exactly the traced second derivative is 0 (MLX's derivative of |x| there is sign(0) = 0)
+            # and the given one is half the true 2 phi(0); an activation of exactly 0 is the only place they differ
+            nonzero = np.array(x) != 0
+            np.testing.assert_allclose(second[0][nonzero], second[1][nonzero], rtol=1e-10, atol=1e-12)
+        tasks = x[:2000].reshape(4, 500)
+        vmapped = [np.array(mx.vmap(mx.grad(lambda u: (g(u) ** 2).sum()))(tasks)) for g in (gelu, traced)]
+        np.testing.assert_allclose(*vmapped, rtol=1e-12, atol=1e-14)
+        np.testing.assert_array_equal(np.array(gelu(x)), np.array(traced(x)))  # the forward is the same computation
 
 
 def test_hugging_face_names_round_trip(bert_dir):

@@ -24,12 +24,23 @@ LOG2_E = 1.4426950408889634
 LN2_HIGH, LN2_LOW = 0.693145751953125, 1.428606765330187e-06  # ln 2 = HIGH + LOW; HIGH has 12 significant bits
 TAYLOR = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720)  # e^r = sum r^k / k!, k <= 6
 SMALLEST_EXPONENT = -87.0  # e^-87 = 1.6e-38, just above float32's smallest normal number
+# (t + 1.5 * 2^p) - 1.5 * 2^p is t rounded to the nearest integer when the float has p fraction bits and |t| < 2^(p-1):
+# the sum's spacing is 1
+ROUNDING = {mx.float32: 1.5 * 2**23, mx.float64: 1.5 * 2**52}
+
+
+def nearest_integer(t: mx.array) -> mx.array:
+    """t rounded to the nearest integer, from a sum and a difference: ``mx.floor`` is a libm call an element in
+    MLX's compiled CPU kernels (where the rounding constant is unknown for the dtype, it is used all the same)."""
+    if t.dtype not in ROUNDING:
+        return mx.floor(t + 0.5)
+    return (t + ROUNDING[t.dtype]) - ROUNDING[t.dtype]
 
 
 def exp_nonpositive(x: mx.array) -> mx.array:
     """e^x for x <= 0 (what softmax needs after subtracting the maximum); below -87 it is e^-87, not 0."""
     x = mx.maximum(x, SMALLEST_EXPONENT)
-    n = mx.stop_gradient(mx.floor(x * LOG2_E + 0.5))
+    n = mx.stop_gradient(nearest_integer(x * LOG2_E))
     r = (x - n * LN2_HIGH) - n * LN2_LOW
     polynomial = TAYLOR[-1]
     for coefficient in reversed(TAYLOR[:-1]):
