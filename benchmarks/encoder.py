@@ -76,14 +76,14 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
     """Milliseconds per call of the encoder's largest operations at the encoder benchmark's shapes (25 texts of 39
     tokens, MiniLM's widths), in MLX (compiled, as in the meta-step) or PyTorch (eager, its own threads); the
     softmax twice in MLX, ``mx.softmax`` and the encoder's polynomial one (``model.softmax``); GELU with its
-    gradient; and GELU over a meta-batch of 4 tasks, vmapped (as a meta-step with several tasks a pass computes it)
+    gradient, given (the model's) and traced through the forward; and GELU over a meta-batch of 4 tasks, vmapped (as a meta-step with several tasks a pass computes it)
     and as one array (PyTorch: one array both times)."""
     rng = np.random.default_rng(0)
     shapes = {"x": (975, 384), "w": (384, 1536), "h": (975, 1536), "scores": (25, 12, 39, 39),
               "tasks": (4, 975, 1536)}
     data = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
     if implementation == "mlx":
-        from metapeft.models.hf_encoder import gelu
+        from metapeft.models.hf_encoder import SQRT_HALF, erf, gelu
         from metapeft.models.softmax import softmax as polynomial_softmax
 
         x, w, h, scores, tasks = (mx.array(data[n]) for n in ("x", "w", "h", "scores", "tasks"))
@@ -91,8 +91,10 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
         compiled_gelu, softmax = mx.compile(gelu), mx.compile(lambda s: mx.softmax(s, axis=-1))
         ours_softmax, vmapped_gelu = mx.compile(polynomial_softmax), mx.compile(mx.vmap(gelu))
         gelu_and_gradient = mx.compile(lambda h, c: mx.vjp(gelu, [h], [c]))
+        traced = mx.compile(lambda h, c: mx.vjp(lambda x: 0.5 * x * (1.0 + erf(x * SQRT_HALF)), [h], [c]))
         ops = {"matmul (975x384 @ 384x1536)": lambda: x @ w, "GELU (975x1536)": lambda: compiled_gelu(h),
                "GELU and its gradient": lambda: gelu_and_gradient(h, cotangent),
+               "GELU and its gradient, traced": lambda: traced(h, cotangent),
                "GELU, 4 tasks vmapped": lambda: vmapped_gelu(tasks),
                "GELU, 4 tasks as one array": lambda: compiled_gelu(tasks),
                "softmax (25x12x39x39)": lambda: softmax(scores),
@@ -113,7 +115,7 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
             return out, torch.autograd.grad(out, leaf, cotangent)
 
         ops = {"matmul (975x384 @ 384x1536)": lambda: x @ w, "GELU (975x1536)": lambda: gelu(h),
-               "GELU and its gradient": gelu_and_gradient,
+               "GELU and its gradient": gelu_and_gradient, "GELU and its gradient, traced": gelu_and_gradient,
                "GELU, 4 tasks vmapped": lambda: gelu(tasks), "GELU, 4 tasks as one array": lambda: gelu(tasks),
                "softmax (25x12x39x39)": lambda: torch.softmax(scores, -1),
                "softmax, polynomial exp": lambda: torch.softmax(scores, -1),  # PyTorch's own, beside ours
