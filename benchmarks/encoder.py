@@ -90,6 +90,8 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
         scale, bias, cotangent = mx.ones((384,)), mx.zeros((384,)), mx.ones_like(h)
         compiled_gelu, softmax = mx.compile(gelu), mx.compile(lambda s: mx.softmax(s, axis=-1))
         ours_softmax, vmapped_gelu = mx.compile(polynomial_softmax), mx.compile(mx.vmap(gelu))
+        softmax_and_gradient = mx.compile(lambda s, c: mx.vjp(polynomial_softmax, [s], [c]))
+        score_cotangent = mx.array(rng.normal(size=shapes["scores"]).astype(np.float32))
         gelu_and_gradient = mx.compile(lambda h, c: mx.vjp(gelu, [h], [c]))
         traced = mx.compile(lambda h, c: mx.vjp(lambda x: 0.5 * x * (1.0 + erf(x * SQRT_HALF)), [h], [c]))
         ops = {"matmul (975x384 @ 384x1536)": lambda: x @ w, "GELU (975x1536)": lambda: compiled_gelu(h),
@@ -99,6 +101,7 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
                "GELU, 4 tasks as one array": lambda: compiled_gelu(tasks),
                "softmax (25x12x39x39)": lambda: softmax(scores),
                "softmax, polynomial exp": lambda: ours_softmax(scores),
+               "softmax, polynomial exp, and its gradient": lambda: softmax_and_gradient(scores, score_cotangent),
                "layer norm (975x384)": lambda: mx.fast.layer_norm(x, scale, bias, 1e-12),
                "add (975x1536)": lambda: h + h}
         sync = mx.eval
@@ -114,11 +117,19 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
             out = gelu(leaf)
             return out, torch.autograd.grad(out, leaf, cotangent)
 
+        score_cotangent = torch.from_numpy(rng.normal(size=shapes["scores"]).astype(np.float32))
+
+        def softmax_and_gradient():
+            leaf = scores.detach().requires_grad_()
+            out = torch.softmax(leaf, -1)
+            return out, torch.autograd.grad(out, leaf, score_cotangent)
+
         ops = {"matmul (975x384 @ 384x1536)": lambda: x @ w, "GELU (975x1536)": lambda: gelu(h),
                "GELU and its gradient": gelu_and_gradient, "GELU and its gradient, traced": gelu_and_gradient,
                "GELU, 4 tasks vmapped": lambda: gelu(tasks), "GELU, 4 tasks as one array": lambda: gelu(tasks),
                "softmax (25x12x39x39)": lambda: torch.softmax(scores, -1),
                "softmax, polynomial exp": lambda: torch.softmax(scores, -1),  # PyTorch's own, beside ours
+               "softmax, polynomial exp, and its gradient": softmax_and_gradient,
                "layer norm (975x384)": lambda: torch.nn.functional.layer_norm(x, (384,), scale, bias, 1e-12),
                "add (975x1536)": lambda: h + h}
         sync = lambda out: None

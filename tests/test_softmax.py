@@ -52,3 +52,28 @@ def test_the_encoder_gives_the_same_embeddings_with_either_softmax(tmp_path):
     ids = mx.array(encoders["mlx"].tokenize(["abc def", "ghij", "a b c d e f"]))
     polynomial, reference = (np.array(encoders[k].features(params, ids)) for k in ("polynomial", "mlx"))
     np.testing.assert_allclose(polynomial, reference, atol=1e-5)
+
+
+def test_given_derivative_of_exp_is_the_traced_one_first_and_second_order():
+    """``exp_nonpositive``'s derivative is written out (``exp_nonpositive_vjp``); it must be the derivative autodiff
+    traces through the same polynomial, to float64 rounding, at first and second order, under vmap, and where x is
+    clamped at -87 (derivative 0)."""
+    from metapeft.models.softmax import power_of_two, reduced, taylor
+
+    def traced(x):
+        _, n, r = reduced(x)
+        return taylor(r, 6) * power_of_two(n)
+
+    with mx.stream(mx.cpu):
+        x = mx.array(np.concatenate([np.linspace(-100.0, 0.0, 4001), [-87.0, -87.5]])).astype(mx.float64)
+        np.testing.assert_array_equal(np.array(exp_nonpositive(x)), np.array(traced(x)))
+        for f in (lambda v: v.sum(), lambda v: (v ** 2).sum()):
+            first = [np.array(mx.grad(lambda u: f(e(u)))(x)) for e in (exp_nonpositive, traced)]
+            np.testing.assert_allclose(*first, rtol=1e-12, atol=1e-300)
+            second = [np.array(mx.grad(lambda w: mx.grad(lambda u: f(e(u)))(w).sum())(x)) for e in (exp_nonpositive,
+                                                                                                  traced)]
+            np.testing.assert_allclose(*second, rtol=1e-12, atol=1e-300)
+        assert np.array(mx.grad(lambda u: exp_nonpositive(u).sum())(mx.array([-90.0, -1e9])) == 0).all()
+        tasks = x[:4000].reshape(4, 1000)
+        vmapped = [np.array(mx.vmap(mx.grad(lambda u: (e(u) ** 2).sum()))(tasks)) for e in (exp_nonpositive, traced)]
+        np.testing.assert_allclose(*vmapped, rtol=1e-12, atol=1e-300)
