@@ -75,9 +75,10 @@ PEER_OF = {"maml_task_by_task": "maml_task_by_task", "maml_task_by_task_checkpoi
 def encoder_ops(implementation: str, repeats: int = 20) -> dict:
     """Milliseconds per call of the encoder's largest operations at the encoder benchmark's shapes (25 texts of 39
     tokens, MiniLM's widths), in MLX (compiled, as in the meta-step) or PyTorch (eager, its own threads); the
-    softmax twice in MLX, ``mx.softmax`` and the encoder's polynomial one (``model.softmax``); GELU with its
-    gradient, given (the model's) and traced through the forward; and GELU over a meta-batch of 4 tasks, vmapped (as a meta-step with several tasks a pass computes it)
-    and as one array (PyTorch: one array both times)."""
+    softmax twice in MLX, ``mx.softmax`` and the encoder's polynomial one (``model.softmax``), and the polynomial
+    one with its gradient; GELU with its gradient, given (the model's) and traced through the forward; and GELU over
+    a meta-batch of 4 tasks, vmapped (as a meta-step with several tasks a pass computes it) and as one array
+    (PyTorch: one array both times)."""
     rng = np.random.default_rng(0)
     shapes = {"x": (975, 384), "w": (384, 1536), "h": (975, 1536), "scores": (25, 12, 39, 39),
               "tasks": (4, 975, 1536)}
