@@ -55,7 +55,7 @@ def test_the_encoder_gives_the_same_embeddings_with_either_softmax(tmp_path):
 
 
 def test_given_derivative_of_exp_is_the_traced_one_first_and_second_order():
-    """``exp_nonpositive``'s derivative is written out (``exp_nonpositive_vjp``); it must be the derivative autodiff
+    """``exp_nonpositive``'s derivative is written out (``exp_slope``); it must be the derivative autodiff
     traces through the same polynomial, to float64 rounding, at first and second order, under vmap, and where x is
     clamped at -87 (derivative 0)."""
     from metapeft.models.softmax import power_of_two, reduced, taylor

@@ -85,7 +85,7 @@ def test_fast_erf_is_accurate_and_finite_with_its_derivatives():
 
 
 def test_gelu_given_derivative_is_the_traced_one_first_and_second_order():
-    """GELU's derivative is written out (``gelu_vjp``); it must be the derivative autodiff traces through the same
+    """GELU's derivative is written out (``gelu_slope``); it must be the derivative autodiff traces through the same
     forward, to float64 rounding, so MAML's second-order meta-gradient is unchanged; also under vmap and past the
     clamp of erf (|x| > 6 sqrt 2)."""
     traced = lambda x: 0.5 * x * (1.0 + erf(x * (1.0 / np.sqrt(2.0))))

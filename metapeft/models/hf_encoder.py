@@ -28,6 +28,7 @@ import numpy as np
 
 from metapeft.backend import mx
 from metapeft.errors import ConfigError, require
+from metapeft.models.given_derivative import GivenDerivative
 from metapeft.models.hf_files import REQUIRED_FILES, model_directory
 from metapeft.models.layers import Backbone, init_linear, with_prefix
 from metapeft.models.softmax import SoftmaxKind, attention_softmax
@@ -265,21 +266,18 @@ def erf_slope(x: mx.array) -> mx.array:
     return mx.where(mx.abs(x) < 6.0, 16.0 * p_slope / (p8 * p8 * p), 0.0)
 
 
-@mx.custom_function
-def gelu(x: mx.array) -> mx.array:
-    """BERT's exact GELU (``hidden_act: gelu``), x * Phi(x), with ``erf`` above (|error| < 2e-6 in float32).
-
-    Its derivative is given rather than traced: traced, the backward pass reads every intermediate value of the
-    polynomial (17 arrays the size of the activation, in MLX's fused kernels), given, it reads x alone and is 3.5
-    times faster (``python -m benchmarks encoder-ops``). It is the same function's derivative, to float64 rounding,
-    first and second order (tested), so MAML's second-order meta-gradient is unchanged."""
-    return 0.5 * x * (1.0 + erf(x * SQRT_HALF))
+def gelu_slope(x: mx.array) -> mx.array:
+    """The derivative of GELU as computed here (``erf`` above, through ``erf_slope``)."""
+    return 0.5 * (1.0 + erf(x * SQRT_HALF)) + 0.5 * SQRT_HALF * x * erf_slope(x * SQRT_HALF)
 
 
-@gelu.vjp
-def gelu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
-    # a function of one array: MLX passes the array, its cotangent and the output themselves, not in tuples
-    return cotangent * (0.5 * (1.0 + erf(x * SQRT_HALF)) + 0.5 * SQRT_HALF * x * erf_slope(x * SQRT_HALF))
+gelu = GivenDerivative(lambda x: 0.5 * x * (1.0 + erf(x * SQRT_HALF)), gelu_slope)
+gelu.__doc__ = """BERT's exact GELU (``hidden_act: gelu``), x * Phi(x), with ``erf`` above (|error| < 2e-6 in float32).
+
+Its derivative is given (``gelu_slope``) rather than traced: traced, the backward pass reads every intermediate
+array of the polynomial (17 the size of the activation, in MLX's fused kernels); given, it reads x alone
+(``python -m benchmarks encoder-ops``, GELU and its gradient). It is the same function's derivative, to float64
+rounding, first and second order (tested), so MAML's second-order meta-gradient is unchanged."""
 
 
 # Hugging Face's parameter names -> this model's: linear weights transposed, LayerNorm weight -> scale.

@@ -14,6 +14,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from metapeft.backend import mx
+from metapeft.models.given_derivative import GivenDerivative
 
 
 class SoftmaxKind(StrEnum):
@@ -24,17 +25,17 @@ LOG2_E = 1.4426950408889634
 LN2_HIGH, LN2_LOW = 0.693145751953125, 1.428606765330187e-06  # ln 2 = HIGH + LOW; HIGH has 12 significant bits
 TAYLOR = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720)  # e^r = sum r^k / k!, k <= 6
 SMALLEST_EXPONENT = -87.0  # e^-87 = 1.6e-38, just above float32's smallest normal number
-# (t + 1.5 * 2^p) - 1.5 * 2^p is t rounded to the nearest integer when the float has p fraction bits and |t| < 2^(p-1):
-# the sum's spacing is 1
-ROUNDING = {mx.float32: 1.5 * 2**23, mx.float64: 1.5 * 2**52}
 
 
 def nearest_integer(t: mx.array) -> mx.array:
-    """t rounded to the nearest integer, from a sum and a difference: ``mx.floor`` is a libm call an element in
-    MLX's compiled CPU kernels (where the rounding constant is unknown for the dtype, it is used all the same)."""
-    if t.dtype not in ROUNDING:
+    """t rounded to the nearest integer, from a sum and a difference: (t + 1.5 * 2^p) - 1.5 * 2^p, where the float
+    has p fraction bits and |t| < 2^(p-1), since the sum's spacing is 1. ``mx.floor`` is a libm call an element in
+    MLX's compiled CPU kernels; it is used for other dtypes."""
+    fraction_bits = {mx.float32: 23, mx.float64: 52}.get(t.dtype)
+    if fraction_bits is None:
         return mx.floor(t + 0.5)
-    return (t + ROUNDING[t.dtype]) - ROUNDING[t.dtype]
+    rounding = 1.5 * 2**fraction_bits
+    return (t + rounding) - rounding
 
 
 def reduced(x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
@@ -58,22 +59,23 @@ def power_of_two(n: mx.array) -> mx.array:
     return mx.stop_gradient(mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32))
 
 
-@mx.custom_function
-def exp_nonpositive(x: mx.array) -> mx.array:
-    """e^x for x <= 0 (what softmax needs after subtracting the maximum); below -87 it is e^-87, not 0.
+def exp_slope(x: mx.array) -> mx.array:
+    """The derivative of ``exp_nonpositive``: d/dx of taylor(r, 6) 2^n is taylor(r, 5) 2^n (dr/dx = 1, n constant),
+    and 0 where x was clamped."""
+    _, n, r = reduced(x)
+    return mx.where(x > SMALLEST_EXPONENT, taylor(r, 5) * power_of_two(n), 0.0)
 
-    Its derivative is given rather than traced (``exp_nonpositive_vjp``), as GELU's is: traced, the backward pass
-    reads the polynomial's intermediate arrays; given, it reads x alone. It is the derivative of this polynomial,
-    not of e^x: first and second order equal to the traced ones to float64 rounding (tested)."""
-    x, n, r = reduced(x)
+
+def _exp_polynomial(x: mx.array) -> mx.array:
+    _, n, r = reduced(x)
     return taylor(r, 6) * power_of_two(n)
 
 
-@exp_nonpositive.vjp
-def exp_nonpositive_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
-    # d/dx of taylor(r, 6) 2^n is taylor(r, 5) 2^n (dr/dx = 1, n constant), and 0 where x was clamped
-    clamped, n, r = reduced(x)
-    return cotangent * mx.where(x > SMALLEST_EXPONENT, taylor(r, 5) * power_of_two(n), 0.0)
+exp_nonpositive = GivenDerivative(_exp_polynomial, exp_slope)
+exp_nonpositive.__doc__ = """e^x for x <= 0 (what softmax needs after subtracting the maximum); below -87 it is
+e^-87, not 0. Its derivative is given (``exp_slope``), as GELU's is: traced, the backward pass reads the polynomial's
+intermediate arrays; given, it reads x alone. It is the derivative of this polynomial, not of e^x: first and second
+order equal to the traced ones to float64 rounding (tested)."""
 
 
 def attention_softmax(kind: SoftmaxKind):
