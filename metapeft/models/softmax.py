@@ -38,11 +38,11 @@ def nearest_integer(t: mx.array) -> mx.array:
     return (t + rounding) - rounding
 
 
-def reduced(x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """x clamped at -87, and n, r with x = n ln 2 + r, |r| <= ln 2 / 2, n an integer (as a float)."""
+def reduced(x: mx.array) -> tuple[mx.array, mx.array]:
+    """n, r with max(x, -87) = n ln 2 + r, |r| <= ln 2 / 2, n an integer (as a float)."""
     x = mx.maximum(x, SMALLEST_EXPONENT)
     n = mx.stop_gradient(nearest_integer(x * LOG2_E))
-    return x, n, (x - n * LN2_HIGH) - n * LN2_LOW
+    return n, (x - n * LN2_HIGH) - n * LN2_LOW
 
 
 def taylor(r: mx.array, degree: int) -> mx.array:
@@ -62,12 +62,12 @@ def power_of_two(n: mx.array) -> mx.array:
 def exp_slope(x: mx.array) -> mx.array:
     """The derivative of ``exp_nonpositive``: d/dx of taylor(r, 6) 2^n is taylor(r, 5) 2^n (dr/dx = 1, n constant),
     and 0 where x was clamped."""
-    _, n, r = reduced(x)
+    n, r = reduced(x)
     return mx.where(x > SMALLEST_EXPONENT, taylor(r, 5) * power_of_two(n), 0.0)
 
 
 def _exp_polynomial(x: mx.array) -> mx.array:
-    _, n, r = reduced(x)
+    n, r = reduced(x)
     return taylor(r, 6) * power_of_two(n)
 
 
