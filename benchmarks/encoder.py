@@ -10,28 +10,29 @@ import time
 
 import numpy as np
 
-from benchmarks.common import in_own_process, our_compiled_step, peer_spec, setup, timed_steps
+from benchmarks.common import compose_workload, in_own_process, our_compiled_step, peer_spec, setup, timed_steps
 from metapeft.backend import mx, utils
 
 # second-order MAML + LoRA over the pretrained encoder: meta-batch 4, 5 inner steps, 5-way 5-shot,
 # 64 tokens per text; FOMAML and Reptile beside it.
 ENCODER = ["model=hf_encoder", "task=text", "peft=lora", "algorithm.meta_batch_size=4", "algorithm.num_inner_steps=5",
            "shots.train=5", "model.max_length=64"]
+VMAPPED = "algorithm.tasks_per_pass=null"  # the 4 tasks vmapped in one pass (the encoder's default is one task a pass)
 ENCODER_VARIANTS = {
     # all 4 tasks vmapped at once: killed by the out-of-memory killer at 24 GB; run only when named
-    "maml": ["algorithm=maml"],
+    "maml": ["algorithm=maml", VMAPPED],
     "maml_task_by_task": ["algorithm=maml", "algorithm.tasks_per_pass=1"],
     "maml_task_by_task_checkpointed": ["algorithm=maml", "algorithm.tasks_per_pass=1",
                                        "algorithm.checkpoint_inner_steps=true"],
-    "fomaml": ["algorithm=fomaml"],
-    "fomaml_mlx_softmax": ["algorithm=fomaml", "model.softmax=mlx"],  # attention with mx.softmax, as before
-    "reptile": ["algorithm=reptile"],
+    "fomaml": ["algorithm=fomaml", VMAPPED],
+    "fomaml_mlx_softmax": ["algorithm=fomaml", VMAPPED, "model.softmax=mlx"],  # attention with mx.softmax, as before
+    "reptile": ["algorithm=reptile", VMAPPED],
     # two passes at once, each on a CPU stream of its own (two cores for the element-wise work)
-    "fomaml_two_streams": ["algorithm=fomaml", "algorithm.parallel_passes=2"],
+    "fomaml_two_streams": ["algorithm=fomaml", VMAPPED, "algorithm.parallel_passes=2"],
     "maml_task_by_task_checkpointed_two_streams": ["algorithm=maml", "algorithm.tasks_per_pass=1",
                                                    "algorithm.checkpoint_inner_steps=true",
                                                    "algorithm.parallel_passes=2"],
-    "reptile_two_streams": ["algorithm=reptile", "algorithm.parallel_passes=2"],
+    "reptile_two_streams": ["algorithm=reptile", VMAPPED, "algorithm.parallel_passes=2"],
     # one task a pass: no vmap, so no scalar constant becomes a broadcast input of a fused kernel
     "fomaml_task_by_task": ["algorithm=fomaml", "algorithm.tasks_per_pass=1"],
     "fomaml_task_by_task_two_streams": ["algorithm=fomaml", "algorithm.tasks_per_pass=1",
@@ -78,7 +79,9 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
     softmax twice in MLX, ``mx.softmax`` and the encoder's polynomial one (``model.softmax``), and the polynomial
     one with its gradient; GELU with its gradient, given (the model's) and traced through the forward; and GELU over
     a meta-batch of 4 tasks, vmapped (as a meta-step with several tasks a pass computes it) and as one array
-    (PyTorch: one array both times)."""
+    (PyTorch: one array both times), the last also with MLX's CPU buffer cache at 1 GiB instead of its 32 MiB
+    default (timed last, since the limit stays set); layer norm as called and compiled (as the meta-step runs it),
+    and one of its reductions alone."""
     rng = np.random.default_rng(0)
     shapes = {"x": (975, 384), "w": (384, 1536), "h": (975, 1536), "scores": (25, 12, 39, 39),
               "tasks": (4, 975, 1536)}
@@ -104,7 +107,16 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
                "softmax, polynomial exp": lambda: ours_softmax(scores),
                "softmax, polynomial exp, and its gradient": lambda: softmax_and_gradient(scores, score_cotangent),
                "layer norm (975x384)": lambda: mx.fast.layer_norm(x, scale, bias, 1e-12),
-               "add (975x1536)": lambda: h + h}
+               "layer norm, compiled": lambda: compiled_layer_norm(x),
+               "mean over the last axis (975x384)": lambda: x.mean(axis=-1),
+               "add (975x1536)": lambda: h + h,
+               "GELU, 4 tasks as one array, 1 GiB buffer cache": lambda: cached(compiled_gelu, tasks)}
+        compiled_layer_norm = mx.compile(lambda v: mx.fast.layer_norm(v, scale, bias, 1e-12))
+
+        def cached(op, *args):  # freed buffers up to 1 GiB are kept for reuse (MLX's CPU default: 32 MiB)
+            mx.set_cache_limit(1 << 30)
+            return op(*args)
+
         sync = mx.eval
     else:
         import torch
@@ -132,7 +144,10 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
                "softmax, polynomial exp": lambda: torch.softmax(scores, -1),  # PyTorch's own, beside ours
                "softmax, polynomial exp, and its gradient": softmax_and_gradient,
                "layer norm (975x384)": lambda: torch.nn.functional.layer_norm(x, (384,), scale, bias, 1e-12),
-               "add (975x1536)": lambda: h + h}
+               "layer norm, compiled": lambda: torch.nn.functional.layer_norm(x, (384,), scale, bias, 1e-12),
+               "mean over the last axis (975x384)": lambda: x.mean(-1),
+               "add (975x1536)": lambda: h + h,
+               "GELU, 4 tasks as one array, 1 GiB buffer cache": lambda: gelu(tasks)}
         sync = lambda out: None
     results = {}
     for name, op in ops.items():
@@ -142,6 +157,33 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
             sync(op())
         results[name] = 1e3 * (time.perf_counter() - start) / repeats
     return results
+
+
+def text_padding(overrides: list[str], num_tasks: int = 200) -> dict:
+    """How much of the encoder's input is padding: over ``num_tasks`` episodes of each split and K (the run's own
+    sampling, ``task=text`` by default), the real tokens of a text and the longest text of an episode, as shares of
+    the padded width every text gets (the corpus's longest, at most ``model.max_length``). What padding each
+    episode to its own longest text (the second) or bucketing texts by length (at best the first) could save."""
+    from metapeft.build import build
+
+    exp = build(compose_workload(["model=hf_encoder", "task=text", *overrides]))
+    rng, pad, results = np.random.default_rng(0), exp.task.pad_id, {}
+    for split, shots in (("train", exp.cfg.shots.train), *(("test", k) for k in exp.cfg.shots.eval)):
+        episodes = exp.task.sample(split, num_tasks, shots, rng)
+        for part, tokens in (("support", np.asarray(episodes.xs)), ("query", np.asarray(episodes.xq))):
+            real, width = (tokens != pad).sum(axis=-1), tokens.shape[-1]  # (tasks, examples)
+            results[f"{split} K={shots} {part}"] = {
+                "width": width, "real_tokens": float(real.mean()), "real_share": float(real.mean() / width),
+                "longest_share": float((real.max(axis=-1) / width).mean()),
+                "episodes_filling_the_width": float((real.max(axis=-1) == width).mean())}
+    return results
+
+
+def print_text_padding(results: dict) -> None:
+    for name, r in results.items():
+        filling = r["episodes_filling_the_width"]
+        print(f"{name:22s} width {r['width']}: a text {r['real_tokens']:.2f} real tokens ({r['real_share']:.1%}); "
+              f"an episode's longest {r['longest_share']:.1%}, the whole width in {filling:.1%}")
 
 
 def encoder_streams(repeats: int) -> dict:

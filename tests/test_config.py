@@ -48,6 +48,18 @@ def test_command_line_overrides_reach_the_groups(compose_cfg):
     assert cfg.algorithm.inner_lr == 0.5 and cfg.algorithm.outer_lr_final == 0.1
 
 
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "protonet"])
+def test_the_encoder_takes_one_task_a_pass_unless_told_otherwise(compose_cfg, algorithm):
+    """model=hf_encoder's default_tasks_per_pass (1: faster there, docs/performance.md) is the algorithm's default;
+    other models keep the whole meta-batch in one pass (null), and the command line wins over both."""
+    assert compose_cfg(f"algorithm={algorithm}", "model=hf_encoder", "task=text").algorithm.tasks_per_pass == 1
+    assert compose_cfg(f"algorithm={algorithm}", "task=digits").algorithm.tasks_per_pass is None
+    cfg = compose_cfg(f"algorithm={algorithm}", "model=hf_encoder", "task=text", "algorithm.tasks_per_pass=null")
+    assert cfg.algorithm.tasks_per_pass is None
+    cfg = compose_cfg(f"algorithm={algorithm}", "task=digits", "algorithm.tasks_per_pass=2")
+    assert cfg.algorithm.tasks_per_pass == 2
+
+
 def test_unknown_group_option_lists_the_valid_ones(compose_cfg):
     with pytest.raises(ConfigCompositionException, match="maml"):
         compose_cfg("algorithm=mamll")

@@ -69,8 +69,9 @@ class AlgorithmConfig:
     head_init: HeadInit = HeadInit.learned
     # Tasks of a meta-batch whose gradient is taken in one pass; the passes' gradients are averaged (every
     # algorithm's (pseudo-)gradient is a mean over tasks). null: the whole meta-batch at once. Fewer tasks per
-    # pass hold fewer activations: second-order MAML over a pretrained encoder needs it.
-    tasks_per_pass: Optional[int] = None
+    # pass hold fewer activations: second-order MAML over a pretrained encoder needs it. The default is the model's
+    # (model.default_tasks_per_pass: 1 on the encoder, where one task a pass is also faster; else null).
+    tasks_per_pass: Optional[int] = "${oc.select:model.default_tasks_per_pass,null}"  # type: ignore[assignment]
     # Passes whose gradients are taken at once, each on a CPU stream and thread of its own (metapeft.streams): MLX
     # runs a stream's element-wise kernels on one thread, so two streams can use two cores. It paid only with one
     # BLAS thread a stream (METAPEFT_BLAS_THREADS=1; docs/performance.md, "Two CPU streams"). With tasks_per_pass

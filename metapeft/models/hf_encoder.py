@@ -55,6 +55,11 @@ class HFEncoderConfig:
     # iterations of LoRA on MiniLM collapsed every prediction to one class (task=text, quick mode); 3e-4 and 1e-4
     # learned (5-shot validation accuracy 0.63 and 0.54 after 40 iterations, from 0.52).
     default_outer_lr: float = 0.0003
+    # algorithm.tasks_per_pass unless set: one task a pass runs without vmap, whose broadcast constants send MLX's
+    # fused CPU kernels down their strided path (docs/performance.md, "Where the encoder's time goes"). A full-mode
+    # MAML + LoRA run: the same accuracies, MLX's peak memory 1.2 GB against 1.9 with the meta-batch vmapped, and
+    # meta-training 730 s against 831 (within this machine's spread between runs)
+    default_tasks_per_pass: Optional[int] = 1
     # attention's softmax: "polynomial" (metapeft/models/softmax.py: 1.6x faster than mx.softmax on the CPU, a
     # FOMAML step 8% faster; docs/performance.md) or "mlx" (mx.softmax, how earlier runs computed attention: to
     # reproduce them to the digit)
