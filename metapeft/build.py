@@ -39,6 +39,12 @@ class Experiment:
     def features(self, adapted: dict, frozen: dict, x: mx.array) -> mx.array:
         return self.peft.features(adapted, frozen, x, train=True)
 
+    def meta_validation_episodes(self):
+        """The ``mode.num_val_tasks`` meta-validation tasks that meta-training validates on (and multi-task
+        retraining keeps its best weights by): the same tasks for every run with this seed."""
+        return self.task.sample("val", self.cfg.mode.num_val_tasks, self.cfg.shots.train,
+                                np.random.default_rng([self.cfg.seed, 1]))
+
     @property
     def num_classes(self) -> int | None:
         return self.task.num_classes

@@ -196,7 +196,7 @@ def train_and_evaluate(exp: Experiment, out_dir: Path, log: TrainLog, overrides:
     meta = learner.initial_meta(start.adapted, exp.peft.learnable_backbone(start.frozen))
     frozen = start.frozen
     train_rng = np.random.default_rng([cfg.seed, 0])
-    val_episodes = task.sample("val", cfg.mode.num_val_tasks, cfg.shots.train, np.random.default_rng([cfg.seed, 1]))
+    val_episodes = exp.meta_validation_episodes()
 
     def validate(meta: dict, frozen: dict) -> float:
         curves = learner_curves(exp, meta, frozen, val_episodes, cfg.algorithm.num_inner_steps)

@@ -19,7 +19,7 @@ def multitask_retrained(exp, start: dict, frozen: dict) -> tuple[dict, dict]:
     """The retrained weights and what was done: steps, rate, the kept step and its validation score."""
     cfg, task = exp.cfg, exp.task
     rng = np.random.default_rng([cfg.seed, 7])
-    val = task.sample("val", cfg.mode.num_val_tasks, cfg.shots.train, np.random.default_rng([cfg.seed, 1]))
+    val = exp.meta_validation_episodes()
 
     def batch_loss(weights, xs, ys, xq, yq):
         loss = lambda x, y: exp.loss(weights, frozen, x, y)
