@@ -10,6 +10,7 @@ against JAX and PyTorch peers where installed. One command line, run from the re
     python -m benchmarks evaluation [OVERRIDE ...]        # each part of a quick run's evaluation
     python -m benchmarks encoder [VARIANTS]               # MAML task by task, FOMAML, Reptile + LoRA, hf_encoder
     python -m benchmarks encoder-ops                      # the encoder's largest operations, MLX vs PyTorch
+    python -m benchmarks text-padding [OVERRIDE ...]      # how much of the encoder's input is padding
     python -m benchmarks processes [--processes 2]        # one run on 1 and on N processes (mlx.launch)
     python -m benchmarks resnet12 [protonet,fomaml]       # ResNet-12 at 84x84 against PyTorch
     python -m benchmarks causal-lm [maml,fomaml] [--shape 0.5b]   # a Qwen2.5-shaped language model, 128 tokens

@@ -95,6 +95,12 @@ def encoder_ops(args) -> None:
     encoder.print_encoder_ops(both)
 
 
+def text_padding(args) -> None:
+    results = encoder.text_padding(args.overrides)
+    io.write_json(args.out.with_name("bench_text_padding.json"), results)
+    encoder.print_text_padding(results)
+
+
 def encoder_streams(args) -> None:
     results = encoder.encoder_streams(args.repeats)
     io.write_json(args.out.with_name("bench_encoder_streams.json"), {"blas": blas.status(), "seconds": results})
@@ -149,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("encoder", help="MAML, FOMAML, Reptile + LoRA on model=hf_encoder").add_argument(
         "variants", nargs="?", default=encoder.ENCODER_DEFAULT, help=f"some of {list(encoder.ENCODER_VARIANTS)}")
     commands.add_parser("encoder-ops", help="the encoder's largest operations, MLX and PyTorch")
+    commands.add_parser("text-padding", help="how much of the encoder's input is padding (task=text episodes)"
+                        ).add_argument("overrides", nargs="*", metavar="OVERRIDE", help="e.g. model.max_length=64")
     commands.add_parser("encoder-streams", help="the encoder's FOMAML work in two halves on one CPU stream or two")
     commands.add_parser("resnet12", help="ResNet-12 at 84x84: a ProtoNet episode, a FOMAML step, against PyTorch"
                         ).add_argument("names", nargs="?", default=",".join(resnet12.RESNET12_WORKLOADS),
@@ -175,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         args.names = checked(args.names, resnet12.RESNET12_WORKLOADS, "resnet12", parser)
     {"steps": timings, "memory": memory, "per-call": per_call, "runs": whole_runs, "start-up": start_up,
      "evaluation": evaluation, "encoder": encoder_workloads, "encoder-ops": encoder_ops,
-     "encoder-streams": encoder_streams, "processes": process_scaling, "resnet12": resnet12_workloads,
-     "causal-lm": causal_lm_workloads}[args.command](args)
+     "encoder-streams": encoder_streams, "text-padding": text_padding, "processes": process_scaling,
+     "resnet12": resnet12_workloads, "causal-lm": causal_lm_workloads}[args.command](args)
     return 0
 
 
