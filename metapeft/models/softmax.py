@@ -66,12 +66,13 @@ def exp_slope(x: mx.array) -> mx.array:
     return mx.where(x > SMALLEST_EXPONENT, taylor(r, 5) * power_of_two(n), 0.0)
 
 
-def _exp_polynomial(x: mx.array) -> mx.array:
+def exp_polynomial(x: mx.array) -> mx.array:
+    """taylor(r, 6) 2^n with x = n ln 2 + r: e^x from products (the forward of ``exp_nonpositive``)."""
     n, r = reduced(x)
     return taylor(r, 6) * power_of_two(n)
 
 
-exp_nonpositive = GivenDerivative(_exp_polynomial, exp_slope)
+exp_nonpositive = GivenDerivative(exp_polynomial, exp_slope)
 exp_nonpositive.__doc__ = """e^x for x <= 0 (what softmax needs after subtracting the maximum); below -87 it is
 e^-87, not 0. Its derivative is given (``exp_slope``), as GELU's is: traced, the backward pass reads the polynomial's
 intermediate arrays; given, it reads x alone. It is the derivative of this polynomial, not of e^x: first and second
