@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from metapeft import affinity, backend, blas, distributed, io, sweep_stop
+from metapeft import affinity, backend, blas, distributed, io, native, sweep_stop
 from metapeft.config import CONF_DIR, GROUPS, RunConfig, group_options, register_configs
 from metapeft.errors import STOP_REQUESTS, ConfigError, DivergedError, Interrupted, WriteFailed
 from metapeft.experiment import run
@@ -103,9 +103,11 @@ def main(cfg: DictConfig) -> float | None:
     side_by_side = sweeping and (threads := threads_per_job(hydra_cfg.launcher)) is not None
     if side_by_side:
         blas.set_threads(threads)  # parallel jobs share the cores
+        native.set_threads(threads)
         cfg.progress = False  # bars of jobs side by side overwrite each other: the sweep prints k of N instead
     elif distributed.size() > 1:  # mlx.launch -n N: the processes share this machine's cores (as if on one host)
         blas.set_threads(max(1, (os.cpu_count() or 1) // distributed.size()))
+        native.set_threads(max(1, (os.cpu_count() or 1) // distributed.size()))
     # side by side, two jobs or two processes of one run could pin themselves to one core
     affinity.colocate(enabled=not side_by_side and distributed.size() == 1,
                       reason="parallel sweep job" if side_by_side else "one of several processes (mlx.launch)")

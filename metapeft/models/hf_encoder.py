@@ -31,6 +31,7 @@ from metapeft.errors import ConfigError, require
 from metapeft.models.given_derivative import GivenDerivative
 from metapeft.models.hf_files import REQUIRED_FILES, model_directory
 from metapeft.models.layers import Backbone, init_linear, with_prefix
+from metapeft.models.native_ops import KernelKind, transformer_ops
 from metapeft.models.softmax import SoftmaxKind, attention_softmax
 from metapeft.registry import MODELS
 
@@ -64,6 +65,10 @@ class HFEncoderConfig:
     # FOMAML step 8% faster; docs/performance.md) or "mlx" (mx.softmax, how earlier runs computed attention: to
     # reproduce them to the digit)
     softmax: SoftmaxKind = SoftmaxKind.polynomial
+    # layer norm, softmax and GELU: "auto" (metapeft's vectorized CPU kernels where they build and MLX runs on the
+    # CPU, else MLX's operations), "native" (the kernels, or an error), "mlx" (MLX's operations: to reproduce runs
+    # made before the kernels to the digit). metapeft/models/native_ops.py; docs/performance.md, "Native kernels"
+    kernels: KernelKind = KernelKind.auto
 
 
 @MODELS.register("hf_encoder", HFEncoderConfig)
@@ -93,7 +98,8 @@ class HFEncoder(Backbone):
         self.eps = self.config.get("layer_norm_eps", 1e-12)
         self.output_dim = output_dim
         self._tokenizer = None
-        self.softmax = attention_softmax(cfg.softmax)
+        self.ops = transformer_ops(cfg.kernels, attention_softmax(cfg.softmax), gelu)
+        self.softmax = self.ops.softmax
 
     # --- text in, token ids out ---------------------------------------------------------------------------------
 
@@ -166,7 +172,7 @@ class HFEncoder(Backbone):
     # --- forward --------------------------------------------------------------------------------------------------
 
     def layer_norm(self, params: dict, x: mx.array) -> mx.array:
-        return mx.fast.layer_norm(x, params["scale"], params["bias"], self.eps)
+        return self.ops.layer_norm(x, params["scale"], params["bias"], self.eps)
 
     def embed(self, params: dict, ids: mx.array, first_position: int = 0) -> mx.array:
         e = params["embeddings"]
@@ -228,7 +234,7 @@ class HFEncoder(Backbone):
         for i, layer in enumerate(params["encoder"]["layer"]):
             layer_prefix = None if prefix is None else (prefix[i, 0], prefix[i, 1])
             h = self.attention(layer["attention"], h, bias, layer_prefix, record)
-            hidden = gelu(self.linear(layer["intermediate"]["dense"], h))
+            hidden = self.ops.gelu(self.linear(layer["intermediate"]["dense"], h))
             h = self.layer_norm(layer["output"]["LayerNorm"], h + self.linear(layer["output"]["dense"], hidden))
         h = h[..., h.shape[-2] - ids.shape[-1]:, :]  # the input tokens' outputs, prompts left out
         if self.cfg.pooling == Pooling.cls:

@@ -33,6 +33,7 @@ from metapeft.errors import ConfigError, require
 from metapeft.models.hf_encoder import Pooling, gelu
 from metapeft.models.hf_files import model_directory
 from metapeft.models.layers import Backbone, init_linear, with_prefix
+from metapeft.models.native_ops import KernelKind, transformer_ops
 from metapeft.models.softmax import SoftmaxKind, attention_softmax
 from metapeft.registry import MODELS
 from metapeft.trees import leaves_with_paths, map_with_path
@@ -47,6 +48,7 @@ class HFViTConfig:
     pooling: Pooling = Pooling.cls
     default_outer_lr: float = 0.0003  # as model=hf_encoder's: a pretrained transformer under Adam
     softmax: SoftmaxKind = SoftmaxKind.polynomial  # attention's (metapeft/models/softmax.py), as model=hf_encoder's
+    kernels: KernelKind = KernelKind.auto  # layer norm, softmax and GELU, as model=hf_encoder's
 
 
 @MODELS.register("hf_vit", HFViTConfig)
@@ -78,7 +80,8 @@ class HFViT(Backbone):
         self.eps = c.get("layer_norm_eps", 1e-12)
         self.input_shape = shape
         self.output_dim = output_dim
-        self.softmax = attention_softmax(cfg.softmax)
+        self.ops = transformer_ops(cfg.kernels, attention_softmax(cfg.softmax), gelu)
+        self.softmax = self.ops.softmax
 
     # --- parameters -----------------------------------------------------------------------------------------------
 
@@ -142,7 +145,7 @@ class HFViT(Backbone):
     # --- forward --------------------------------------------------------------------------------------------------
 
     def layer_norm(self, params: dict, x: mx.array) -> mx.array:
-        return mx.fast.layer_norm(x, params["scale"], params["bias"], self.eps)
+        return self.ops.layer_norm(x, params["scale"], params["bias"], self.eps)
 
     def patches(self, x: mx.array) -> mx.array:
         """(..., H, W, C) -> (..., patches, C * p * p): row-major patches, each flattened channel, row, column as
@@ -201,7 +204,8 @@ class HFViT(Backbone):
             layer_prefix = None if prefix is None else (prefix[i, 0], prefix[i, 1])
             h = h + self.attention(layer["attention"], self.layer_norm(layer["layernorm_before"], h), layer_prefix,
                                    record)
-            hidden = gelu(self.linear(layer["intermediate"]["dense"], self.layer_norm(layer["layernorm_after"], h)))
+            normalized = self.layer_norm(layer["layernorm_after"], h)
+            hidden = self.ops.gelu(self.linear(layer["intermediate"]["dense"], normalized))
             h = h + self.linear(layer["output"]["dense"], hidden)
         h = self.layer_norm(params["layernorm"], h)
         if self.cfg.pooling == Pooling.cls:

@@ -1,0 +1,213 @@
+"""Layer norm, softmax and GELU on metapeft's vectorized CPU kernels (``metapeft.native``), differentiable to any
+order and vmappable, for the pretrained transformers (``model.kernels``).
+
+Each function is an ``mx.custom_function`` around a kernel:
+
+- its first derivative is a backward kernel (``layer_norm_backward``, ``softmax_backward``, ``gelu_backward``),
+  itself a custom function whose derivative is that of the same backward pass written in MLX operations, traced by
+  ``mx.vjp``: MAML's second derivatives cost what they did before, its first ones run on the kernels;
+- its vmap moves the mapped axis off the last one (the kernels' rows) and calls the kernel once; where a layer
+  norm's scale or bias is mapped too (a meta-batch of full fine-tunings), the same MLX operations as before run.
+
+Both vmap and grad keep the kernels: ``mx.custom_function``'s default vmap would map the forward and drop the given
+derivative under ``grad(vmap(f))``. The kernels compute the same arithmetic as the MLX forms they replace
+(``mx.fast.layer_norm``, ``softmax.softmax``, ``hf_encoder.gelu``), equal to them within float32 rounding, first and
+second derivatives included (tests/test_native.py).
+"""
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import cache
+from typing import Callable, NamedTuple
+
+from metapeft import native
+from metapeft.backend import mx
+from metapeft.errors import ConfigError
+
+
+class KernelKind(StrEnum):
+    auto = "auto"  # native where the kernels build and MLX runs on the CPU, else mlx
+    native = "native"  # metapeft.native's kernels; an error where they cannot be built
+    mlx = "mlx"  # MLX's operations (how runs computed these before the kernels: to reproduce them to the digit)
+
+
+class TransformerOps(NamedTuple):
+    layer_norm: Callable  # (x, scale, bias, eps) -> normalized over the last axis
+    softmax: Callable  # x -> softmax over the last axis
+    gelu: Callable  # x -> BERT's exact GELU
+    kernels: str  # "native" or "mlx": what was chosen
+
+
+def transformer_ops(kind: KernelKind, mlx_softmax: Callable, mlx_gelu: Callable) -> TransformerOps:
+    """The ops ``model.kernels`` names; ``mlx_softmax`` and ``mlx_gelu`` are the model's MLX forms. The softmax stays
+    ``mlx_softmax`` when that is ``mx.softmax`` (``model.softmax=mlx``, which reproduces earlier runs)."""
+    kind = KernelKind(kind)
+    use_native = kind == KernelKind.native or (kind == KernelKind.auto and mx.default_device() == mx.cpu)
+    if use_native and native.module() is None:
+        if kind == KernelKind.native:
+            raise ConfigError("model.kernels", f"native: metapeft's CPU kernels are unavailable here "
+                              f"({native.status().get('reason', 'not built')}); valid: auto (falls back to MLX), mlx")
+        use_native = False
+    if not use_native:
+        return TransformerOps(mlx_layer_norm, mlx_softmax, mlx_gelu, "mlx")
+    from metapeft.models.softmax import softmax as polynomial_softmax
+
+    return TransformerOps(layer_norm, softmax if mlx_softmax is polynomial_softmax else mlx_softmax, gelu, "native")
+
+
+def mlx_layer_norm(x: mx.array, scale: mx.array, bias: mx.array, eps: float) -> mx.array:
+    return mx.fast.layer_norm(x, scale, bias, eps)
+
+
+def _to_front(x: mx.array, axis, size: int) -> mx.array:
+    """x with its mapped axis first (broadcast to ``size`` where it has none)."""
+    return mx.broadcast_to(x, (size, *x.shape)) if axis is None else mx.moveaxis(x, axis, 0)
+
+
+def _mapped_size(inputs, axes) -> int:
+    return next(x.shape[a] for x, a in zip(inputs, axes) if a is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GELU
+
+
+@cache
+def _gelu_functions():
+    from metapeft.models.hf_encoder import gelu_slope
+
+    kernels = native.required()
+
+    @mx.custom_function
+    def gelu_backward(x, cotangent):
+        return kernels.gelu_backward(x, cotangent)
+
+    @gelu_backward.vjp
+    def gelu_backward_vjp(primals, cotangent, output):
+        return mx.vjp(lambda x, c: c * gelu_slope(x), list(primals), [cotangent])[1]
+
+    @gelu_backward.vmap
+    def gelu_backward_vmap(inputs, axes):
+        size = _mapped_size(inputs, axes)
+        return gelu_backward(*(_to_front(x, a, size) for x, a in zip(inputs, axes))), 0
+
+    @mx.custom_function
+    def gelu(x):
+        return kernels.gelu(x)
+
+    @gelu.vjp
+    def gelu_vjp(x, cotangent, output):
+        return gelu_backward(x, cotangent)
+
+    @gelu.vmap
+    def gelu_vmap(x, axis):
+        return gelu(x), axis  # element-wise: any axis is fine
+
+    return gelu
+
+
+def gelu(x: mx.array) -> mx.array:
+    """``hf_encoder.gelu`` on the kernels."""
+    return _gelu_functions()(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Softmax over the last axis
+
+
+@cache
+def _softmax_functions():
+    kernels = native.required()
+
+    @mx.custom_function
+    def softmax_backward(output, cotangent):
+        return kernels.softmax_backward(output, cotangent)
+
+    @softmax_backward.vjp
+    def softmax_backward_vjp(primals, cotangent, result):
+        traced = lambda y, c: y * (c - (c * y).sum(axis=-1, keepdims=True))
+        return mx.vjp(traced, list(primals), [cotangent])[1]
+
+    @softmax_backward.vmap
+    def softmax_backward_vmap(inputs, axes):
+        size = _mapped_size(inputs, axes)
+        return softmax_backward(*(_to_front(x, a, size) for x, a in zip(inputs, axes))), 0
+
+    @mx.custom_function
+    def softmax(x):
+        return kernels.softmax(x)
+
+    @softmax.vjp
+    def softmax_vjp(x, cotangent, output):
+        return softmax_backward(output, cotangent)
+
+    @softmax.vmap
+    def softmax_vmap(x, axis):
+        return (softmax(mx.moveaxis(x, axis, 0)), 0) if axis == x.ndim - 1 else (softmax(x), axis)
+
+    return softmax
+
+
+def softmax(x: mx.array) -> mx.array:
+    """``softmax.softmax`` (the polynomial exp) over the last axis, on the kernels."""
+    return _softmax_functions()(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer norm over the last axis
+
+
+@cache
+def _layer_norm_functions(eps: float):
+    kernels = native.required()
+
+    def traced_backward(x, scale, cotangent):
+        return mx.vjp(lambda x, s, b: mx.fast.layer_norm(x, s, b, eps), [x, scale, mx.zeros_like(scale)],
+                      [cotangent])[1]
+
+    @mx.custom_function
+    def layer_norm_backward(x, scale, cotangent):
+        return tuple(kernels.layer_norm_backward(x, scale, cotangent, eps))
+
+    @layer_norm_backward.vjp
+    def layer_norm_backward_vjp(primals, cotangents, outputs):
+        return mx.vjp(traced_backward, list(primals), list(cotangents))[1]
+
+    @layer_norm_backward.vmap
+    def layer_norm_backward_vmap(inputs, axes):
+        x, scale, cotangent = inputs
+        size = _mapped_size(inputs, axes)
+        x, cotangent = _to_front(x, axes[0], size), _to_front(cotangent, axes[2], size)
+        if axes[1] is None:  # the scale's and bias's gradients are sums over each mapped entry's own rows
+            parts = [layer_norm_backward(x[i], scale, cotangent[i]) for i in range(size)]
+        else:
+            scale = _to_front(scale, axes[1], size)
+            parts = [layer_norm_backward(x[i], scale[i], cotangent[i]) for i in range(size)]
+        return tuple(mx.stack(part) for part in zip(*parts)), (0, 0, 0)
+
+    @mx.custom_function
+    def layer_norm(x, scale, bias):
+        return kernels.layer_norm(x, scale, bias, eps)
+
+    @layer_norm.vjp
+    def layer_norm_vjp(primals, cotangent, output):
+        x, scale, _ = primals
+        return layer_norm_backward(x, scale, cotangent)
+
+    @layer_norm.vmap
+    def layer_norm_vmap(inputs, axes):
+        x, scale, bias = inputs
+        size = _mapped_size(inputs, axes)
+        if axes[1] is None and axes[2] is None:  # shared scale and bias: the mapped axis is more rows
+            return layer_norm(_to_front(x, axes[0], size), scale, bias), 0
+        x = _to_front(x, axes[0], size)
+        row = (size,) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+        scale, bias = (_to_front(t, a, size).reshape(row) for t, a in ((scale, axes[1]), (bias, axes[2])))
+        return mx.fast.layer_norm(x, None, None, eps) * scale + bias, 0
+
+    return layer_norm
+
+
+def layer_norm(x: mx.array, scale: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """``mx.fast.layer_norm`` over the last axis, on the kernels."""
+    return _layer_norm_functions(float(eps))(x, scale, bias)
