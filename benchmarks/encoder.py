@@ -18,6 +18,7 @@ from metapeft.backend import mx, utils
 ENCODER = ["model=hf_encoder", "task=text", "peft=lora", "algorithm.meta_batch_size=4", "algorithm.num_inner_steps=5",
            "shots.train=5", "model.max_length=64"]
 VMAPPED = "algorithm.tasks_per_pass=null"  # the 4 tasks vmapped in one pass (the encoder's default is one task a pass)
+MLX_KERNELS = "model.kernels=mlx"  # layer norm, softmax and GELU in MLX's operations, not metapeft's CPU kernels
 ENCODER_VARIANTS = {
     # all 4 tasks vmapped at once: killed by the out-of-memory killer at 24 GB; run only when named
     "maml": ["algorithm=maml", VMAPPED],
@@ -25,7 +26,8 @@ ENCODER_VARIANTS = {
     "maml_task_by_task_checkpointed": ["algorithm=maml", "algorithm.tasks_per_pass=1",
                                        "algorithm.checkpoint_inner_steps=true"],
     "fomaml": ["algorithm=fomaml", VMAPPED],
-    "fomaml_mlx_softmax": ["algorithm=fomaml", VMAPPED, "model.softmax=mlx"],  # attention with mx.softmax, as before
+    # attention with mx.softmax, as before the polynomial one (with MLX's layer norm and GELU, as then)
+    "fomaml_mlx_softmax": ["algorithm=fomaml", VMAPPED, "model.softmax=mlx", MLX_KERNELS],
     "reptile": ["algorithm=reptile", VMAPPED],
     # two passes at once, each on a CPU stream of its own (two cores for the element-wise work)
     "fomaml_two_streams": ["algorithm=fomaml", VMAPPED, "algorithm.parallel_passes=2"],
@@ -37,6 +39,11 @@ ENCODER_VARIANTS = {
     "fomaml_task_by_task": ["algorithm=fomaml", "algorithm.tasks_per_pass=1"],
     "fomaml_task_by_task_two_streams": ["algorithm=fomaml", "algorithm.tasks_per_pass=1",
                                         "algorithm.parallel_passes=2"],
+    # each of the issue's variants with MLX's operations for layer norm, softmax and GELU (as before the kernels)
+    "fomaml_mlx_kernels": ["algorithm=fomaml", VMAPPED, MLX_KERNELS],
+    "fomaml_task_by_task_mlx_kernels": ["algorithm=fomaml", "algorithm.tasks_per_pass=1", MLX_KERNELS],
+    "maml_task_by_task_checkpointed_mlx_kernels": ["algorithm=maml", "algorithm.tasks_per_pass=1",
+                                                   "algorithm.checkpoint_inner_steps=true", MLX_KERNELS],
 }
 ENCODER_DEFAULT = "maml_task_by_task,maml_task_by_task_checkpointed,fomaml,reptile"
 
@@ -70,7 +77,9 @@ PEER_OF = {"maml_task_by_task": "maml_task_by_task", "maml_task_by_task_checkpoi
            "fomaml": "fomaml", "fomaml_mlx_softmax": "fomaml", "reptile": "reptile",
            "fomaml_two_streams": "fomaml", "maml_task_by_task_checkpointed_two_streams": "maml_task_by_task",
            "reptile_two_streams": "reptile",
-           "fomaml_task_by_task": "fomaml", "fomaml_task_by_task_two_streams": "fomaml"}
+           "fomaml_task_by_task": "fomaml", "fomaml_task_by_task_two_streams": "fomaml",
+           "fomaml_mlx_kernels": "fomaml", "fomaml_task_by_task_mlx_kernels": "fomaml",
+           "maml_task_by_task_checkpointed_mlx_kernels": "maml_task_by_task"}
 
 
 def encoder_ops(implementation: str, repeats: int = 20) -> dict:
@@ -81,7 +90,8 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
     a meta-batch of 4 tasks, vmapped (as a meta-step with several tasks a pass computes it) and as one array
     (PyTorch: one array both times), the last also with MLX's CPU buffer cache at 1 GiB instead of its 32 MiB
     default (timed last, since the limit stays set); layer norm as called and compiled (as the meta-step runs it),
-    and one of its reductions alone."""
+    and one of its reductions alone; and layer norm, softmax and GELU on metapeft's CPU kernels (``model.kernels``:
+    the model's default on the CPU), alone and with their gradients, the PyTorch side the same operations again."""
     rng = np.random.default_rng(0)
     shapes = {"x": (975, 384), "w": (384, 1536), "h": (975, 1536), "scores": (25, 12, 39, 39),
               "tasks": (4, 975, 1536)}
@@ -112,6 +122,9 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
                "add (975x1536)": lambda: h + h,
                "GELU, 4 tasks as one array, 1 GiB buffer cache": lambda: cached(compiled_gelu, tasks)}
         compiled_layer_norm = mx.compile(lambda v: mx.fast.layer_norm(v, scale, bias, 1e-12))
+        ops.update(native_ops_timed(x, h, scores, scale, bias, cotangent, score_cotangent))
+        last = "GELU, 4 tasks as one array, 1 GiB buffer cache"  # timed last: the cache limit stays set
+        ops[last] = ops.pop(last)
 
         def cached(op, *args):  # freed buffers up to 1 GiB are kept for reuse (MLX's CPU default: 32 MiB)
             mx.set_cache_limit(1 << 30)
@@ -148,6 +161,19 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
                "mean over the last axis (975x384)": lambda: x.mean(-1),
                "add (975x1536)": lambda: h + h,
                "GELU, 4 tasks as one array, 1 GiB buffer cache": lambda: gelu(tasks)}
+        x_cotangent = torch.ones_like(x)
+
+        def layer_norm_and_gradient():
+            leaves = [t.detach().requires_grad_() for t in (x, scale, bias)]
+            out = torch.nn.functional.layer_norm(leaves[0], (384,), leaves[1], leaves[2], 1e-12)
+            return out, torch.autograd.grad(out, leaves, x_cotangent)
+
+        last = "GELU, 4 tasks as one array, 1 GiB buffer cache"
+        ops = {**ops, "native: GELU": ops["GELU (975x1536)"], "native: GELU and its gradient": gelu_and_gradient,
+               "native: softmax": ops["softmax (25x12x39x39)"],
+               "native: softmax and its gradient": softmax_and_gradient,
+               "native: layer norm": ops["layer norm (975x384)"],
+               "native: layer norm and its gradient": layer_norm_and_gradient, last: ops.pop(last)}
         sync = lambda out: None
     results = {}
     for name, op in ops.items():
@@ -157,6 +183,24 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
             sync(op())
         results[name] = 1e3 * (time.perf_counter() - start) / repeats
     return results
+
+
+def native_ops_timed(x, h, scores, scale, bias, cotangent, score_cotangent) -> dict:
+    """encoder_ops's entries for metapeft's CPU kernels (metapeft/models/native_ops.py), compiled as in the step."""
+    from metapeft.models import native_ops
+
+    gelu, softmax = mx.compile(native_ops.gelu), mx.compile(native_ops.softmax)
+    layer_norm = mx.compile(lambda v: native_ops.layer_norm(v, scale, bias, 1e-12))
+    gelu_and_gradient = mx.compile(lambda a, c: mx.vjp(native_ops.gelu, [a], [c]))
+    softmax_and_gradient = mx.compile(lambda s, c: mx.vjp(native_ops.softmax, [s], [c]))
+    layer_norm_and_gradient = mx.compile(
+        lambda v, s, b, c: mx.vjp(lambda *a: native_ops.layer_norm(*a, 1e-12), [v, s, b], [c]))
+    x_cotangent = mx.ones_like(x)
+    return {"native: GELU": lambda: gelu(h), "native: GELU and its gradient": lambda: gelu_and_gradient(h, cotangent),
+            "native: softmax": lambda: softmax(scores),
+            "native: softmax and its gradient": lambda: softmax_and_gradient(scores, score_cotangent),
+            "native: layer norm": lambda: layer_norm(x),
+            "native: layer norm and its gradient": lambda: layer_norm_and_gradient(x, scale, bias, x_cotangent)}
 
 
 def text_padding(overrides: list[str], num_tasks: int = 200) -> dict:
