@@ -97,7 +97,7 @@ def encoder_ops(implementation: str, repeats: int = 20) -> dict:
               "tasks": (4, 975, 1536)}
     data = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
     if implementation == "mlx":
-        from metapeft.models.hf_encoder import gelu
+        from metapeft.models.gelu import gelu
         from metapeft.models.softmax import softmax as polynomial_softmax
 
         x, w, h, scores, tasks = (mx.array(data[n]) for n in ("x", "w", "h", "scores", "tasks"))

@@ -13,7 +13,7 @@ import pytest
 from metapeft import native
 from metapeft.errors import ConfigError
 from metapeft.models import native_ops
-from metapeft.models.hf_encoder import gelu as mlx_gelu
+from metapeft.models.gelu import gelu as mlx_gelu
 from metapeft.models.softmax import softmax as mlx_softmax
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernels are built on Linux")
@@ -187,3 +187,22 @@ def test_the_encoder_gives_the_same_features_and_maml_gradients_with_either_kern
         scale = max(float(mx.abs(g).max()) for _, g in theirs)
         for (name, got), (_, want) in zip(ours, theirs):
             np.testing.assert_allclose(np.array(got), np.array(want), atol=5e-5 * scale, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["gelu", "softmax"])
+def test_second_derivative_kernels_under_vmap_and_the_traced_third_derivative(name):
+    """gelu_second and softmax_second (the backward passes' own backward passes) mapped over a meta-batch, as
+    vmapped MAML takes them; a third derivative falls back to tracing the MLX form, and is still right."""
+    ours, theirs, shapes, scale = PAIRS[name]
+    theirs = DERIVATIVE_REFERENCES.get(name, theirs)
+    x, weights = array(3, *shapes[0], scale=scale), array(3, *shapes[0])
+
+    def curvature(fn):
+        loss = lambda a, w: (fn(a) * w).sum()
+        return lambda a, w: mx.square(mx.grad(loss)(a, w)).sum()
+
+    close(mx.vmap(mx.grad(curvature(ours)))(x, weights), mx.vmap(mx.grad(curvature(theirs)))(x, weights),
+          relative=2e-5)
+    third = lambda fn: mx.grad(lambda a: mx.square(mx.grad(curvature(fn))(a, weights[0])).sum())(x[0])
+    close(third(ours), third(theirs), relative=1e-4)
+

@@ -14,15 +14,8 @@ from mlx.utils import tree_flatten, tree_map
 from helpers import REPO, run_cli, text_classes, tiny_bert, write_text_csv
 from metapeft.build import build, initial_state
 from metapeft.errors import ConfigError
-from metapeft.models.hf_encoder import (
-    SQRT_HALF,
-    HFEncoder,
-    HFEncoderConfig,
-    erf_parts,
-    from_hf_names,
-    gelu,
-    to_hf_names,
-)
+from metapeft.models.gelu import SQRT_HALF, erf_parts, gelu
+from metapeft.models.hf_encoder import HFEncoder, HFEncoderConfig, from_hf_names, to_hf_names
 from metapeft.peft.targets import target_layers
 from metapeft.trees import path_name
 

@@ -30,7 +30,8 @@ from omegaconf import MISSING
 
 from metapeft.backend import mx
 from metapeft.errors import ConfigError, require
-from metapeft.models.hf_encoder import Pooling, gelu
+from metapeft.models.gelu import gelu
+from metapeft.models.hf_encoder import Pooling
 from metapeft.models.hf_files import model_directory
 from metapeft.models.layers import Backbone, init_linear, with_prefix
 from metapeft.models.native_ops import KernelKind, transformer_ops

@@ -11,7 +11,7 @@ Each function is an ``mx.custom_function`` around a kernel:
 
 Both vmap and grad keep the kernels: ``mx.custom_function``'s default vmap would map the forward and drop the given
 derivative under ``grad(vmap(f))``. The kernels compute the same arithmetic as the MLX forms they replace
-(``mx.fast.layer_norm``, ``softmax.softmax``, ``hf_encoder.gelu``), equal to them within float32 rounding, first and
+(``mx.fast.layer_norm``, ``softmax.softmax``, ``gelu.gelu``), equal to them within float32 rounding, first and
 second derivatives included (tests/test_native.py).
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 from metapeft import native
 from metapeft.backend import mx
 from metapeft.errors import ConfigError
+from metapeft.models.gelu import gelu_slope
 
 
 class KernelKind(StrEnum):
@@ -68,78 +69,83 @@ def _mapped_size(inputs, axes) -> int:
     return next(x.shape[a] for x, a in zip(inputs, axes) if a is not None)
 
 
+def _row_wise_vmap(function: Callable) -> Callable:
+    """The vmap rule of a function of same-shaped arrays that works along their last axis: the mapped axis first."""
+    def vmap(inputs, axes):
+        size = _mapped_size(inputs, axes)
+        outputs = function(*(_to_front(x, a, size) for x, a in zip(inputs, axes)))
+        return outputs, (tuple(0 for _ in outputs) if isinstance(outputs, tuple) else 0)
+    return vmap
+
+
+def _kernel_with_traced_derivative(kernel: Callable, traced: Callable) -> Callable:
+    """``kernel`` as a custom function whose derivative is ``traced``'s (the same function in MLX operations), as
+    autodiff computes it: the third derivatives MAML never takes, kept correct."""
+    function = mx.custom_function(lambda *inputs: kernel(*inputs))
+    function.vjp(lambda primals, cotangents, outputs: mx.vjp(traced, list(primals), _as_list(cotangents))[1])
+    function.vmap(_row_wise_vmap(function))
+    return function
+
+
+def _as_list(arrays) -> list:
+    return list(arrays) if isinstance(arrays, (list, tuple)) else [arrays]
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# GELU
+# GELU: gelu -> gelu_backward -> gelu_second (kernels) -> traced
 
 
 @cache
 def _gelu_functions():
-    from metapeft.models.hf_encoder import gelu_slope
-
     kernels = native.required()
+    backward_traced = lambda x, g: g * gelu_slope(x)
+    gelu_second = _kernel_with_traced_derivative(
+        kernels.gelu_second, lambda x, g, c: tuple(mx.vjp(backward_traced, [x, g], [c])[1]))
 
     @mx.custom_function
     def gelu_backward(x, cotangent):
         return kernels.gelu_backward(x, cotangent)
 
-    @gelu_backward.vjp
-    def gelu_backward_vjp(primals, cotangent, output):
-        return mx.vjp(lambda x, c: c * gelu_slope(x), list(primals), [cotangent])[1]
-
-    @gelu_backward.vmap
-    def gelu_backward_vmap(inputs, axes):
-        size = _mapped_size(inputs, axes)
-        return gelu_backward(*(_to_front(x, a, size) for x, a in zip(inputs, axes))), 0
+    gelu_backward.vjp(lambda primals, cotangent, output: tuple(gelu_second(*primals, cotangent)))
+    gelu_backward.vmap(_row_wise_vmap(gelu_backward))
 
     @mx.custom_function
     def gelu(x):
         return kernels.gelu(x)
 
-    @gelu.vjp
-    def gelu_vjp(x, cotangent, output):
-        return gelu_backward(x, cotangent)
-
-    @gelu.vmap
-    def gelu_vmap(x, axis):
-        return gelu(x), axis  # element-wise: any axis is fine
-
+    gelu.vjp(lambda x, cotangent, output: gelu_backward(x, cotangent))
+    gelu.vmap(lambda x, axis: (gelu(x), axis))  # element-wise: any axis is fine
     return gelu
 
 
 def gelu(x: mx.array) -> mx.array:
-    """``hf_encoder.gelu`` on the kernels."""
+    """``gelu.gelu`` on the kernels."""
     return _gelu_functions()(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Softmax over the last axis
+# Softmax over the last axis: softmax -> softmax_backward -> softmax_second (kernels) -> traced
 
 
 @cache
 def _softmax_functions():
     kernels = native.required()
+    backward_traced = lambda y, g: y * (g - (g * y).sum(axis=-1, keepdims=True))
+    softmax_second = _kernel_with_traced_derivative(
+        kernels.softmax_second, lambda y, g, c: tuple(mx.vjp(backward_traced, [y, g], [c])[1]))
 
     @mx.custom_function
     def softmax_backward(output, cotangent):
         return kernels.softmax_backward(output, cotangent)
 
-    @softmax_backward.vjp
-    def softmax_backward_vjp(primals, cotangent, result):
-        traced = lambda y, c: y * (c - (c * y).sum(axis=-1, keepdims=True))
-        return mx.vjp(traced, list(primals), [cotangent])[1]
-
-    @softmax_backward.vmap
-    def softmax_backward_vmap(inputs, axes):
-        size = _mapped_size(inputs, axes)
-        return softmax_backward(*(_to_front(x, a, size) for x, a in zip(inputs, axes))), 0
+    softmax_backward.vjp(lambda primals, cotangent, result: tuple(softmax_second(*primals, cotangent)))
+    softmax_backward.vmap(_row_wise_vmap(softmax_backward))
 
     @mx.custom_function
     def softmax(x):
         return kernels.softmax(x)
 
-    @softmax.vjp
-    def softmax_vjp(x, cotangent, output):
-        return softmax_backward(output, cotangent)
+    softmax.vjp(lambda x, cotangent, output: softmax_backward(output, cotangent))
 
     @softmax.vmap
     def softmax_vmap(x, axis):

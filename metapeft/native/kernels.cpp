@@ -9,7 +9,7 @@
 //
 // Every kernel reads and writes row-contiguous float32 arrays whose last axis is the row; the Python side makes its
 // inputs so. The arithmetic is the same as the Python forms' in metapeft/models (the polynomial exp of softmax.py,
-// the erf of hf_encoder.py), so results agree to float32 rounding (tested).
+// the erf of gelu.py), so results agree to float32 rounding (tested).
 
 #include <algorithm>
 #include <atomic>
@@ -70,7 +70,7 @@ inline float exp_nonpositive(float x) {
 
 constexpr float SQRT_HALF = 0.70710678118654752f;
 constexpr float C1 = 0.0705230784f, C2 = 0.0422820123f, C3 = 0.0092705272f, C4 = 0.0001520143f,
-                C5 = 0.0002765672f, C6 = 0.0000430638f;  // erf(a) = 1 - p(a)^-16 (hf_encoder.py)
+                C5 = 0.0002765672f, C6 = 0.0000430638f;  // erf(a) = 1 - p(a)^-16 (gelu.py)
 
 inline float erf_polynomial(float a) {
   return 1.0f + a * (C1 + a * (C2 + a * (C3 + a * (C4 + a * (C5 + a * C6)))));
@@ -81,13 +81,13 @@ inline float sixteenth_power(float p) {
   return p8 * p8;
 }
 
-// hf_encoder.py's gelu_forward: (x + |x| erf(|x| / sqrt 2)) / 2
+// gelu.py's gelu_forward: (x + |x| erf(|x| / sqrt 2)) / 2
 inline float gelu(float x) {
   float a = std::fabs(x);
   return 0.5f * (x + a * (1.0f - 1.0f / sixteenth_power(erf_polynomial(a * SQRT_HALF))));
 }
 
-// hf_encoder.py's gelu_slope: the derivative of the GELU above, with |x| / sqrt 2 clamped at 6
+// gelu.py's gelu_slope: the derivative of the GELU above, with |x| / sqrt 2 clamped at 6
 inline float gelu_slope(float x) {
   float u = x * SQRT_HALF;
   float a = std::min(std::fabs(u), 6.0f);
@@ -98,6 +98,22 @@ inline float gelu_slope(float x) {
   float erf_slope = 16.0f * p_slope / (p16 * p);
   erf_slope = (std::fabs(u) < 6.0f) ? erf_slope : 0.0f;
   return 0.5f * (1.0f + erf_u) + 0.5f * SQRT_HALF * x * erf_slope;
+}
+
+// The derivative of gelu_slope as autodiff traces it through gelu.py's form: with a = |u| below the clamp,
+// erf_u' = sqrt(1/2) erf_slope and erf_slope' = sqrt(1/2) sign(u) 16 (p'' p^-17 - 17 p'^2 p^-18), both 0 beyond it.
+inline float gelu_curvature(float x) {
+  float u = x * SQRT_HALF;
+  float a = std::min(std::fabs(u), 6.0f);
+  float p = erf_polynomial(a);
+  float p16 = sixteenth_power(p);
+  float p_slope = C1 + a * (2 * C2 + a * (3 * C3 + a * (4 * C4 + a * (5 * C5 + a * (6 * C6)))));
+  float p_curvature = 2 * C2 + a * (6 * C3 + a * (12 * C4 + a * (20 * C5 + a * (30 * C6))));
+  float inside = std::fabs(u) < 6.0f ? 1.0f : 0.0f;
+  float sign = (u > 0.0f) - (u < 0.0f);
+  float erf_slope = inside * 16.0f * p_slope / (p16 * p);
+  float erf_curvature = inside * sign * 16.0f * (p_curvature - 17.0f * p_slope * p_slope / p) / (p16 * p);
+  return SQRT_HALF * erf_slope + 0.25f * x * erf_curvature;
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -122,6 +138,18 @@ void gelu_backward_rows(const Rows& a, size_t first, size_t last, size_t) {
   float* dx = a.out[0];
 #pragma omp simd
   for (size_t i = first * a.width; i < last * a.width; ++i) dx[i] = g[i] * gelu_slope(x[i]);
+}
+
+// The backward pass's own backward pass, for MAML's second derivatives: with the cotangent c of g slope(x),
+// dx = c g slope'(x) and dg = c slope(x)
+void gelu_second_rows(const Rows& a, size_t first, size_t last, size_t) {
+  const float *x = a.in[0], *g = a.in[1], *c = a.in[2];
+  float *dx = a.out[0], *dg = a.out[1];
+#pragma omp simd
+  for (size_t i = first * a.width; i < last * a.width; ++i) {
+    dx[i] = c[i] * g[i] * gelu_curvature(x[i]);
+    dg[i] = c[i] * gelu_slope(x[i]);
+  }
 }
 
 void softmax_rows(const Rows& a, size_t first, size_t last, size_t) {
@@ -189,6 +217,27 @@ inline float row_sum(const float* x, size_t n, F f) {
   float total = lanes_sum((a + b) + (c + d));
   for (; i < n; ++i) total += f(x[i]);
   return total;
+}
+
+// The backward pass's own backward pass: with the cotangent c of y (g - <g, y>),
+// dy = c (g - <g, y>) - g <c, y> and dg = y (c - <c, y>)
+void softmax_second_rows(const Rows& a, size_t first, size_t last, size_t) {
+  const size_t n = a.width;
+  for (size_t row = first; row < last; ++row) {
+    const float *y = a.in[0] + row * n, *g = a.in[1] + row * n, *c = a.in[2] + row * n;
+    float *dy = a.out[0] + row * n, *dg = a.out[1] + row * n;
+    float gy = 0.0f, cy = 0.0f;
+#pragma omp simd reduction(+ : gy, cy)
+    for (size_t i = 0; i < n; ++i) {
+      gy += g[i] * y[i];
+      cy += c[i] * y[i];
+    }
+#pragma omp simd
+    for (size_t i = 0; i < n; ++i) {
+      dy[i] = c[i] * (g[i] - gy) - g[i] * cy;
+      dg[i] = y[i] * (c[i] - cy);
+    }
+  }
 }
 
 // mean and 1 / sqrt(variance + eps) of a row, the variance from the centred values (as a two-pass algorithm)
@@ -314,8 +363,10 @@ class WorkerPool {
   size_t parts_ = 0, remaining_ = 0, generation_ = 0;
 };
 
+// The process's pool, never destroyed: its threads wait until the process ends. (A child made by fork() cannot
+// use it, but neither can it evaluate anything in MLX: its stream thread is not copied either.)
 WorkerPool& pool() {
-  static WorkerPool* shared = new WorkerPool();  // never destroyed: its threads wait until the process ends
+  static WorkerPool* shared = new WorkerPool();
   return *shared;
 }
 
@@ -488,8 +539,10 @@ std::vector<mx::array> apply(const Signature& signature, std::vector<mx::array> 
 
 const Signature GELU{"GELU", gelu_rows, {true}, {0}, false, 1 << 15};
 const Signature GELU_BACKWARD{"GELUBackward", gelu_backward_rows, {true, true}, {0}, false, 1 << 15};
+const Signature GELU_SECOND{"GELUSecond", gelu_second_rows, {true, true, true}, {0, 0}, false, 1 << 15};
 const Signature SOFTMAX{"Softmax", softmax_rows, {true}, {0}, false, 1 << 15};
 const Signature SOFTMAX_BACKWARD{"SoftmaxBackward", softmax_backward_rows, {true, true}, {0}, false, 1 << 15};
+const Signature SOFTMAX_SECOND{"SoftmaxSecond", softmax_second_rows, {true, true, true}, {0, 0}, false, 1 << 15};
 const Signature LAYER_NORM{"LayerNorm", layer_norm_rows, {true, false, false}, {0}, false, 1 << 15};
 const Signature LAYER_NORM_BACKWARD{"LayerNormBackward", layer_norm_backward_rows, {true, false, true}, {0, 1, 1},
                                     true, 1 << 15};
@@ -501,6 +554,12 @@ NB_MODULE(_metapeft_kernels, m) {
   m.def("gelu", [](const mx::array& x) { return apply(GELU, {x}, 0.0f)[0]; });
   m.def("gelu_backward",
         [](const mx::array& x, const mx::array& g) { return apply(GELU_BACKWARD, {x, g}, 0.0f)[0]; });
+  m.def("gelu_second", [](const mx::array& x, const mx::array& g, const mx::array& c) {
+    return apply(GELU_SECOND, {x, g, c}, 0.0f);
+  });
+  m.def("softmax_second", [](const mx::array& y, const mx::array& g, const mx::array& c) {
+    return apply(SOFTMAX_SECOND, {y, g, c}, 0.0f);
+  });
   m.def("softmax", [](const mx::array& x) { return apply(SOFTMAX, {x}, 0.0f)[0]; });
   m.def("softmax_backward",
         [](const mx::array& y, const mx::array& g) { return apply(SOFTMAX_BACKWARD, {y, g}, 0.0f)[0]; });
