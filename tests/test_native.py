@@ -189,12 +189,15 @@ def test_the_encoder_gives_the_same_features_and_maml_gradients_with_either_kern
             np.testing.assert_allclose(np.array(got), np.array(want), atol=5e-5 * scale, rtol=0, err_msg=name)
 
 
-@pytest.mark.parametrize("name", ["gelu", "softmax"])
+@pytest.mark.parametrize("name", PAIRS)
 def test_second_derivative_kernels_under_vmap_and_the_traced_third_derivative(name):
-    """gelu_second and softmax_second (the backward passes' own backward passes) mapped over a meta-batch, as
-    vmapped MAML takes them; a third derivative falls back to tracing the MLX form, and is still right."""
+    """The backward passes' own backward passes (gelu_second, softmax_second, layer_norm_second) mapped over a
+    meta-batch, as vmapped MAML takes them; a third derivative falls back to tracing the MLX form, and is right."""
     ours, theirs, shapes, scale = PAIRS[name]
     theirs = DERIVATIVE_REFERENCES.get(name, theirs)
+    if name == "layer_norm":  # the scale and bias shared, as LoRA's frozen ones
+        weights_and_bias = [array(*shape) for shape in shapes[1:]]
+        ours, theirs = ((lambda f: lambda a: f(a, *weights_and_bias))(f) for f in (ours, theirs))
     x, weights = array(3, *shapes[0], scale=scale), array(3, *shapes[0])
 
     def curvature(fn):

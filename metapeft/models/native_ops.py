@@ -160,16 +160,34 @@ def softmax(x: mx.array) -> mx.array:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Layer norm over the last axis
+# Layer norm over the last axis: layer_norm -> layer_norm_backward -> layer_norm_second (kernels) -> traced
+
+
+def _per_entry_vmap(function: Callable) -> Callable:
+    """The vmap rule of a function whose outputs include sums over rows (a layer norm's scale gradient): one call a
+    mapped entry, stacked (a meta-batch has a few)."""
+    def vmap(inputs, axes):
+        size = _mapped_size(inputs, axes)
+        entries = [function(*(x if a is None else mx.take(x, i, axis=a) for x, a in zip(inputs, axes)))
+                   for i in range(size)]
+        return tuple(mx.stack(outputs) for outputs in zip(*entries)), tuple(0 for _ in entries[0])
+    return vmap
 
 
 @cache
 def _layer_norm_functions(eps: float):
     kernels = native.required()
 
-    def traced_backward(x, scale, cotangent):
-        return mx.vjp(lambda x, s, b: mx.fast.layer_norm(x, s, b, eps), [x, scale, mx.zeros_like(scale)],
-                      [cotangent])[1]
+    def backward_traced(x, scale, cotangent):
+        return tuple(mx.vjp(lambda x, s, b: mx.fast.layer_norm(x, s, b, eps), [x, scale, mx.zeros_like(scale)],
+                            [cotangent])[1])
+
+    second = mx.custom_function(lambda *inputs: tuple(kernels.layer_norm_second(*inputs, eps)))
+    # the kernel's outputs are the gradients of x, g and scale; the traced form's of x, scale and g
+    second_traced = lambda x, s, g, c, cs, cb: mx.vjp(backward_traced, [x, s, g], [c, cs, cb])[1]
+    second.vjp(lambda primals, cotangents, outputs: mx.vjp(
+        lambda *a: (lambda gx, gs, gg: (gx, gg, gs))(*second_traced(*a)), list(primals), list(cotangents))[1])
+    second.vmap(_per_entry_vmap(second))
 
     @mx.custom_function
     def layer_norm_backward(x, scale, cotangent):
@@ -177,19 +195,10 @@ def _layer_norm_functions(eps: float):
 
     @layer_norm_backward.vjp
     def layer_norm_backward_vjp(primals, cotangents, outputs):
-        return mx.vjp(traced_backward, list(primals), list(cotangents))[1]
+        grad_x, grad_g, grad_scale = second(*primals, *cotangents)
+        return grad_x, grad_scale, grad_g
 
-    @layer_norm_backward.vmap
-    def layer_norm_backward_vmap(inputs, axes):
-        x, scale, cotangent = inputs
-        size = _mapped_size(inputs, axes)
-        x, cotangent = _to_front(x, axes[0], size), _to_front(cotangent, axes[2], size)
-        if axes[1] is None:  # the scale's and bias's gradients are sums over each mapped entry's own rows
-            parts = [layer_norm_backward(x[i], scale, cotangent[i]) for i in range(size)]
-        else:
-            scale = _to_front(scale, axes[1], size)
-            parts = [layer_norm_backward(x[i], scale[i], cotangent[i]) for i in range(size)]
-        return tuple(mx.stack(part) for part in zip(*parts)), (0, 0, 0)
+    layer_norm_backward.vmap(_per_entry_vmap(layer_norm_backward))
 
     @mx.custom_function
     def layer_norm(x, scale, bias):

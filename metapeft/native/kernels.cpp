@@ -294,6 +294,54 @@ void layer_norm_backward_rows(const Rows& a, size_t first, size_t last, size_t p
   }
 }
 
+// The backward pass's own backward pass, for MAML's second derivatives. With x^, r = 1 / deviation and h = g scale
+// as above, and the cotangents c of dx, c_s of dscale and c_b of dbias, per row (means over the row):
+//   u = c_s g - r (c mean(h x^) + h mean(c x^)),  rho = sum c (h - mean(h) - x^ mean(h x^)),
+//   grad x = r (u - mean(u) - x^ mean(u x^)) - rho r^2 x^ / n,
+//   grad h = r (c - mean(c) - x^ mean(c x^)),  grad g = c_b + c_s x^ + scale grad h,  grad scale = sum g grad h,
+// the last summed over rows into row `part` of out[2], as in layer_norm_backward_rows.
+void layer_norm_second_rows(const Rows& a, size_t first, size_t last, size_t part) {
+  const size_t n = a.width;
+  const float *scale = a.in[1], *c_scale = a.in[4], *c_bias = a.in[5];
+  float* scale_sum = a.out[2] + part * n;
+  std::vector<float> normalized(n), u(n);
+  std::fill(scale_sum, scale_sum + n, 0.0f);
+  for (size_t row = first; row < last; ++row) {
+    const float *x = a.in[0] + row * n, *g = a.in[2] + row * n, *c = a.in[3] + row * n;
+    float *dx = a.out[0] + row * n, *dg = a.out[1] + row * n;
+    float mean, r;
+    moments(x, n, a.parameter, mean, r);
+    float h_sum = 0.0f, hx_sum = 0.0f, c_sum = 0.0f, cx_sum = 0.0f, ch_sum = 0.0f;
+#pragma omp simd reduction(+ : h_sum, hx_sum, c_sum, cx_sum, ch_sum)
+    for (size_t i = 0; i < n; ++i) {
+      normalized[i] = (x[i] - mean) * r;
+      const float h = g[i] * scale[i];
+      h_sum += h;
+      hx_sum += h * normalized[i];
+      c_sum += c[i];
+      cx_sum += c[i] * normalized[i];
+      ch_sum += c[i] * h;
+    }
+    const float h_mean = h_sum / n, hx_mean = hx_sum / n, c_mean = c_sum / n, cx_mean = cx_sum / n;
+    const float rho = ch_sum - h_mean * c_sum - hx_mean * cx_sum;
+    float u_sum = 0.0f, ux_sum = 0.0f;
+#pragma omp simd reduction(+ : u_sum, ux_sum)
+    for (size_t i = 0; i < n; ++i) {
+      u[i] = c_scale[i] * g[i] - r * (c[i] * hx_mean + g[i] * scale[i] * cx_mean);
+      u_sum += u[i];
+      ux_sum += u[i] * normalized[i];
+    }
+    const float u_mean = u_sum / n, ux_mean = ux_sum / n, rho_term = rho * r * r / n;
+#pragma omp simd
+    for (size_t i = 0; i < n; ++i) {
+      dx[i] = r * (u[i] - u_mean - normalized[i] * ux_mean) - rho_term * normalized[i];
+      const float grad_h = r * (c[i] - c_mean - normalized[i] * cx_mean);
+      dg[i] = c_bias[i] + c_scale[i] * normalized[i] + scale[i] * grad_h;
+      scale_sum[i] += g[i] * grad_h;
+    }
+  }
+}
+
 using RowKernel = void (*)(const Rows&, size_t first, size_t last, size_t part);
 
 // Rows are split over at most `kernel_threads` threads (the calling one included), each with at least
@@ -383,7 +431,7 @@ struct Signature {
   RowKernel kernel;
   std::vector<bool> is_row;  // per input
   std::vector<int> output_like;
-  bool reduces_rows;  // outputs after the first are sums over rows (a layer norm's scale and bias gradients)
+  size_t row_outputs;  // outputs from this one on are sums over rows (a layer norm's scale and bias gradients)
   size_t elements_a_thread;  // the least work worth a thread (measured: a layer norm costs a fifth of a GELU)
 };
 
@@ -422,7 +470,7 @@ class RowPrimitive : public mx::Primitive {
     std::vector<float*> targets;
     for (size_t o = 0; o < outputs.size(); ++o) {
       encoder.set_output_array(outputs[o]);
-      if (signature_.reduces_rows && o > 0) {
+      if (o >= signature_.row_outputs) {
         sums.push_back(std::make_shared<std::vector<float>>(parts * width));
         arguments.out.push_back(sums.back()->data());
         targets.push_back(outputs[o].data<float>());
@@ -460,7 +508,7 @@ class RowPrimitive : public mx::Primitive {
   std::pair<std::vector<mx::array>, std::vector<int>> vmap(const std::vector<mx::array>& inputs,
                                                            const std::vector<int>& axes) override {
     int size = 0;
-    bool per_entry = signature_.reduces_rows;
+    bool per_entry = signature_.row_outputs < signature_.output_like.size();
     for (size_t i = 0; i < inputs.size(); ++i) {
       if (axes[i] >= 0) {
         size = inputs[i].shape(axes[i]);
@@ -537,15 +585,18 @@ std::vector<mx::array> apply(const Signature& signature, std::vector<mx::array> 
                                 inputs);
 }
 
-const Signature GELU{"GELU", gelu_rows, {true}, {0}, false, 1 << 15};
-const Signature GELU_BACKWARD{"GELUBackward", gelu_backward_rows, {true, true}, {0}, false, 1 << 15};
-const Signature GELU_SECOND{"GELUSecond", gelu_second_rows, {true, true, true}, {0, 0}, false, 1 << 15};
-const Signature SOFTMAX{"Softmax", softmax_rows, {true}, {0}, false, 1 << 15};
-const Signature SOFTMAX_BACKWARD{"SoftmaxBackward", softmax_backward_rows, {true, true}, {0}, false, 1 << 15};
-const Signature SOFTMAX_SECOND{"SoftmaxSecond", softmax_second_rows, {true, true, true}, {0, 0}, false, 1 << 15};
-const Signature LAYER_NORM{"LayerNorm", layer_norm_rows, {true, false, false}, {0}, false, 1 << 15};
+const Signature GELU{"GELU", gelu_rows, {true}, {0}, 1, 1 << 15};
+const Signature GELU_BACKWARD{"GELUBackward", gelu_backward_rows, {true, true}, {0}, 1, 1 << 15};
+const Signature GELU_SECOND{"GELUSecond", gelu_second_rows, {true, true, true}, {0, 0}, 2, 1 << 15};
+const Signature SOFTMAX{"Softmax", softmax_rows, {true}, {0}, 1, 1 << 15};
+const Signature SOFTMAX_BACKWARD{"SoftmaxBackward", softmax_backward_rows, {true, true}, {0}, 1, 1 << 15};
+const Signature SOFTMAX_SECOND{"SoftmaxSecond", softmax_second_rows, {true, true, true}, {0, 0}, 2, 1 << 15};
+const Signature LAYER_NORM{"LayerNorm", layer_norm_rows, {true, false, false}, {0}, 1, 1 << 15};
 const Signature LAYER_NORM_BACKWARD{"LayerNormBackward", layer_norm_backward_rows, {true, false, true}, {0, 1, 1},
-                                    true, 1 << 15};
+                                    1, 1 << 15};
+// (x, scale, g, and the cotangents of dx, dscale, dbias) -> the gradients of x, g and scale
+const Signature LAYER_NORM_SECOND{"LayerNormSecond", layer_norm_second_rows, {true, false, true, true, false, false},
+                                  {0, 0, 1}, 2, 1 << 15};
 
 }  // namespace
 
@@ -568,6 +619,10 @@ NB_MODULE(_metapeft_kernels, m) {
   });
   m.def("layer_norm_backward", [](const mx::array& x, const mx::array& scale, const mx::array& g, float eps) {
     return apply(LAYER_NORM_BACKWARD, {x, scale, g}, eps);
+  });
+  m.def("layer_norm_second", [](const mx::array& x, const mx::array& scale, const mx::array& g, const mx::array& c,
+                                 const mx::array& c_scale, const mx::array& c_bias, float eps) {
+    return apply(LAYER_NORM_SECOND, {x, scale, g, c, c_scale, c_bias}, eps);
   });
   m.def("set_threads", [](int threads) { kernel_threads = std::max(1, threads); });
   m.def("threads", []() { return kernel_threads.load(); });
