@@ -209,3 +209,10 @@ def test_second_derivative_kernels_under_vmap_and_the_traced_third_derivative(na
     third = lambda fn: mx.grad(lambda a: mx.square(mx.grad(curvature(fn))(a, weights[0])).sum())(x[0])
     close(third(ours), third(theirs), relative=1e-4)
 
+
+
+def test_on_the_gpu_auto_keeps_mlx_and_native_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(native_ops.mx, "default_device", lambda: mx.gpu)  # metapeft's stand-in for mlx.core
+    assert native_ops.transformer_ops(native_ops.KernelKind.auto, mlx_softmax, mlx_gelu).kernels == "mlx"
+    with pytest.raises(ConfigError, match="model.kernels.*CPU only"):
+        native_ops.transformer_ops(native_ops.KernelKind.native, mlx_softmax, mlx_gelu)

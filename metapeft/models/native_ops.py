@@ -1,13 +1,16 @@
 """Layer norm, softmax and GELU on metapeft's vectorized CPU kernels (``metapeft.native``), differentiable to any
 order and vmappable, for the pretrained transformers (``model.kernels``).
 
-Each function is an ``mx.custom_function`` around a kernel:
+Each function is an ``mx.custom_function`` around a kernel, in a chain of three:
 
-- its first derivative is a backward kernel (``layer_norm_backward``, ``softmax_backward``, ``gelu_backward``),
-  itself a custom function whose derivative is that of the same backward pass written in MLX operations, traced by
-  ``mx.vjp``: MAML's second derivatives cost what they did before, its first ones run on the kernels;
-- its vmap moves the mapped axis off the last one (the kernels' rows) and calls the kernel once; where a layer
-  norm's scale or bias is mapped too (a meta-batch of full fine-tunings), the same MLX operations as before run.
+- its first derivative is a backward kernel (``layer_norm_backward``, ``softmax_backward``, ``gelu_backward``), and
+  the backward kernel's derivative is a kernel too (``layer_norm_second``, ``softmax_second``, ``gelu_second``), so
+  MAML's first and second derivatives both run on kernels;
+- the third derivative (which no algorithm here takes) is the second kernel's traced through the same backward pass
+  written in MLX operations, so it is still right (tested);
+- its vmap moves the mapped axis off the last one (the kernels' rows) and calls the kernel once; a layer norm's
+  backward passes, whose scale gradients are sums over rows, are mapped entry by entry, and where a layer norm's
+  scale or bias is mapped (a meta-batch of full fine-tunings) its forward is MLX's operations.
 
 Both vmap and grad keep the kernels: ``mx.custom_function``'s default vmap would map the forward and drop the given
 derivative under ``grad(vmap(f))``. The kernels compute the same arithmetic as the MLX forms they replace
@@ -24,6 +27,7 @@ from metapeft import native
 from metapeft.backend import mx
 from metapeft.errors import ConfigError
 from metapeft.models.gelu import gelu_slope
+from metapeft.models.softmax import softmax as polynomial_softmax
 
 
 class KernelKind(StrEnum):
@@ -43,7 +47,11 @@ def transformer_ops(kind: KernelKind, mlx_softmax: Callable, mlx_gelu: Callable)
     """The ops ``model.kernels`` names; ``mlx_softmax`` and ``mlx_gelu`` are the model's MLX forms. The softmax stays
     ``mlx_softmax`` when that is ``mx.softmax`` (``model.softmax=mlx``, which reproduces earlier runs)."""
     kind = KernelKind(kind)
-    use_native = kind == KernelKind.native or (kind == KernelKind.auto and mx.default_device() == mx.cpu)
+    on_cpu = mx.default_device() == mx.cpu
+    if kind == KernelKind.native and not on_cpu:
+        raise ConfigError("model.kernels", "native: metapeft's kernels run on the CPU only, and MLX's default device "
+                          "here is the GPU; valid: auto (the kernels on the CPU, MLX's operations on the GPU), mlx")
+    use_native = kind == KernelKind.native or (kind == KernelKind.auto and on_cpu)
     if use_native and native.module() is None:
         if kind == KernelKind.native:
             raise ConfigError("model.kernels", f"native: metapeft's CPU kernels are unavailable here "
@@ -51,8 +59,6 @@ def transformer_ops(kind: KernelKind, mlx_softmax: Callable, mlx_gelu: Callable)
         use_native = False
     if not use_native:
         return TransformerOps(mlx_layer_norm, mlx_softmax, mlx_gelu, "mlx")
-    from metapeft.models.softmax import softmax as polynomial_softmax
-
     return TransformerOps(layer_norm, softmax if mlx_softmax is polynomial_softmax else mlx_softmax, gelu, "native")
 
 

@@ -128,7 +128,7 @@ def module() -> Optional[ModuleType]:
         mx.eval(extension.gelu(mx.zeros((2,))))  # an MLX built with another nanobind ABI refuses MLX's arrays
         _module = extension
         _status = {"available": True, "path": str(path)}
-        set_threads(_threads or os.cpu_count() or 1)
+        set_threads(_threads or int(os.environ.get("METAPEFT_NATIVE_THREADS") or 0) or os.cpu_count() or 1)
     except Exception as error:  # noqa: BLE001 - any failure means: MLX's operations, and say why
         _status = {"available": False, "reason": f"{type(error).__name__}: {error}"}
     return _module
@@ -143,8 +143,8 @@ def required() -> ModuleType:
 
 
 def set_threads(threads: int) -> None:
-    """How many threads a kernel may split its rows over (default: the machine's cores); parallel sweep jobs and
-    processes of one run set their share, as for OpenBLAS (``metapeft/cli/run.py``)."""
+    """How many threads a kernel may split its rows over (default: ``$METAPEFT_NATIVE_THREADS``, else the machine's
+    cores); parallel sweep jobs and processes of one run set their share, as for OpenBLAS (``metapeft/cli/run.py``)."""
     global _threads
     _threads = max(1, int(threads))
     if _module is not None:
