@@ -6,7 +6,7 @@ them as MLX primitives in C++, in loops the compiler vectorizes, with rows split
 first use, like the BLAS shim (``metapeft/blas.py``), into ``$METAPEFT_CACHE_DIR/native`` (default
 ``~/.cache/metapeft/native``), against the installed MLX's headers and nanobind (a dependency), with
 ``-march=native``: the file's name carries a digest of the source, the versions, the compiler and this CPU's
-flags, so a cache shared between machines never loads another machine's build. Building takes about 15 s, once.
+flags, so a cache shared between machines never loads another machine's build. Building took 18 to 19 s here, once.
 
 ``module()`` is the built extension, or None where it cannot be built or loaded (no C++ compiler, another
 platform, an MLX built with an incompatible nanobind); ``status()`` says which and why, and runs record it.

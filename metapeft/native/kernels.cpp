@@ -1,7 +1,7 @@
 // Vectorized CPU kernels for the transformers' element-wise work, as MLX primitives: layer norm, softmax over the
-// last axis and BERT's GELU, each with its backward pass. Built on first use by metapeft/native/__init__.py, which
-// also gives each one its derivatives (the backward kernels here, and differentiable MLX operations beyond the
-// first order) and its vmap.
+// last axis and BERT's GELU, each with its backward pass and that backward pass's own (for MAML's second
+// derivatives). Built on first use by metapeft/native/__init__.py; metapeft/models/native_ops.py chains them into
+// differentiable, vmappable functions.
 //
 // Why: MLX 0.32's own CPU kernels on x86-64 are scalar and run on one thread (docs/performance.md, "What
 // remains"); these loops are written so that the compiler vectorizes them (-O3 -march=native, OpenMP's simd
@@ -357,8 +357,9 @@ std::vector<size_t> split(size_t rows, size_t width, size_t elements_a_thread) {
   return bounds;
 }
 
-// Threads that wait for row ranges to compute, started once: starting a thread for each call costs about 50
-// microseconds, a third of a layer norm's whole time on MiniLM's activations. The caller computes the first range.
+// Threads that wait for row ranges to compute, started once: starting and joining a thread for each call costs 50
+// to 85 microseconds, a third to a half of a layer norm on MiniLM's activations (docs/performance.md, "Native
+// kernels"). The caller computes the first range.
 // One call at a time: a second caller (another CPU stream's thread) computes all its ranges itself.
 class WorkerPool {
  public:
