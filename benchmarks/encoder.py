@@ -39,7 +39,7 @@ ENCODER_VARIANTS = {
     "fomaml_task_by_task": ["algorithm=fomaml", "algorithm.tasks_per_pass=1"],
     "fomaml_task_by_task_two_streams": ["algorithm=fomaml", "algorithm.tasks_per_pass=1",
                                         "algorithm.parallel_passes=2"],
-    # each of the variants with MLX's operations for layer norm, softmax and GELU (as before the kernels)
+    # the main variants with MLX's operations for layer norm, softmax and GELU (as before the kernels)
     "fomaml_mlx_kernels": ["algorithm=fomaml", VMAPPED, MLX_KERNELS],
     "fomaml_task_by_task_mlx_kernels": ["algorithm=fomaml", "algorithm.tasks_per_pass=1", MLX_KERNELS],
     "maml_task_by_task_checkpointed_mlx_kernels": ["algorithm=maml", "algorithm.tasks_per_pass=1",

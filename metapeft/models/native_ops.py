@@ -84,13 +84,29 @@ def _row_wise_vmap(function: Callable) -> Callable:
     return vmap
 
 
-def _kernel_with_traced_derivative(kernel: Callable, traced: Callable) -> Callable:
-    """``kernel`` as a custom function whose derivative is ``traced``'s (the same function in MLX operations), as
-    autodiff computes it: the third derivatives MAML never takes, kept correct."""
+def _per_entry_vmap(function: Callable) -> Callable:
+    """The vmap rule of a function whose outputs include sums over rows (a layer norm's scale gradient): one call a
+    mapped entry, stacked (a meta-batch has a few)."""
+    def vmap(inputs, axes):
+        size = _mapped_size(inputs, axes)
+        entries = [function(*(x if a is None else mx.take(x, i, axis=a) for x, a in zip(inputs, axes)))
+                   for i in range(size)]
+        return tuple(mx.stack(outputs) for outputs in zip(*entries)), tuple(0 for _ in entries[0])
+    return vmap
+
+
+def _kernel_function(kernel: Callable, vjp: Callable, vmap_rule: Callable = _row_wise_vmap) -> Callable:
+    """``kernel`` as an ``mx.custom_function`` with the given ``vjp`` and the vmap rule ``vmap_rule(function)``."""
     function = mx.custom_function(lambda *inputs: kernel(*inputs))
-    function.vjp(lambda primals, cotangents, outputs: mx.vjp(traced, list(primals), _as_list(cotangents))[1])
-    function.vmap(_row_wise_vmap(function))
+    function.vjp(vjp)
+    function.vmap(vmap_rule(function))
     return function
+
+
+def _traced_vjp(traced: Callable) -> Callable:
+    """The vjp of ``traced`` (a kernel's computation in MLX operations) as autodiff computes it: the derivative of a
+    second-derivative kernel, so that the third derivatives MAML never takes are still right."""
+    return lambda primals, cotangents, outputs: mx.vjp(traced, _as_list(primals), _as_list(cotangents))[1]
 
 
 def _as_list(arrays) -> list:
@@ -105,23 +121,12 @@ def _as_list(arrays) -> list:
 def _gelu_functions():
     kernels = native.required()
     backward_traced = lambda x, g: g * gelu_slope(x)
-    gelu_second = _kernel_with_traced_derivative(
-        kernels.gelu_second, lambda x, g, c: tuple(mx.vjp(backward_traced, [x, g], [c])[1]))
-
-    @mx.custom_function
-    def gelu_backward(x, cotangent):
-        return kernels.gelu_backward(x, cotangent)
-
-    gelu_backward.vjp(lambda primals, cotangent, output: tuple(gelu_second(*primals, cotangent)))
-    gelu_backward.vmap(_row_wise_vmap(gelu_backward))
-
-    @mx.custom_function
-    def gelu(x):
-        return kernels.gelu(x)
-
-    gelu.vjp(lambda x, cotangent, output: gelu_backward(x, cotangent))
-    gelu.vmap(lambda x, axis: (gelu(x), axis))  # element-wise: any axis is fine
-    return gelu
+    second = _kernel_function(kernels.gelu_second,
+                              _traced_vjp(lambda x, g, c: tuple(mx.vjp(backward_traced, [x, g], [c])[1])))
+    backward = _kernel_function(kernels.gelu_backward, lambda primals, c, output: tuple(second(*primals, c)))
+    # element-wise: any mapped axis is fine
+    return _kernel_function(kernels.gelu, lambda x, c, output: backward(x, c),
+                            lambda gelu: lambda x, axis: (gelu(x), axis))
 
 
 def gelu(x: mx.array) -> mx.array:
@@ -137,27 +142,13 @@ def gelu(x: mx.array) -> mx.array:
 def _softmax_functions():
     kernels = native.required()
     backward_traced = lambda y, g: y * (g - (g * y).sum(axis=-1, keepdims=True))
-    softmax_second = _kernel_with_traced_derivative(
-        kernels.softmax_second, lambda y, g, c: tuple(mx.vjp(backward_traced, [y, g], [c])[1]))
-
-    @mx.custom_function
-    def softmax_backward(output, cotangent):
-        return kernels.softmax_backward(output, cotangent)
-
-    softmax_backward.vjp(lambda primals, cotangent, result: tuple(softmax_second(*primals, cotangent)))
-    softmax_backward.vmap(_row_wise_vmap(softmax_backward))
-
-    @mx.custom_function
-    def softmax(x):
-        return kernels.softmax(x)
-
-    softmax.vjp(lambda x, cotangent, output: softmax_backward(output, cotangent))
-
-    @softmax.vmap
-    def softmax_vmap(x, axis):
-        return (softmax(mx.moveaxis(x, axis, 0)), 0) if axis == x.ndim - 1 else (softmax(x), axis)
-
-    return softmax
+    second = _kernel_function(kernels.softmax_second,
+                              _traced_vjp(lambda y, g, c: tuple(mx.vjp(backward_traced, [y, g], [c])[1])))
+    backward = _kernel_function(kernels.softmax_backward, lambda primals, c, result: tuple(second(*primals, c)))
+    # the rows are the last axis: a mapped last axis is moved first
+    return _kernel_function(kernels.softmax, lambda x, c, output: backward(output, c),
+                            lambda softmax: lambda x, axis: ((softmax(mx.moveaxis(x, axis, 0)), 0)
+                                                             if axis == x.ndim - 1 else (softmax(x), axis)))
 
 
 def softmax(x: mx.array) -> mx.array:
@@ -169,17 +160,6 @@ def softmax(x: mx.array) -> mx.array:
 # Layer norm over the last axis: layer_norm -> layer_norm_backward -> layer_norm_second (kernels) -> traced
 
 
-def _per_entry_vmap(function: Callable) -> Callable:
-    """The vmap rule of a function whose outputs include sums over rows (a layer norm's scale gradient): one call a
-    mapped entry, stacked (a meta-batch has a few)."""
-    def vmap(inputs, axes):
-        size = _mapped_size(inputs, axes)
-        entries = [function(*(x if a is None else mx.take(x, i, axis=a) for x, a in zip(inputs, axes)))
-                   for i in range(size)]
-        return tuple(mx.stack(outputs) for outputs in zip(*entries)), tuple(0 for _ in entries[0])
-    return vmap
-
-
 @cache
 def _layer_norm_functions(eps: float):
     kernels = native.required()
@@ -188,45 +168,34 @@ def _layer_norm_functions(eps: float):
         return tuple(mx.vjp(lambda x, s, b: mx.fast.layer_norm(x, s, b, eps), [x, scale, mx.zeros_like(scale)],
                             [cotangent])[1])
 
-    second = mx.custom_function(lambda *inputs: tuple(kernels.layer_norm_second(*inputs, eps)))
-    # the kernel's outputs are the gradients of x, g and scale; the traced form's of x, scale and g
-    second_traced = lambda x, s, g, c, cs, cb: mx.vjp(backward_traced, [x, s, g], [c, cs, cb])[1]
-    second.vjp(lambda primals, cotangents, outputs: mx.vjp(
-        lambda *a: (lambda gx, gs, gg: (gx, gg, gs))(*second_traced(*a)), list(primals), list(cotangents))[1])
-    second.vmap(_per_entry_vmap(second))
+    def second_traced(x, scale, g, c, c_scale, c_bias):  # in the kernel's order: the gradients of x, g and scale
+        grad_x, grad_scale, grad_g = mx.vjp(backward_traced, [x, scale, g], [c, c_scale, c_bias])[1]
+        return grad_x, grad_g, grad_scale
 
-    @mx.custom_function
-    def layer_norm_backward(x, scale, cotangent):
-        return tuple(kernels.layer_norm_backward(x, scale, cotangent, eps))
+    second = _kernel_function(lambda *a: tuple(kernels.layer_norm_second(*a, eps)), _traced_vjp(second_traced),
+                              _per_entry_vmap)
 
-    @layer_norm_backward.vjp
-    def layer_norm_backward_vjp(primals, cotangents, outputs):
+    def backward_vjp(primals, cotangents, outputs):
         grad_x, grad_g, grad_scale = second(*primals, *cotangents)
         return grad_x, grad_scale, grad_g
 
-    layer_norm_backward.vmap(_per_entry_vmap(layer_norm_backward))
+    backward = _kernel_function(lambda *a: tuple(kernels.layer_norm_backward(*a, eps)), backward_vjp,
+                                _per_entry_vmap)
 
-    @mx.custom_function
-    def layer_norm(x, scale, bias):
-        return kernels.layer_norm(x, scale, bias, eps)
+    def vmap_rule(layer_norm):
+        def vmap(inputs, axes):
+            x, scale, bias = inputs
+            size = _mapped_size(inputs, axes)
+            if axes[1] is None and axes[2] is None:  # shared scale and bias: the mapped axis is more rows
+                return layer_norm(_to_front(x, axes[0], size), scale, bias), 0
+            x = _to_front(x, axes[0], size)
+            row = (size,) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+            scale, bias = (_to_front(t, a, size).reshape(row) for t, a in ((scale, axes[1]), (bias, axes[2])))
+            return mx.fast.layer_norm(x, None, None, eps) * scale + bias, 0
+        return vmap
 
-    @layer_norm.vjp
-    def layer_norm_vjp(primals, cotangent, output):
-        x, scale, _ = primals
-        return layer_norm_backward(x, scale, cotangent)
-
-    @layer_norm.vmap
-    def layer_norm_vmap(inputs, axes):
-        x, scale, bias = inputs
-        size = _mapped_size(inputs, axes)
-        if axes[1] is None and axes[2] is None:  # shared scale and bias: the mapped axis is more rows
-            return layer_norm(_to_front(x, axes[0], size), scale, bias), 0
-        x = _to_front(x, axes[0], size)
-        row = (size,) + (1,) * (x.ndim - 2) + (x.shape[-1],)
-        scale, bias = (_to_front(t, a, size).reshape(row) for t, a in ((scale, axes[1]), (bias, axes[2])))
-        return mx.fast.layer_norm(x, None, None, eps) * scale + bias, 0
-
-    return layer_norm
+    return _kernel_function(lambda x, scale, bias: kernels.layer_norm(x, scale, bias, eps),
+                            lambda primals, c, output: backward(primals[0], primals[1], c), vmap_rule)
 
 
 def layer_norm(x: mx.array, scale: mx.array, bias: mx.array, eps: float) -> mx.array:

@@ -87,33 +87,39 @@ inline float gelu(float x) {
   return 0.5f * (x + a * (1.0f - 1.0f / sixteenth_power(erf_polynomial(a * SQRT_HALF))));
 }
 
-// gelu.py's gelu_slope: the derivative of the GELU above, with |x| / sqrt 2 clamped at 6
-inline float gelu_slope(float x) {
-  float u = x * SQRT_HALF;
-  float a = std::min(std::fabs(u), 6.0f);
-  float p = erf_polynomial(a);
-  float p16 = sixteenth_power(p);
-  float p_slope = C1 + a * (2 * C2 + a * (3 * C3 + a * (4 * C4 + a * (5 * C5 + a * (6 * C6)))));
-  float erf_u = std::copysign(1.0f - 1.0f / p16, u);  // sign(u) (1 - p^-16); at u = 0, p = 1 and both are 0
-  float erf_slope = 16.0f * p_slope / (p16 * p);
-  erf_slope = (std::fabs(u) < 6.0f) ? erf_slope : 0.0f;
-  return 0.5f * (1.0f + erf_u) + 0.5f * SQRT_HALF * x * erf_slope;
+// What GELU's first and second derivatives share (gelu.py's erf_parts): u = x / sqrt 2, a = |u| clamped at 6,
+// p(a), p(a)^16, p'(a), and erf's slope 16 p' p^-17 (0 beyond the clamp)
+struct ErfParts {
+  float u, a, p, p16, p_slope, erf_slope;
+};
+
+inline ErfParts erf_parts(float x) {
+  ErfParts e;
+  e.u = x * SQRT_HALF;
+  e.a = std::min(std::fabs(e.u), 6.0f);
+  e.p = erf_polynomial(e.a);
+  e.p16 = sixteenth_power(e.p);
+  e.p_slope = C1 + e.a * (2 * C2 + e.a * (3 * C3 + e.a * (4 * C4 + e.a * (5 * C5 + e.a * (6 * C6)))));
+  const float erf_slope = 16.0f * e.p_slope / (e.p16 * e.p);
+  e.erf_slope = (std::fabs(e.u) < 6.0f) ? erf_slope : 0.0f;
+  return e;
+}
+
+// gelu.py's gelu_slope: the derivative of the GELU above
+inline float gelu_slope(float x, ErfParts e) {
+  float erf_u = std::copysign(1.0f - 1.0f / e.p16, e.u);  // sign(u) (1 - p^-16); at u = 0, p = 1 and both are 0
+  return 0.5f * (1.0f + erf_u) + 0.5f * SQRT_HALF * x * e.erf_slope;
 }
 
 // The derivative of gelu_slope as autodiff traces it through gelu.py's form: with a = |u| below the clamp,
 // erf_u' = sqrt(1/2) erf_slope and erf_slope' = sqrt(1/2) sign(u) 16 (p'' p^-17 - 17 p'^2 p^-18), both 0 beyond it.
-inline float gelu_curvature(float x) {
-  float u = x * SQRT_HALF;
-  float a = std::min(std::fabs(u), 6.0f);
-  float p = erf_polynomial(a);
-  float p16 = sixteenth_power(p);
-  float p_slope = C1 + a * (2 * C2 + a * (3 * C3 + a * (4 * C4 + a * (5 * C5 + a * (6 * C6)))));
-  float p_curvature = 2 * C2 + a * (6 * C3 + a * (12 * C4 + a * (20 * C5 + a * (30 * C6))));
-  float inside = std::fabs(u) < 6.0f ? 1.0f : 0.0f;
-  float sign = (u > 0.0f) - (u < 0.0f);
-  float erf_slope = inside * 16.0f * p_slope / (p16 * p);
-  float erf_curvature = inside * sign * 16.0f * (p_curvature - 17.0f * p_slope * p_slope / p) / (p16 * p);
-  return SQRT_HALF * erf_slope + 0.25f * x * erf_curvature;
+inline float gelu_curvature(float x, ErfParts e) {
+  float p_curvature = 2 * C2 + e.a * (6 * C3 + e.a * (12 * C4 + e.a * (20 * C5 + e.a * (30 * C6))));
+  float inside = std::fabs(e.u) < 6.0f ? 1.0f : 0.0f;
+  float sign = (e.u > 0.0f) - (e.u < 0.0f);
+  float erf_curvature =
+      inside * sign * 16.0f * (p_curvature - 17.0f * e.p_slope * e.p_slope / e.p) / (e.p16 * e.p);
+  return SQRT_HALF * e.erf_slope + 0.25f * x * erf_curvature;
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -137,7 +143,7 @@ void gelu_backward_rows(const Rows& a, size_t first, size_t last, size_t) {
   const float *x = a.in[0], *g = a.in[1];
   float* dx = a.out[0];
 #pragma omp simd
-  for (size_t i = first * a.width; i < last * a.width; ++i) dx[i] = g[i] * gelu_slope(x[i]);
+  for (size_t i = first * a.width; i < last * a.width; ++i) dx[i] = g[i] * gelu_slope(x[i], erf_parts(x[i]));
 }
 
 // The backward pass's own backward pass, for MAML's second derivatives: with the cotangent c of g slope(x),
@@ -145,10 +151,12 @@ void gelu_backward_rows(const Rows& a, size_t first, size_t last, size_t) {
 void gelu_second_rows(const Rows& a, size_t first, size_t last, size_t) {
   const float *x = a.in[0], *g = a.in[1], *c = a.in[2];
   float *dx = a.out[0], *dg = a.out[1];
-#pragma omp simd
+  // no omp simd here: it makes e an array of one struct a lane, which g++ then fails to vectorize; without it, the
+  // loop vectorizes (-fopt-info-vec)
   for (size_t i = first * a.width; i < last * a.width; ++i) {
-    dx[i] = c[i] * g[i] * gelu_curvature(x[i]);
-    dg[i] = c[i] * gelu_slope(x[i]);
+    const ErfParts e = erf_parts(x[i]);  // once for both derivatives
+    dx[i] = c[i] * g[i] * gelu_curvature(x[i], e);
+    dg[i] = c[i] * gelu_slope(x[i], e);
   }
 }
 
