@@ -55,6 +55,7 @@ constexpr float ROUNDING = 12582912.0f;  // 1.5 * 2^23: (t + ROUNDING) - ROUNDIN
 // e^x for x <= 0 (softmax.py's exp_polynomial): x = n ln 2 + r, Taylor polynomial of degree 6 of e^r, 2^n in the
 // exponent bits.
 inline float exp_nonpositive(float x) {
+  const bool underflows = x < SMALLEST_EXPONENT;
   x = std::max(x, SMALLEST_EXPONENT);
   float n = (x * LOG2_E + ROUNDING) - ROUNDING;
   float r = (x - n * LN2_HIGH) - n * LN2_LOW;
@@ -65,7 +66,7 @@ inline float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return underflows ? 0.0f : p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
 constexpr float SQRT_HALF = 0.70710678118654752f;
