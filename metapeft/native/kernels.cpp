@@ -16,6 +16,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -366,9 +367,35 @@ std::vector<size_t> split(size_t rows, size_t width, size_t elements_a_thread) {
   return bounds;
 }
 
+// How long a thread that waits for the pool spins before it sleeps. Waking a sleeping thread (a futex call and a
+// wake-up on the other core) costs tens of microseconds, as much as half a layer norm on MiniLM's activations: in
+// `python -m benchmarks encoder-ops`, layer norm took 2.3 to 2.6 times PyTorch's time with no spin and 0.64 to 0.89
+// with 200 microseconds; 50 gave 2.64 once and 0.87 once. The FOMAML step's time did not change (8.4 to 8.6 s an
+// iteration with 0, 50 or 200; docs/performance.md). Short, so the core goes back to OpenBLAS's threads soon.
+constexpr auto SPIN = std::chrono::microseconds(200);
+
+inline void relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Spins until done() or SPIN has passed; says which.
+template <class Done>
+bool spin_until(Done done) {
+  const auto deadline = std::chrono::steady_clock::now() + SPIN;
+  for (unsigned i = 1;; ++i) {
+    if (done()) return true;
+    if (i % 64 == 0 && std::chrono::steady_clock::now() > deadline) return false;
+    relax();
+  }
+}
+
 // Threads that wait for row ranges to compute, started once: starting and joining a thread for each call costs 50
 // to 85 microseconds, a third to a half of a layer norm on MiniLM's activations (docs/performance.md, "Native
-// kernels"). The caller computes the first range.
+// kernels"). The caller computes the first range. Each waiting thread spins for SPIN, then sleeps.
 // One call at a time: a second caller (another CPU stream's thread) computes all its ranges itself.
 class WorkerPool {
  public:
@@ -383,13 +410,15 @@ class WorkerPool {
       std::lock_guard<std::mutex> lock(mutex_);
       work_ = &work;
       parts_ = parts;
-      remaining_ = parts - 1;
-      ++generation_;
+      remaining_.store(parts - 1);
+      generation_.fetch_add(1);
     }
-    wake_.notify_all();
+    wake_.notify_all();  // no system call when no worker sleeps
     work(0);
+    const auto finished = [this] { return remaining_.load() == 0; };
+    if (spin_until(finished)) return;
     std::unique_lock<std::mutex> lock(mutex_);
-    finished_.wait(lock, [this] { return remaining_ == 0; });
+    finished_.wait(lock, finished);
   }
 
  private:
@@ -402,15 +431,19 @@ class WorkerPool {
     pthread_setaffinity_np(pthread_self(), sizeof(every_core), &every_core);  // failing, it stays where it is
     size_t seen = 0;
     for (;;) {
+      const auto called = [&] { return generation_.load() != seen; };
+      spin_until(called);
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
+      wake_.wait(lock, called);
+      seen = generation_.load();
       if (index >= parts_) continue;
       const std::function<void(size_t)>* work = work_;
       lock.unlock();
       (*work)(index);
-      lock.lock();
-      if (--remaining_ == 0) finished_.notify_one();
+      if (remaining_.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> notifying(mutex_);  // the caller checks `remaining_` under it before sleeping
+        finished_.notify_one();
+      }
     }
   }
 
@@ -418,7 +451,8 @@ class WorkerPool {
   std::condition_variable wake_, finished_;
   std::vector<std::thread> workers_;
   const std::function<void(size_t)>* work_ = nullptr;
-  size_t parts_ = 0, remaining_ = 0, generation_ = 0;
+  size_t parts_ = 0;
+  std::atomic<size_t> remaining_{0}, generation_{0};
 };
 
 // The process's pool, never destroyed: its threads wait until the process ends. (A child made by fork() cannot
