@@ -6,8 +6,14 @@ import sys
 from pathlib import Path
 
 from benchmarks import causal_lm, encoder, processes, resnet12, runs, steps
-from metapeft import blas, io
+from metapeft import blas, io, machine
 from metapeft.backend import mx
+
+
+def record(path: Path, result: dict) -> None:
+    """Write a benchmark's result with the processor and the BLAS it ran on: timings from two machines do not
+    compare."""
+    io.write_json(path, {"machine": machine.describe(), "blas": blas.status(), **result})
 
 
 def checked(names: str, valid, option: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -20,7 +26,7 @@ def checked(names: str, valid, option: str, parser: argparse.ArgumentParser) -> 
 def timings(args) -> None:
     results = {name: steps.time_workload(name, steps.WORKLOADS[name], args.repeats, args.seconds)
                for name in args.workloads}
-    io.write_json(args.out, {"blas": blas.status(), "device": str(mx.default_device()), "workloads": results,
+    record(args.out, {"device": str(mx.default_device()), "workloads": results,
                              "overrides": steps.WORKLOADS})
     print(f"MLX device: {mx.default_device()}; BLAS: {blas.status()}; MLX thread placement while timing ours: "
           f"{next(iter(results.values()))['cpu_affinity']}")
@@ -42,7 +48,7 @@ def memory(args) -> None:
     checkpoints = sorted(int(n) for n in args.iterations.split(","))
     readings = {name: steps.memory_workload(steps.WORKLOADS[name], checkpoints) for name in args.workloads}
     path = args.out.with_name("bench_memory.json")
-    io.write_json(path, {"blas": blas.status(), "memory": readings})
+    record(path, {"memory": readings})
     for name, by_count in readings.items():
         for n, r in by_count.items():
             print(f"{name:24s} after {n:>6s} iterations: MLX peak {r['mlx_peak_mb']:8.2f} MB, MLX active "
@@ -52,7 +58,7 @@ def memory(args) -> None:
 
 def per_call(args) -> None:
     result = steps.iterations_per_call([int(k) for k in args.counts.split(",")], args.repeats, args.seconds)
-    io.write_json(args.out.with_name("bench_per_call.json"), {"blas": blas.status(), "ms_per_iteration": result})
+    record(args.out.with_name("bench_per_call.json"), {"ms_per_iteration": result})
     sampling = result.pop("numpy_sampling_ms")
     for k, ms in result.items():
         print(f"(a) {k:>3s} meta-iterations per compiled call: {ms:.3f} ms per meta-iteration "
@@ -63,47 +69,47 @@ def per_call(args) -> None:
 def whole_runs(args) -> None:
     results = runs.run_breakdown(args.out.parent / "runs")
     path = args.out.with_name("bench_runs.json")
-    io.write_json(path, {"blas": blas.status(), "runs": results, "overrides": runs.RUNS})
+    record(path, {"runs": results, "overrides": runs.RUNS})
     runs.print_breakdown(results)
     print(f"written to {path}")
 
 
 def start_up(args) -> None:
     result = runs.start_up(args.repeats, args.out.parent / "runs")
-    io.write_json(args.out.with_name("bench_start_up.json"), result)
+    record(args.out.with_name("bench_start_up.json"), result)
     runs.print_start_up(result, args.repeats)
 
 
 def evaluation(args) -> None:
     overrides = args.overrides or ["task=digits", "peft=lora"]
     parts = runs.evaluation_parts(overrides)
-    io.write_json(args.out.with_name("bench_evaluation.json"), {"overrides": overrides, "seconds": parts})
+    record(args.out.with_name("bench_evaluation.json"), {"overrides": overrides, "seconds": parts})
     runs.print_evaluation(parts)
 
 
 def encoder_workloads(args) -> None:
     results = encoder.encoder_workloads(args.repeats, args.variants)
     path = args.out.with_name("bench_encoder.json")
-    io.write_json(path, {"blas": blas.status(), "workloads": results, "overrides": encoder.ENCODER})
+    record(path, {"workloads": results, "overrides": encoder.ENCODER})
     encoder.print_encoder(results)
     print(f"written to {path}")
 
 
 def encoder_ops(args) -> None:
     both = encoder.encoder_ops_both()
-    io.write_json(args.out.with_name("bench_encoder_ops.json"), both)
+    record(args.out.with_name("bench_encoder_ops.json"), both)
     encoder.print_encoder_ops(both)
 
 
 def text_padding(args) -> None:
     results = encoder.text_padding(args.overrides)
-    io.write_json(args.out.with_name("bench_text_padding.json"), results)
+    record(args.out.with_name("bench_text_padding.json"), results)
     encoder.print_text_padding(results)
 
 
 def encoder_streams(args) -> None:
     results = encoder.encoder_streams(args.repeats)
-    io.write_json(args.out.with_name("bench_encoder_streams.json"), {"blas": blas.status(), "seconds": results})
+    record(args.out.with_name("bench_encoder_streams.json"), {"seconds": results})
     for name, seconds in results.items():
         print(f"encoder-streams {name:48s} {seconds:7.2f} s")
 
@@ -111,7 +117,7 @@ def encoder_streams(args) -> None:
 def resnet12_workloads(args) -> None:
     results = resnet12.resnet12_workloads(args.repeats, args.names)
     path = args.out.with_name("bench_resnet12.json")
-    io.write_json(path, {"blas": blas.status(), "workloads": results, "overrides": resnet12.COMMON})
+    record(path, {"workloads": results, "overrides": resnet12.COMMON})
     resnet12.print_resnet12(results)
     print(f"written to {path}")
 
@@ -120,7 +126,7 @@ def causal_lm_workloads(args) -> None:
     results = causal_lm.lm_workloads(args.out.parent / "causal_lm", args.shape, args.algorithms, args.repeats,
                                      with_peer=not args.without_peer)
     path = args.out.with_name(f"bench_causal_lm_{args.shape}.json")
-    io.write_json(path, {"blas": blas.status(), "shape": causal_lm.SHAPES[args.shape], "workloads": results})
+    record(path, {"shape": causal_lm.SHAPES[args.shape], "workloads": results})
     causal_lm.print_lm(args.shape, results)
     print(f"written to {path}")
 
@@ -128,7 +134,7 @@ def causal_lm_workloads(args) -> None:
 def process_scaling(args) -> None:
     results = processes.scaling(args.names, args.processes, args.out.parent / "processes")
     path = args.out.with_name("bench_processes.json")
-    io.write_json(path, {"blas": blas.status(), "scaling": results})
+    record(path, {"scaling": results})
     processes.print_scaling(results)
     print(f"written to {path}")
 

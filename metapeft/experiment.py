@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from omegaconf import DictConfig
 
-from metapeft import affinity, blas, distributed, io, native
+from metapeft import affinity, blas, distributed, io, machine, native
 from metapeft.backend import mx, use_device
 from metapeft.baselines import chosen, make_baselines, skipped_for_cost
 from metapeft.build import Experiment, InitialState, build, initial_state, parameter_counts, pretrained
@@ -296,6 +296,7 @@ def evaluate_run(exp: Experiment, start: InitialState, meta: dict, frozen: dict,
         "parameters": parameter_counts(exp, start.backbone, start.adapted, meta),
         "inference_ms_per_sample": inference_ms,
         "memory": memory_mb(),
+        "machine": machine.describe(),  # timings from two processors do not compare
         "blas": blas.status(),
         "native_kernels": native.status(),  # whether model.kernels could use them (metapeft/native)
         "processes": distributed.size(),  # mlx.launch -n: sums and dropout masks split over processes differ

@@ -74,11 +74,12 @@ def exp_polynomial(x: mx.array) -> mx.array:
 
 exp_nonpositive = GivenDerivative(exp_polynomial, exp_slope)
 exp_nonpositive.__doc__ = """e^x for x <= 0 (what softmax needs after subtracting the maximum); below -87 it is
-0, as e^x in float32 is below -103.9: never a subnormal number, which every later product (the masked keys'
-probabilities times the values, forward and backward) would pay for on x86-64 (on an Intel Xeon, the encoder's
-meta-step took 20 to 30 times as long with e^-87 here). Its derivative is given (``exp_slope``), as GELU's is: traced, the backward pass reads the polynomial's
-intermediate arrays; given, it reads x alone. It is the derivative of this polynomial, not of e^x: first and second
-order equal to the traced ones to float64 rounding (tested)."""
+0, as e^x in float32 is below -103.9. So no masked key's probability is a subnormal number (e^-87 / sum), which
+every later product with it, forward and backward, pays for on x86-64: on an Intel Xeon the encoder's FOMAML step
+took 237 s an iteration with e^-87 here and 7.9 to 9.1 s with 0 (docs/performance.md). Its derivative is given
+(``exp_slope``), as GELU's is: traced, the backward pass reads the polynomial's intermediate arrays; given, it reads
+x alone. It is the derivative of this polynomial, not of e^x: first and second order equal to the traced ones to
+float64 rounding (tested)."""
 
 
 def attention_softmax(kind: SoftmaxKind):

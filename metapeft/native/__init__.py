@@ -14,7 +14,6 @@ platform, an MLX built with an incompatible nanobind); ``status()`` says which a
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import importlib.machinery
@@ -29,6 +28,8 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
+
+from metapeft import machine
 
 MODULE_NAME = "_metapeft_kernels"
 SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -53,11 +54,7 @@ def _cache_dir() -> Path:
 
 
 def _cpu_flags() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("flags"):
-                return line
-    return platform.processor()
+    return machine.cpuinfo_field("flags") or platform.processor()
 
 
 def _mlx_dir() -> Path:
