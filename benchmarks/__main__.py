@@ -26,8 +26,7 @@ def checked(names: str, valid, option: str, parser: argparse.ArgumentParser) -> 
 def timings(args) -> None:
     results = {name: steps.time_workload(name, steps.WORKLOADS[name], args.repeats, args.seconds)
                for name in args.workloads}
-    record(args.out, {"device": str(mx.default_device()), "workloads": results,
-                             "overrides": steps.WORKLOADS})
+    record(args.out, {"device": str(mx.default_device()), "workloads": results, "overrides": steps.WORKLOADS})
     print(f"MLX device: {mx.default_device()}; BLAS: {blas.status()}; MLX thread placement while timing ours: "
           f"{next(iter(results.values()))['cpu_affinity']}")
     print(f"{'workload':24s} {'ours ms':>9s} {'JAX ms':>9s} {'ours/JAX':>9s} {'torch ms':>9s} {'ours/torch':>10s}")

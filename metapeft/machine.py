@@ -1,6 +1,6 @@
-"""What a run's timings were taken on: the processor's name and the cores this process may use. Figures from two
-processors do not compare (on an Intel Xeon, subnormal numbers made the encoder's step 20 to 30 times slower, a
-cost another processor did not show: docs/performance.md), so runs and benchmarks record it."""
+"""What a run's timings were taken on: the processor's name and its cores. Figures from two processors do not
+compare (on an Intel Xeon, subnormal numbers made the encoder's FOMAML step take 237 s an iteration against 7.9 to
+9.1 s without them, a cost another processor did not show: docs/performance.md), so runs and benchmarks record it."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +19,7 @@ def cpuinfo_field(name: str) -> str | None:
 
 
 def describe() -> dict:
-    """The processor's name, the architecture, and how many cores this process may run on."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    """The processor's name, the architecture, and the machine's cores (not the calling thread's: a run pins its
+    main thread to one, ``metapeft.affinity``)."""
     return {"processor": cpuinfo_field("model name") or platform.processor() or "unknown",
-            "architecture": platform.machine(), "cores": usable}
+            "architecture": platform.machine(), "cores": os.cpu_count()}

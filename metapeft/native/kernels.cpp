@@ -367,11 +367,11 @@ std::vector<size_t> split(size_t rows, size_t width, size_t elements_a_thread) {
   return bounds;
 }
 
-// How long a thread that waits for the pool spins before it sleeps. Waking a sleeping thread (a futex call and a
-// wake-up on the other core) costs tens of microseconds, as much as half a layer norm on MiniLM's activations: in
-// `python -m benchmarks encoder-ops`, layer norm took 2.3 to 2.6 times PyTorch's time with no spin and 0.64 to 0.89
-// with 200 microseconds; 50 gave 2.64 once and 0.87 once. The FOMAML step's time did not change (8.4 to 8.6 s an
-// iteration with 0, 50 or 200; docs/performance.md). Short, so the core goes back to OpenBLAS's threads soon.
+// How long a thread that waits for the pool spins before it sleeps. Without it every call wakes the other thread
+// from sleep (a system call and a wake-up on the other core): in `python -m benchmarks encoder-ops` on an Intel Xeon,
+// layer norm took 2.3 to 2.6 times PyTorch's time with no spin and 0.64 to 0.89 with 200 microseconds; 50 gave 2.64
+// once and 0.87 once. The FOMAML step's time did not change (8.4 to 8.6 s an iteration with 0, 50 or 200;
+// docs/performance.md). Short, so the core goes back to OpenBLAS's threads soon after a burst of kernels.
 constexpr auto SPIN = std::chrono::microseconds(200);
 
 inline void relax() {
