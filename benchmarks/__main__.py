@@ -7,12 +7,13 @@ from pathlib import Path
 
 from benchmarks import causal_lm, encoder, processes, resnet12, runs, steps
 from metapeft import blas, io, machine
-from metapeft.backend import mx
+from metapeft.backend import load, mx
 
 
 def record(path: Path, result: dict) -> None:
-    """Write a benchmark's result with the processor and the BLAS it ran on: timings from two machines do not
-    compare."""
+    """Write a benchmark's result with the processor and the BLAS it ran on (the one this process loads, as the
+    processes it starts for each side do): timings from two machines do not compare."""
+    load()
     io.write_json(path, {"machine": machine.describe(), "blas": blas.status(), **result})
 
 
