@@ -118,11 +118,10 @@ def configure() -> dict:
         else:
             _status["threads"] = min(info["num_threads"] for info in _pool().info())
     except Exception as error:  # noqa: BLE001 - any failure means: keep the bundled BLAS, and say why
-        if mode == "mkl":
-            raise RuntimeError(f"METAPEFT_BLAS=mkl but MKL could not be loaded ({type(error).__name__}: {error}); "
-                               "pip install -e '.[mkl]' (x86-64 Linux), or METAPEFT_BLAS=auto") from error
-        if mode == "openblas":
-            raise RuntimeError(f"METAPEFT_BLAS=openblas but OpenBLAS could not be loaded: {error}") from error
+        if mode != "auto":  # asked for by name: say so, and how to get it
+            install = {"mkl": "pip install -e '.[mkl]' (x86-64 Linux)", "openblas": "pip install scipy-openblas32"}
+            raise RuntimeError(f"METAPEFT_BLAS={mode} but it could not be loaded ({type(error).__name__}: {error}); "
+                               f"{install[mode]}, or METAPEFT_BLAS=auto") from error
         _status = {"backend": "bundled", "reason": f"OpenBLAS unavailable: {type(error).__name__}: {error}"}
     return status()
 

@@ -70,7 +70,7 @@ def test_mkl_asked_for_but_missing_is_refused_with_the_install_command():
                 "from metapeft import backend; backend.load()")
     env = {**os.environ, "METAPEFT_BLAS": "mkl", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", hide_mkl], env=env, capture_output=True, text=True)
-    assert result.returncode != 0 and "METAPEFT_BLAS=mkl but MKL could not be loaded" in result.stderr
+    assert result.returncode != 0 and "METAPEFT_BLAS=mkl but it could not be loaded" in result.stderr
     assert "pip install -e '.[mkl]'" in result.stderr
 
 
